@@ -1,0 +1,41 @@
+# Every target creates .venv itself when it is missing (Python 3.11, pinned torch).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+SCALE  ?= paper
+ARGS   ?=
+
+.PHONY: venv test test-fast train reproduce figures bench bench-dist clean
+
+venv: $(STAMP)
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)  ## the whole suite, CPU only, no network
+	$(PY) -m pytest tests
+
+test-fast: $(STAMP)  ## skip the end-to-end runs
+	$(PY) -m pytest tests -m "not slow"
+
+train: $(STAMP)  ## a short real GAF run on the CIFAR-10 JPEG copy, on CPU
+	$(PY) experiments/train.py experiment=smoke $(ARGS)
+
+reproduce: $(STAMP)  ## every figure preset at SCALE (tiny|small|paper), then collect and plot
+	$(PY) scripts/reproduce.py --scale $(SCALE) $(ARGS)
+
+figures: $(STAMP)  ## collect run directories into results/ and redraw every figure and the table
+	$(PY) scripts/collect.py
+	$(PY) scripts/plot.py
+
+bench: $(STAMP)
+	$(PY) scripts/bench.py $(ARGS)
+
+bench-dist: $(STAMP)
+	$(PY) scripts/bench_dist.py $(ARGS)
+
+clean:
+	rm -rf outputs multirun .pytest_cache
