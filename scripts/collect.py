@@ -1,0 +1,248 @@
+"""Run directories -> results/<experiment>/{runs,curves,evals}.csv + provenance.json.
+
+A run directory is any folder holding both summary.json and config.json (notes/rundir.md),
+found anywhere under the run roots (default: multirun/ and outputs/). Runs are grouped by
+config.experiment. Every run is collected whatever its status (plots keep the finished
+ones). When one sweep point appears more than once (a rerun), the newest finished run is
+kept and the others are listed in provenance.json. Re-running rewrites the same CSVs.
+
+    python scripts/collect.py                         # multirun/ outputs/ -> results/
+    python scripts/collect.py --runs runs/a runs/b --results results
+"""
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+# Columns every runs.csv has, in this order (missing config keys are left empty).
+SWEPT = ["data.name", "data.noise", "model.name", "method.name", "method.tau", "method.n_micro",
+         "method.per_class", "method.merge", "method.batch_size", "seed"]
+SUMMARY = ["status", "final_val_acc", "best_val_acc", "iterations", "images_seen", "steps_taken", "wall_time_s",
+           "images_per_s", "device", "device_name", "data_note", "started_at", "finished_at"]
+CURVE = ["iter", "images_seen", "loss", "acc", "d_mean", "accepted", "stepped", "lr", "tau"]
+WINDOW_MEANS = ["d_mean", "loss", "acc", "stepped"]  # kept as <name>_win: honest means over downsampled windows
+# Config leaves that say where or how a run ran, not which sweep point it is.
+NOT_A_SWEEP_KEY = {"root", "device", "dir", "out_dir", "output_dir", "run_dir", "resume", "checkpoint",
+                   "num_workers", "wandb", "compile", "log_every", "progress", "hydra"}
+MAX_CURVE_ROWS = 2000
+
+
+def find_run_dirs(roots):
+    """Every directory under `roots` holding summary.json and config.json, each once, sorted."""
+    found = set()
+    for root in map(Path, roots):
+        if not root.is_dir():
+            continue
+        for summary in root.rglob("summary.json"):
+            if (summary.parent / "config.json").is_file():
+                found.add(summary.parent.resolve())
+    return sorted(found)
+
+
+def flatten(d, prefix=""):
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists and dicts below become JSON strings."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, (list, tuple)):
+            out[key] = json.dumps(v)
+        else:
+            out[key] = v
+    return out
+
+
+def run_id(run_dir, roots):
+    """A stable id: the run's path relative to the folder above its run root (e.g. multirun/<date>/<time>/3)."""
+    for root in map(lambda r: Path(r).resolve(), roots):
+        if root in run_dir.parents:
+            return (Path(root.name) / run_dir.relative_to(root)).as_posix()
+    return run_dir.as_posix()
+
+
+def _read_json(path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"collect: skipping {path.parent}: unreadable {path.name} ({e})", file=sys.stderr)
+        return None
+
+
+def _read_csv(path):
+    """A CSV the trainer may still be writing: a missing, empty or torn file reads as an empty frame."""
+    try:
+        return pd.read_csv(path, on_bad_lines="skip")
+    except (FileNotFoundError, pd.errors.EmptyDataError, pd.errors.ParserError):
+        return pd.DataFrame()
+
+
+def _as_float(s):
+    """Numbers, booleans and 'True'/'False' strings -> float (anything else -> NaN)."""
+    if s.dtype == bool:
+        return s.astype(float)
+    if not pd.api.types.is_numeric_dtype(s):
+        s = s.astype(str).str.strip().replace({"True": "1", "False": "0", "true": "1", "false": "0"})
+    return pd.to_numeric(s, errors="coerce").astype(float)
+
+
+def _timestamp(summary, run_dir):
+    """When the run ended (or started): for choosing the newest of duplicate runs."""
+    for key in ("finished_at", "started_at"):
+        t = pd.to_datetime(summary.get(key), errors="coerce", utc=True)
+        if not pd.isna(t):
+            return t.timestamp()
+    return (run_dir / "summary.json").stat().st_mtime
+
+
+def read_run(run_dir, roots):
+    """One run directory -> (runs.csv row as a dict, its metrics frame, its eval frame), or None."""
+    summary, config = _read_json(run_dir / "summary.json"), _read_json(run_dir / "config.json")
+    if summary is None or config is None:
+        return None
+    rid = run_id(run_dir, roots)
+    flat = flatten({k: v for k, v in config.items() if k not in ("experiment", "scale")})
+    row = {"run_id": rid,
+           "experiment": config.get("experiment") or summary.get("experiment") or "unknown",
+           "scale": config.get("scale") or summary.get("scale") or "unknown"}
+    row.update({k: flat.get(k) for k in SWEPT})
+    row.update({k: summary.get(k) for k in SUMMARY})
+    row["data_note"] = row["data_note"] or ""
+    row.update({k: v for k, v in flat.items() if k not in row and k.split(".")[-1] not in NOT_A_SWEEP_KEY
+                and k.split(".")[0] in ("data", "model", "method", "optim", "train")})
+    # the sweep point: every config value except where/how the run ran
+    point = {k: v for k, v in flat.items() if not set(k.split(".")) & NOT_A_SWEEP_KEY}
+    row["_point"] = json.dumps([row["experiment"], row["scale"], sorted(point.items())], default=str)
+    row["_time"] = _timestamp(summary, run_dir)
+    return row, _read_csv(run_dir / "metrics.csv"), _read_csv(run_dir / "eval.csv")
+
+
+def downsample_curve(metrics, max_rows=MAX_CURVE_ROWS):
+    """Per-iteration metrics -> at most `max_rows` rows.
+
+    Keeps the last row of every window of k = ceil(len / max_rows) consecutive iterations
+    (so the final iteration is always there) and, beside the sampled values, each
+    window's mean of d_mean, loss, acc and stepped (`*_win`), so rolling averages over
+    the downsampled rows equal rolling averages over every iteration. `stride` = rows per window.
+    """
+    if metrics.empty or "iter" not in metrics:
+        return pd.DataFrame(columns=CURVE + [f"{c}_win" for c in WINDOW_MEANS] + ["stride"])
+    m = pd.DataFrame({c: _as_float(metrics[c]) if c in metrics else np.nan for c in CURVE})
+    d_cols = [c for c in metrics if c[:1] == "d" and c[1:].isdigit()]
+    if m["d_mean"].isna().all() and d_cols:  # the mean distance, if only d1..d{n-1} were written
+        m["d_mean"] = metrics[d_cols].apply(_as_float).mean(axis=1)
+    m = m.dropna(subset=["iter"]).sort_values("iter", kind="stable").reset_index(drop=True)
+    k = max(1, math.ceil(len(m) / max_rows))
+    window = m.index // k
+    groups = m.groupby(window)
+    out = groups.tail(1).reset_index(drop=True)  # the last row of each window
+    means = groups[WINDOW_MEANS].mean().reset_index(drop=True)
+    for c in WINDOW_MEANS:
+        out[f"{c}_win"] = means[c]
+    out["stride"] = groups.size().reset_index(drop=True)
+    for c in ("iter", "images_seen", "accepted"):  # counts stay integers (empty where unknown)
+        out[c] = out[c].round().astype("Int64")
+    return out
+
+
+def dedupe(runs):
+    """Keep one run per sweep point: the newest finished one (else the newest). Returns (kept, dropped)."""
+    runs = runs.assign(_finished=runs["status"].eq("finished"))
+    runs = runs.sort_values(["_point", "_finished", "_time", "run_id"], ascending=[True, False, False, True])
+    first = ~runs.duplicated("_point", keep="first")
+    kept = runs[first]
+    kept_id = dict(zip(kept["_point"], kept["run_id"]))
+    dropped = [{"dropped": rid, "status": status, "kept": kept_id[point]}
+               for rid, status, point in zip(runs.loc[~first, "run_id"], runs.loc[~first, "status"],
+                                             runs.loc[~first, "_point"])]
+    return kept.drop(columns="_finished"), dropped
+
+
+def collect(run_roots=("multirun", "outputs"), results_dir="results", max_curve_rows=MAX_CURVE_ROWS, command=None):
+    """Collect every run under `run_roots` into `results_dir`. Returns {experiment: runs DataFrame}."""
+    run_roots, results_dir = list(run_roots), Path(results_dir)
+    rows, curves, evals = [], {}, {}
+    for run_dir in find_run_dirs(run_roots):
+        got = read_run(run_dir, run_roots)
+        if got is None:
+            continue
+        row, metrics, ev = got
+        if row["run_id"] in curves:  # two roots with the same name: fall back to the full path
+            row["run_id"] = run_dir.as_posix()
+        rows.append(row)
+        curves[row["run_id"]] = downsample_curve(metrics, max_curve_rows)
+        evals[row["run_id"]] = ev
+    if not rows:
+        print(f"collect: no run directories (summary.json + config.json) under {', '.join(map(str, run_roots))}")
+        return {}
+    command = command or "collect(run_roots=%r, results_dir=%r)" % (run_roots, str(results_dir))
+    out = {}
+    for experiment, runs in pd.DataFrame(rows).groupby("experiment", sort=True):
+        runs, dropped = dedupe(runs)
+        runs = runs.sort_values("run_id").drop(columns=["_point", "_time"]).dropna(axis=1, how="all")
+        runs = runs.reindex(columns=list(dict.fromkeys(["run_id", "experiment", "scale", *SWEPT, *SUMMARY,
+                                                        *runs.columns])))
+        _write_experiment(results_dir / experiment, runs, curves, evals, dropped, command, run_roots)
+        out[experiment] = runs
+        n_unfinished = int((runs["status"] != "finished").sum())
+        print(f"collect: {experiment}: {len(runs)} runs ({n_unfinished} unfinished, {len(dropped)} duplicates "
+              f"dropped) -> {results_dir / experiment}")
+    return out
+
+
+def _stack(frames, run_ids):
+    parts = [f.assign(run_id=rid) for rid in run_ids if not (f := frames[rid]).empty]
+    if not parts:
+        return pd.DataFrame(columns=["run_id"])
+    df = pd.concat(parts, ignore_index=True)
+    return df[["run_id"] + [c for c in df.columns if c != "run_id"]]
+
+
+def _write_experiment(out_dir, runs, curves, evals, dropped, command, run_roots):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ids = list(runs["run_id"])
+    runs.to_csv(out_dir / "runs.csv", index=False)
+    _stack(curves, ids).to_csv(out_dir / "curves.csv", index=False)
+    _stack(evals, ids).to_csv(out_dir / "evals.csv", index=False)
+    status = runs["status"].fillna("unknown").value_counts().sort_index()
+    provenance = {
+        "experiment": runs["experiment"].iloc[0],
+        "scales": sorted(runs["scale"].dropna().unique().tolist()),
+        "devices": sorted({f"{d} ({n})" if n else str(d) for d, n in
+                           zip(runs["device"].fillna(""), runs["device_name"].fillna(""))}),
+        "collected_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "run_roots": [str(r) for r in run_roots],
+        "n_runs": len(runs),
+        "n_finished": int(status.get("finished", 0)),
+        "n_unfinished": int(len(runs) - status.get("finished", 0)),
+        "status_counts": {k: int(v) for k, v in status.items()},
+        "unfinished_runs": runs.loc[runs["status"] != "finished", "run_id"].tolist(),
+        "data_notes": sorted(n for n in runs["data_note"].dropna().unique() if n),
+        "duplicates_dropped": dropped,
+        "note": "Plots use finished runs only. Where one sweep point was run more than once, "
+                "the newest finished run is kept; the others are listed in duplicates_dropped.",
+    }
+    (out_dir / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", nargs="+", default=["multirun", "outputs"], help="run roots to search")
+    p.add_argument("--results", default="results", help="where results/<experiment>/ files go")
+    p.add_argument("--max-curve-rows", type=int, default=MAX_CURVE_ROWS, help="per run, in curves.csv")
+    args = p.parse_args(argv)
+    command = " ".join(["python scripts/collect.py", *argv])
+    return collect(args.runs, args.results, args.max_curve_rows, command=command)
+
+
+if __name__ == "__main__":
+    main()
