@@ -299,7 +299,7 @@ def _split_parts(name: str):
 
 def _read_image_source(path: Path) -> dict:
     """Decode every image of a folder or tarball: the slow step the cache saves."""
-    from torchvision.io import ImageReadMode, decode_image
+    from PIL import Image
 
     entries = []  # (split, class, relative path, bytes)
     if path.is_dir():
@@ -332,13 +332,14 @@ def _read_image_source(path: Path) -> dict:
         images = []
         for rel, _, blob in items:
             try:
-                images.append(decode_image(torch.frombuffer(bytearray(blob), dtype=torch.uint8), mode=ImageReadMode.RGB))
-            except RuntimeError as e:
+                with Image.open(io.BytesIO(blob)) as im:
+                    images.append(np.asarray(im.convert("RGB")))  # (H, W, 3); grey or CMYK files too
+            except OSError as e:
                 raise DataError(f"cannot decode {rel} in {path}: {e}") from e
-        shapes = {tuple(im.shape) for im in images}
+        shapes = {im.shape for im in images}
         if len(shapes) != 1:
             raise DataError(f"{path}: {split} images differ in size {sorted(shapes)[:4]}; all must share one size")
-        out[f"{split}_x"] = torch.stack(images)
+        out[f"{split}_x"] = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
         out[f"{split}_y"] = torch.tensor([index[c] for _, c, _ in items], dtype=torch.int64)
     out["mean"], out["std"] = channel_stats(out["train_x"])
     return out
