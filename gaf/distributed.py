@@ -350,6 +350,68 @@ class DistributedGAFStep:
         }
 
 
+class DistributedMeanStep:
+    """The baseline under torchrun: plain gradient averaging (one all-reduce), like DDP.
+
+    ``stepper(xs, ys)`` with this rank's ``xs`` (n_local, b, ...): one forward/backward
+    over the rank's n_local * b samples, the flat gradient all-reduced and divided by
+    K, an optimizer step. Metrics are global (contract of ``DistributedGAFStep``;
+    ``distances`` empty, ``tau`` NaN). Without BatchNorm this equals one process
+    stepping on the whole K * n_local * b batch. BatchNorm normalises per rank (as DDP
+    without SyncBatchNorm) and running statistics are averaged over ranks: the mean is
+    the whole batch's, the variance the mean of per-rank variances (it omits the spread
+    of the rank means), and ``num_batches_tracked`` advances by one per step.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], group=None):
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("DistributedMeanStep needs an initialised process group: call gaf.distributed.init_from_env() first")
+        self.model, self.optimizer, self.loss_fn, self.group = model, optimizer, loss_fn, group
+        self.params = trainable_parameters(model)
+        self.batchnorms = _tracked_batchnorms(model)
+        self.world_size = _size(group)
+        self.counter = CommCounter()
+        check_replicas(model, group)
+
+    def __call__(self, xs: torch.Tensor, ys: torch.Tensor) -> dict[str, torch.Tensor]:
+        if xs.dim() < 2 or ys.dim() != 2 or xs.shape[:2] != ys.shape:
+            raise ValueError(f"xs must be (n_local, b, ...) and ys (n_local, b), got {tuple(xs.shape)} and {tuple(ys.shape)}")
+        x, y = xs.flatten(0, 1), ys.flatten()
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self.model(x)
+        loss = self.loss_fn(out, y)
+        loss.backward()
+        grad = flat_grad(self.params)
+        _all_reduce(grad, self.group, self.counter, "gradients")
+        assign_flat_grad(self.params, grad / self.world_size)
+        self.optimizer.step()
+        self.model.zero_grad(set_to_none=True)
+        if self.batchnorms:
+            stats = torch.cat([torch.cat([m.running_mean.reshape(-1), m.running_var.reshape(-1)]) for m in self.batchnorms])
+            _all_reduce(stats, self.group, self.counter, "batchnorm")
+            stats /= self.world_size
+            offset = 0
+            for m in self.batchnorms:
+                for buf in (m.running_mean, m.running_var):
+                    buf.copy_(stats[offset : offset + buf.numel()].view_as(buf))
+                    offset += buf.numel()
+        correct = (out.detach().argmax(1) == y).sum().float() if out.dim() == 2 else loss.new_zeros(())
+        totals = torch.stack([loss.detach().float() * y.numel(), correct.float()])
+        _all_reduce(totals, self.group, self.counter, "metrics")
+        self.counter.steps += 1
+        dev = loss.device
+        return {
+            "loss": totals[0] / (self.world_size * y.numel()),
+            "correct": totals[1].round().long(),
+            "distances": torch.zeros(0, device=dev),
+            "accepted": torch.zeros((), dtype=torch.long, device=dev),
+            "stepped": torch.ones((), dtype=torch.bool, device=dev),
+            "tau": torch.full((), float("nan"), device=dev),
+        }
+
+
 # ---------------------------------------------------------------------------------
 # Replica check, process group, sampling
 # ---------------------------------------------------------------------------------

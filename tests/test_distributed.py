@@ -14,6 +14,7 @@ from gaf import agreement_weights, gaf_step, gram_matrix
 from gaf.distributed import (
     CommCounter,
     DistributedGAFStep,
+    DistributedMeanStep,
     ReplicaDriftError,
     allgather_gradients,
     check_replicas,
@@ -157,6 +158,43 @@ def test_three_ranks_equal_one_process_with_three_microbatches(tmp_path):
     decisions, accepted = check_equivalence(3, configs_for(("gram", "allgather"), TAUS), tmp_path)
     assert decisions == {True, False}
     assert accepted == {0, 1, 2}, "want steps with none, one and both later micro-gradients accepted"
+
+
+def make_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, CLASSES))
+
+
+def mean_worker(rank, world_size, port, outdir):
+    join(rank, world_size, port)
+    model = make_mlp()
+    optimizer = make_optimizer(model)
+    stepper = DistributedMeanStep(model, optimizer, nn.CrossEntropyLoss())
+    xs, ys = global_batches(world_size, 5)
+    losses = [float(stepper(local_slice(xs[s], rank, world_size), local_slice(ys[s], rank, world_size))["loss"])
+              for s in range(STEPS)]
+    torch.save((state(model, optimizer), losses), f"{outdir}/rank{rank}.pt")
+    shutdown()
+
+
+def test_mean_step_equals_one_process_on_the_whole_batch(tmp_path):
+    spawn(mean_worker, 2, str(tmp_path))
+    model = make_mlp()
+    optimizer = make_optimizer(model)
+    xs, ys = global_batches(2, 5)
+    losses = []
+    for s in range(STEPS):  # the single-process baseline: one step on all n * b samples
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(xs[s].flatten(0, 1)), ys[s].flatten())
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    expected = state(model, optimizer)
+    for r in range(2):
+        got, got_losses = torch.load(tmp_path / f"rank{r}.pt")
+        assert got_losses == pytest.approx(losses, abs=1e-5)
+        for key, ref in expected.items():
+            assert torch.allclose(got[key], ref, atol=1e-5), key
 
 
 # --- the reductions themselves ------------------------------------------------------
