@@ -1,0 +1,518 @@
+"""The fast path on one device: a whole GAF step with no host synchronisation.
+
+``gaf_step`` (gaf/step.py) is the readable reference. ``FastGAFStep`` computes the same
+thing (tested to equality on CPU in fp32) the way a GPU likes it:
+
+- every micro-gradient is copied (one ``_foreach_copy_``) into a row of ONE preallocated
+  (n, P) fp32 buffer;
+- the Gram matrix G = F F^T is one fp32 matmul (TF32 off), ``agreement_weights`` decides
+  on the device, the aggregate ``weights @ F`` is one matmul written straight into the
+  flat buffer that every ``param.grad`` is a view of;
+- the optimizer applies the skip as a mask (``MaskedSGD``/``MaskedAdam``/``MaskedAdamW``):
+  no Python ``if`` on a device value, so nothing waits for the GPU and the whole step can
+  be captured as one CUDA graph (``compile=True``).
+
+Why n sequential forward/backward passes rather than one ``torch.func.vmap(grad)`` pass:
+they are correct by construction. Each microbatch sees its own BatchNorm statistics and
+the running statistics are updated exactly as in the sequential algorithm, with no
+re-derivation; any model works (no functional rewrite, no in-place-under-vmap limits).
+Launch overhead, the reason small sequential passes are slow, is what the CUDA graph
+removes. A batched pass remains an option if a profile shows the GPU underfilled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+from torch import nn
+
+from gaf.filter import AdaptiveTau, Tau, agreement_weights, check_merge, gram_matrix, resolve_tau
+from gaf.step import trainable_parameters
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+# ----------------------------------------------------------------------------- masked optimizers
+
+
+def _check_mask(mask) -> None:
+    if not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 0):
+        what = f"{mask.dtype} tensor of shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else repr(mask)
+        raise ValueError(f"mask must be None or a 0-d bool tensor, got {what}")
+
+
+def _check_number(name: str, value, low: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
+        raise ValueError(f"{name} must be a number >= {low}, got {value!r}")
+    return float(value)
+
+
+class _MaskedOptimizer(torch.optim.Optimizer):
+    """An optimizer whose ``step(mask)`` is a no-op, bit for bit, when ``mask`` is False.
+
+    The update is written with ``torch._foreach`` ops whose scalars are 0-d device
+    tensors chosen by ``torch.where(mask, ...)``: a rejected step multiplies by exactly 1
+    and adds exactly 0, so parameters, every state tensor and the step counts keep their
+    bits, and no value ever travels to the host. Gradients must be finite on a masked-off
+    step (``FastGAFStep`` zeroes them), since NaN * 0 is NaN.
+
+    The learning rate stays a Python float in ``param_groups`` (ReduceLROnPlateau writes
+    it); ``refresh_lr()`` copies it into a persistent float64 device tensor that the
+    update reads, so a captured graph sees a changed lr without recapture. ``step``
+    refreshes, then calls ``masked_update``; a graph captures only ``masked_update``.
+    """
+
+    def __init__(self, params, defaults: dict):
+        super().__init__(params, defaults)
+        self._lr_tensors: dict[int, tuple[float, torch.Tensor]] = {}
+        self.state_version = 0  # bumped whenever state tensors are (re)allocated
+
+    def refresh_lr(self) -> None:
+        """Copy each group's float lr into its device tensor (a fill kernel, no sync)."""
+        for i, group in enumerate(self.param_groups):
+            lr = group["lr"]
+            if isinstance(lr, torch.Tensor):
+                raise ValueError("masked optimizers take a float lr (they keep their own device copy)")
+            device = group["params"][0].device
+            cached = self._lr_tensors.get(i)
+            if cached is None or cached[1].device != device:
+                self._lr_tensors[i] = (lr, torch.full((), float(lr), dtype=torch.float64, device=device))
+            elif cached[0] != lr:
+                cached[1].fill_(float(lr))  # in place: a captured graph keeps reading this tensor
+                self._lr_tensors[i] = (lr, cached[1])
+
+    def _lr(self, index: int) -> torch.Tensor:
+        if index not in self._lr_tensors:
+            self.refresh_lr()
+        return self._lr_tensors[index][1]
+
+    @torch.no_grad()
+    def step(self, mask: torch.Tensor | None = None):
+        """One update, applied iff ``mask`` (a 0-d bool tensor; None means always)."""
+        self.refresh_lr()
+        self.masked_update(mask)
+
+    @torch.no_grad()
+    def masked_update(self, mask: torch.Tensor | None = None) -> None:
+        """The update without the lr refresh: what a CUDA graph captures."""
+        if mask is not None:
+            _check_mask(mask)
+        for index, group in enumerate(self.param_groups):
+            for key, allowed in (("dampening", 0), ("maximize", False), ("amsgrad", False)):
+                if group.get(key, allowed) != allowed:
+                    raise ValueError(f"{type(self).__name__} does not support {key}={group[key]!r}")
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            device = params[0].device
+            m = torch.ones((), dtype=torch.bool, device=device) if mask is None else mask.to(device)
+            self._update_group(index, group, params, m)
+
+    def _state(self, p: torch.Tensor, **shapes) -> dict:
+        state = self.state[p]
+        if not state:
+            for key, make in shapes.items():
+                state[key] = make(p)
+            self.state_version += 1
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch.optim semantics; existing state tensors are overwritten in place (so a
+        captured graph stays valid) and step counts move to their parameter's device."""
+        old = {p: dict(s) for p, s in self.state.items()}
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state:
+                    continue
+                if "step" in state:
+                    state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device)
+                for key, value in state.items():
+                    prev = old.get(p, {}).get(key)
+                    if isinstance(prev, torch.Tensor) and prev.shape == value.shape and prev.dtype == value.dtype \
+                            and prev.device == value.device:
+                        prev.copy_(value)
+                        state[key] = prev
+                    else:
+                        self.state_version += 1
+
+
+class MaskedSGD(_MaskedOptimizer):
+    """torch.optim.SGD (momentum, nesterov, weight decay, dampening 0) with a masked step.
+
+    Bit-identical to torch.optim.SGD's single-tensor path (torch's CPU default) when
+    ``capturable=False``, where lr is read as a Python float. ``capturable=True`` reads lr
+    from a device tensor (for CUDA graphs); results then differ from torch by rounding
+    (one extra rounding in ``lr * d``). A parameter without ``.grad`` is skipped, as in torch.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0, capturable: bool = False):
+        _check_number("lr", lr), _check_number("momentum", momentum), _check_number("weight_decay", weight_decay)
+        if nesterov and momentum <= 0:
+            raise ValueError(f"nesterov needs momentum > 0, got momentum={momentum}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=bool(nesterov),
+                                      weight_decay=weight_decay, dampening=0.0, capturable=bool(capturable)))
+
+    def _update_group(self, index: int, group: dict, params: list, mask: torch.Tensor) -> None:
+        momentum, wd, nesterov = group["momentum"], group["weight_decay"], group["nesterov"]
+        grads = [p.grad for p in params]
+        maskf = mask.to(params[0].dtype)
+        # d = grad + wd * param, then masked (x1 or x0, exact): the momentum buffer adds 0 when skipped
+        if wd != 0:
+            d = torch._foreach_add(grads, params, alpha=wd)
+            torch._foreach_mul_(d, maskf)
+        else:
+            d = torch._foreach_mul(grads, maskf)
+        if momentum != 0:
+            bufs = [self._state(p, momentum_buffer=torch.zeros_like)["momentum_buffer"] for p in params]
+            # torch starts the buffer as a clone of d; 0 * momentum + d is the same bits
+            torch._foreach_mul_(bufs, torch.where(mask, momentum, 1.0).to(maskf.dtype))
+            torch._foreach_add_(bufs, d)
+            if nesterov:
+                torch._foreach_add_(d, bufs, alpha=momentum)
+                torch._foreach_mul_(d, maskf)
+            else:
+                d = torch._foreach_mul(bufs, maskf)
+        if group["capturable"]:
+            torch._foreach_mul_(d, (-self._lr(index)).to(maskf.dtype))
+            torch._foreach_add_(params, d)
+        else:
+            torch._foreach_add_(params, d, alpha=-group["lr"])
+
+
+class MaskedAdam(_MaskedOptimizer):
+    """torch.optim.Adam (L2 weight decay) with a masked step; ``MaskedAdamW`` decouples it.
+
+    The bias corrections are computed on the device in float64 from the step count, so
+    the result matches torch.optim.Adam's single-tensor path bit for bit on CPU. All
+    parameters of a group share one step count (they are always stepped together), so
+    every parameter must have a ``.grad`` when the optimizer steps.
+    """
+
+    decoupled = False
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        _check_number("lr", lr), _check_number("eps", eps), _check_number("weight_decay", weight_decay)
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        super().__init__(params, dict(lr=lr, betas=tuple(float(b) for b in betas), eps=eps,
+                                      weight_decay=weight_decay, capturable=True))
+
+    def _update_group(self, index: int, group: dict, params: list, mask: torch.Tensor) -> None:
+        missing = [i for i, p in enumerate(group["params"]) if p.grad is None]
+        if missing:
+            raise ValueError(f"{type(self).__name__}: parameters {missing} of group {index} have no .grad; "
+                             "a masked Adam steps every parameter of a group together")
+        beta1, beta2 = group["betas"]
+        wd, eps, lr = group["weight_decay"], group["eps"], self._lr(index)
+        dtype = params[0].dtype
+        maskf = mask.to(dtype)
+        zeros = lambda p: torch.zeros_like(p, memory_format=torch.preserve_format)
+        states = [self._state(p, step=lambda q: torch.zeros((), dtype=torch.float32, device=q.device),
+                              exp_avg=zeros, exp_avg_sq=zeros) for p in params]
+        steps = [s["step"] for s in states]
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        torch._foreach_add_(steps, mask.to(torch.float32))
+        step = steps[0].double().clamp(min=1.0)  # clamp: a masked first step must not divide by 0
+        bias_correction1 = 1 - beta1 ** step
+        bias_correction2_sqrt = (1 - beta2 ** step).sqrt().to(dtype)
+        neg_step_size = torch.where(mask, -lr / bias_correction1, 0.0).to(dtype)
+        grads = [p.grad for p in params]
+        if wd != 0 and self.decoupled:
+            torch._foreach_mul_(params, torch.where(mask, 1 - lr * wd, 1.0).to(dtype))
+        elif wd != 0:
+            grads = torch._foreach_add(grads, params, alpha=wd)
+        weight1 = torch.where(mask, 1 - beta1, 0.0).to(dtype)
+        torch._foreach_lerp_(exp_avgs, grads, [weight1] * len(params))
+        torch._foreach_mul_(exp_avg_sqs, torch.where(mask, beta2, 1.0).to(dtype))
+        masked = torch._foreach_mul(grads, maskf)
+        torch._foreach_addcmul_(exp_avg_sqs, masked, masked, value=1 - beta2)
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, bias_correction2_sqrt)
+        torch._foreach_add_(denom, eps)
+        # param.addcdiv_(exp_avg, denom, value=-step_size) evaluates (value * exp_avg) / denom + param
+        update = torch._foreach_mul(exp_avgs, neg_step_size)
+        torch._foreach_div_(update, denom)
+        torch._foreach_add_(params, update)
+
+
+class MaskedAdamW(MaskedAdam):
+    """torch.optim.AdamW (decoupled weight decay, default 1e-2) with a masked step."""
+
+    decoupled = True
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+def build_optimizer(name: str, params, lr: float, momentum: float = 0.9, nesterov: bool = True,
+                    weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                    masked: bool = False) -> torch.optim.Optimizer:
+    """``name`` in {"sgd", "adam", "adamw"}: torch.optim's class, or the masked one."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
+    betas = tuple(betas)
+    if name == "sgd":
+        cls = MaskedSGD if masked else torch.optim.SGD
+        return cls(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    if masked:
+        cls = MaskedAdam if name == "adam" else MaskedAdamW
+    else:
+        cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    return cls(params, lr=lr, betas=betas, weight_decay=weight_decay)
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+@contextlib.contextmanager
+def _ieee_matmul(device: torch.device):
+    """fp32 matmuls without TF32 (a 10-bit mantissa would blur distances near tau)."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _view_like(flat: torch.Tensor, offset: int, p: torch.Tensor) -> torch.Tensor:
+    """``p.numel()`` elements of ``flat`` from ``offset``, viewed with ``p``'s memory layout."""
+    chunk = flat[offset : offset + p.numel()]
+    if p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last):
+        o, i, h, w = p.shape
+        return chunk.view(o, h, w, i).permute(0, 3, 1, 2)
+    return chunk.view_as(p)
+
+
+def _channels_last(xs: torch.Tensor) -> torch.Tensor:
+    """(n, b, C, H, W) so that every xs[i] is channels_last."""
+    return xs.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+
+
+class _FastStep:
+    """Shared machinery: autocast, channels_last, and whole-step CUDA-graph capture.
+
+    ``compile``: False (eager), "graph" (capture the eager step in a CUDA graph), or True
+    (also ``torch.compile`` the model, then capture the step; inductor fuses BatchNorm
+    and activations, the graph removes launch overhead: the effect of
+    ``mode="reduce-overhead"`` on a step whose backward a plain ``torch.compile`` would
+    split). The first ``warmup`` calls for an input shape run eagerly (real steps, they
+    also compile and autotune); the next one captures and replays. Only CUDA captures.
+    """
+
+    warmup = 3
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
+                 amp_dtype: torch.dtype | None = None, channels_last: bool = False, compile: bool | str = False):
+        if amp_dtype not in (None, torch.bfloat16):
+            raise ValueError(f"amp_dtype must be None or torch.bfloat16 (fp16 would need loss scaling), got {amp_dtype!r}")
+        if compile not in (False, True, "graph"):
+            raise ValueError(f"compile must be False, True or 'graph', got {compile!r}")
+        if not isinstance(optimizer, _MaskedOptimizer):
+            raise ValueError(f"the fast path needs a masked optimizer (build_optimizer(..., masked=True)), "
+                             f"got {type(optimizer).__name__}")
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.params = trainable_parameters(model)
+        if not self.params:
+            raise ValueError("the model has no trainable parameters")
+        self.device = self.params[0].device
+        if compile and self.device.type != "cuda":
+            raise ValueError(f"compile={compile!r} captures a CUDA graph and needs a CUDA model, got {self.device}")
+        self.amp_dtype, self.channels_last, self.compile = amp_dtype, bool(channels_last), compile
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)  # same Parameter objects: the optimizer still holds them
+        self.forward = torch.compile(model, dynamic=False) if compile is True else model
+        self.size = sum(p.numel() for p in self.params)
+        self._agg = torch.zeros(self.size, dtype=self.params[0].dtype, device=self.device)
+        self._grad_views = self._views(self._agg)
+        self._graph = None
+        self._graph_key = None
+        self._calls = 0
+
+    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        views, offset = [], 0
+        for p in self.params:
+            views.append(_view_like(flat, offset, p))
+            offset += p.numel()
+        return views
+
+    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor):
+        amp = (torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=False)
+               if self.amp_dtype is not None else contextlib.nullcontext())
+        with torch.enable_grad(), amp:
+            out = self.forward(x)
+            loss = self.loss_fn(out, y)
+        correct = (out.detach().argmax(1) == y).sum() if out.dim() == 2 else torch.zeros((), dtype=torch.long,
+                                                                                         device=y.device)
+        return loss, correct
+
+    def _set_grads(self) -> None:
+        for p, g in zip(self.params, self._grad_views):
+            p.grad = g
+
+    def _clear_grads(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def _check(self, xs: torch.Tensor, ys: torch.Tensor, min_n: int) -> None:
+        if not (isinstance(xs, torch.Tensor) and isinstance(ys, torch.Tensor)):
+            raise ValueError("xs and ys must be tensors")
+        if xs.dim() < 3 or ys.dim() != 2 or tuple(xs.shape[:2]) != tuple(ys.shape):
+            raise ValueError(f"xs must be (n, b, ...) and ys (n, b), got {tuple(xs.shape)} and {tuple(ys.shape)}")
+        if xs.shape[0] < min_n:
+            raise ValueError(f"GAF needs n >= {min_n} microbatches, got n={xs.shape[0]}")
+        if xs.device != self.device or ys.device != self.device:
+            raise ValueError(f"xs and ys must be on the model's device {self.device}, got {xs.device} and {ys.device}")
+
+    def _run(self, xs: torch.Tensor, ys: torch.Tensor) -> dict:  # the step; subclasses
+        raise NotImplementedError
+
+    def _call(self, xs: torch.Tensor, ys: torch.Tensor) -> dict:
+        if self.channels_last:
+            xs = _channels_last(xs)
+        if not self.compile:
+            self.optimizer.refresh_lr()
+            return self._run(xs, ys)
+        return self._graphed(xs, ys)
+
+    def _graphed(self, xs: torch.Tensor, ys: torch.Tensor) -> dict:
+        key = (tuple(xs.shape), xs.dtype, tuple(ys.shape), ys.dtype, xs.stride())
+        if key != self._graph_key or self._graph_version != self.optimizer.state_version:
+            self._graph, self._graph_key, self._calls = None, key, 0
+        for group in self.optimizer.param_groups:
+            group["capturable"] = True  # SGD: read lr from the device tensor, not a baked-in float
+        self.optimizer.refresh_lr()  # outside the graph: replays read the refreshed tensor
+        if self._graph is None and self._calls < self.warmup:
+            self._calls += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self._run(xs, ys)
+            torch.cuda.current_stream().wait_stream(side)
+            self._graph_version = self.optimizer.state_version
+            return out
+        if self._graph is None:
+            self._static_x = torch.empty_strided(xs.shape, xs.stride(), dtype=xs.dtype, device=xs.device)
+            self._static_y = torch.empty_like(ys)
+            self._static_x.copy_(xs), self._static_y.copy_(ys)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._static_out = self._run(self._static_x, self._static_y)
+            self._graph, self._graph_version = graph, self.optimizer.state_version
+        else:
+            self._static_x.copy_(xs), self._static_y.copy_(ys)
+        self._graph.replay()
+        return {k: v.clone() for k, v in self._static_out.items()}  # the static outputs are overwritten next call
+
+    _graph_version = -1
+
+
+class FastGAFStep(_FastStep):
+    """A GAF stepper (the stepper contract): ``step(xs (n, b, ...), ys (n, b)) -> dict``.
+
+    Equal to ``gaf_step`` (same micro-gradients, decision, aggregate and optimizer
+    update); returns device tensors ``loss`` (mean over n*b), ``correct``, ``distances``
+    (n-1,), ``accepted`` (later micro-gradients merged), ``stepped``, ``tau``.
+    ``tau`` may be a float, a 0-d tensor or an ``AdaptiveTau`` (observed every step).
+    The optimizer must be a masked one (``build_optimizer(..., masked=True)``).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], tau: Tau, merge: str = "halving", *,
+                 amp_dtype: torch.dtype | None = None, channels_last: bool = False, compile: bool | str = False):
+        check_merge(merge)
+        resolve_tau(tau)  # validate now
+        super().__init__(model, optimizer, loss_fn, amp_dtype=amp_dtype, channels_last=channels_last,
+                         compile=compile)
+        self.tau, self.merge = tau, merge
+        self._tau_value = None
+        self._grads: torch.Tensor | None = None  # (n, P) micro-gradients, allocated on first use
+        self._rows: list[list[torch.Tensor]] = []
+
+    def __call__(self, xs: torch.Tensor, ys: torch.Tensor) -> dict:
+        self._check(xs, ys, min_n=2)
+        return self._call(xs, ys)
+
+    def _buffers(self, n: int) -> torch.Tensor:
+        if self._grads is None or self._grads.shape[0] != n:
+            self._grads = torch.zeros(n, self.size, dtype=self._agg.dtype, device=self.device)
+            self._rows = [self._views(row) for row in self._grads]
+        return self._grads
+
+    def _tau(self) -> tuple[float | torch.Tensor, torch.Tensor]:
+        threshold = resolve_tau(self.tau, self.device)
+        if isinstance(threshold, torch.Tensor):
+            return threshold, threshold.float()
+        if self._tau_value is None:  # a float tau: one constant device tensor for the report
+            self._tau_value = torch.full((), threshold, dtype=torch.float32, device=self.device)
+        return threshold, self._tau_value
+
+    def _run(self, xs: torch.Tensor, ys: torch.Tensor) -> dict:
+        n = xs.shape[0]
+        grads = self._buffers(n)
+        losses, correct = [], torch.zeros((), dtype=torch.long, device=self.device)
+        for i in range(n):  # sequential passes: BatchNorm as in the reference (module docstring)
+            loss, right = self._forward_loss(xs[i], ys[i])
+            micro = torch.autograd.grad(loss, self.params, materialize_grads=True)
+            torch._foreach_copy_(self._rows[i], list(micro))
+            losses.append(loss.detach().float())
+            correct = correct + right
+        threshold, tau_out = self._tau()
+        with _ieee_matmul(self.device):
+            weights, accepted, distances = agreement_weights(gram_matrix(grads), threshold, self.merge)
+            stepped = accepted[1:].any()
+            torch.mm(weights.to(grads.dtype)[None], grads, out=self._agg.view(1, -1))
+        torch.where(stepped, self._agg, 0.0, out=self._agg)  # a skipped step must see finite (zero) grads
+        self._set_grads()
+        self.optimizer.masked_update(stepped)
+        self._clear_grads()
+        if isinstance(self.tau, AdaptiveTau):
+            self.tau.observe(distances)
+        return {
+            "loss": torch.stack(losses).mean(),
+            "correct": correct,
+            "distances": distances.float(),
+            "accepted": accepted[1:].sum(),
+            "stepped": stepped,
+            "tau": tau_out,
+        }
+
+
+class FastPlainStep(_FastStep):
+    """Plain averaging in the same machinery: one forward/backward over all n*b images and
+    an (always taken) optimizer step. Returns the stepper contract with empty distances."""
+
+    def __call__(self, xs: torch.Tensor, ys: torch.Tensor) -> dict:
+        self._check(xs, ys, min_n=1)
+        return self._call(xs, ys)
+
+    def _run(self, xs: torch.Tensor, ys: torch.Tensor) -> dict:
+        loss, correct = self._forward_loss(xs.flatten(0, 1), ys.flatten())
+        grads = torch.autograd.grad(loss, self.params, materialize_grads=True)
+        torch._foreach_copy_(self._grad_views, list(grads))
+        self._set_grads()
+        self.optimizer.masked_update(None)
+        self._clear_grads()
+        dev = self.device
+        return {
+            "loss": loss.detach().float(),
+            "correct": correct,
+            "distances": torch.zeros(0, device=dev),
+            "accepted": torch.zeros((), dtype=torch.long, device=dev),
+            "stepped": torch.ones((), dtype=torch.bool, device=dev),
+            "tau": torch.full((), float("nan"), device=dev),
+        }
