@@ -69,7 +69,7 @@ def _unique(series):
 def title_suffix(runs):
     """'[tiny scale: tiny CNN; <data note>]' from runs.csv, or '' for paper-scale runs on the paper's data."""
     parts = []
-    scales = _unique(runs["scale"])
+    scales = sorted(_unique(runs["scale"]), key=lambda s: SCALES.index(s) if s in SCALES else -1)
     if scales != ["paper"]:
         models = ", ".join(MODEL.get(m, m) for m in _unique(runs["model.name"]))
         parts.append(f"{'/'.join(scales)} scale: {models}")

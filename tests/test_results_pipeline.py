@@ -1,0 +1,213 @@
+"""Synthetic run directories -> scripts/collect.py -> scripts/plot.py -> notebooks/figures.ipynb.
+
+No training: tests/synthetic_runs.py writes run directories that follow notes/rundir.md.
+"""
+
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "tests")]
+
+import collect  # noqa: E402
+import plot  # noqa: E402
+import synthetic_runs as synth  # noqa: E402
+
+RUN_COLUMNS = ["run_id", "experiment", "scale", "data.name", "data.noise", "model.name", "method.name", "method.tau",
+               "method.n_micro", "method.per_class", "method.merge", "method.batch_size", "seed", "optim.lr",
+               "status", "final_val_acc", "best_val_acc", "iterations", "images_seen", "steps_taken", "wall_time_s",
+               "images_per_s", "device", "device_name", "data_note"]
+CURVE_COLUMNS = ["run_id", "iter", "loss", "acc", "d_mean", "accepted", "stepped", "lr", "d_mean_win", "stride"]
+EVAL_COLUMNS = ["run_id", "iter", "train_acc", "val_acc", "val_loss", "mem_flipped_noisy_acc"]
+ITERS, VAL_EVERY = 60, 20
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """Every experiment's synthetic sweep, collected and plotted once for the whole module."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    written = synth.write_all(tmp / "multirun", iterations=ITERS, val_every=VAL_EVERY)
+    results = tmp / "results"
+    collected = collect.main(["--runs", str(tmp / "multirun"), "--results", str(results)])
+    made = plot.main(["--results", str(results)])
+    return dict(tmp=tmp, written=written, results=results, collected=collected, made=made)
+
+
+def test_collect_writes_every_csv_with_expected_columns_and_rows(pipeline):
+    results, written = pipeline["results"], pipeline["written"]
+    assert sorted(pipeline["collected"]) == sorted(synth.SWEEPS)
+    for exp, dirs in written.items():
+        runs = pd.read_csv(results / exp / "runs.csv")
+        assert len(runs) == len(dirs) == len(synth.SWEEPS[exp])
+        assert set(RUN_COLUMNS) <= set(runs.columns), set(RUN_COLUMNS) - set(runs.columns)
+        assert (runs["experiment"] == exp).all() and (runs["scale"] == "tiny").all()
+        assert runs["run_id"].is_unique and runs["run_id"].str.startswith("multirun/").all()
+        curves = pd.read_csv(results / exp / "curves.csv")
+        assert set(CURVE_COLUMNS) <= set(curves.columns)
+        assert len(curves) == ITERS * len(dirs)  # short runs are not downsampled
+        evals = pd.read_csv(results / exp / "evals.csv")
+        assert set(EVAL_COLUMNS) <= set(evals.columns)
+        assert len(evals) == (ITERS // VAL_EVERY) * len(dirs)
+        prov = json.loads((results / exp / "provenance.json").read_text())
+        assert prov["n_runs"] == len(dirs) and prov["n_unfinished"] == 0 and prov["scales"] == ["tiny"]
+        assert prov["command"].startswith("python scripts/collect.py") and prov["collected_at"]
+        assert prov["data_notes"] == [synth.DATA_NOTE]
+    # the swept keys really are the run's config: the fig7 taus, the fig8 microbatch sizes
+    fig7 = pd.read_csv(results / "fig7" / "runs.csv")
+    assert sorted(fig7["method.tau"].dropna()) == [0.95, 0.97, 0.99, 1.0, 1.05, 2.0]
+    fig8 = pd.read_csv(results / "fig8" / "runs.csv")
+    assert sorted(fig8.loc[fig8["method.name"] == "gaf", "method.per_class"]) == [1, 2, 4]
+    # plain fig6 baselines wrote no distances: d_mean is empty, not made up
+    fig6 = pd.read_csv(results / "fig6" / "curves.csv").merge(pd.read_csv(results / "fig6" / "runs.csv"), on="run_id")
+    assert fig6.loc[fig6["method.name"] == "baseline", "d_mean"].isna().all()
+    assert fig6.loc[fig6["method.name"] == "gaf", "d_mean"].notna().all()
+
+
+def test_collect_is_idempotent(pipeline, tmp_path):
+    results = pipeline["results"]
+    before = {p.relative_to(results): p.read_bytes() for p in results.glob("*/*.csv")}
+    collect.collect([pipeline["tmp"] / "multirun"], results)
+    after = {p.relative_to(results): p.read_bytes() for p in results.glob("*/*.csv")}
+    assert before == after and len(before) == 3 * len(synth.SWEEPS)
+
+
+def test_long_runs_are_downsampled_with_honest_window_means(tmp_path):
+    cfg = synth.run_config("fig1", method="baseline", iterations=5001, val_every=1000)
+    synth.write_run(tmp_path / "runs" / "a", cfg)
+    collect.collect([tmp_path / "runs"], tmp_path / "results", max_curve_rows=2000)
+    curves = pd.read_csv(tmp_path / "results" / "fig1" / "curves.csv")
+    raw = pd.read_csv(tmp_path / "runs" / "a" / "metrics.csv")
+    assert len(curves) <= 2000 and curves["iter"].iloc[-1] == 5001  # the last iteration is kept
+    assert curves["stride"].sum() == len(raw) == 5001
+    # stride-weighted window means reproduce the mean over every iteration
+    weighted = (curves["d_mean_win"] * curves["stride"]).sum() / curves["stride"].sum()
+    assert weighted == pytest.approx(raw["d_mean"].mean(), rel=1e-6)
+    # the sampled rows are real rows (every k-th), not averages
+    sampled = raw.set_index("iter").loc[curves["iter"], "d_mean"].to_numpy()
+    assert sampled == pytest.approx(curves["d_mean"].to_numpy(), rel=1e-5)
+
+
+def test_duplicate_sweep_point_keeps_the_newest_finished_run(tmp_path):
+    runs_root = tmp_path / "multirun"
+    first = synth.write_experiment(runs_root, "fig6", started_at=dt.datetime(2025, 1, 1, 12))
+    cfg = json.loads((first[3] / "config.json").read_text())
+    # a finished rerun of point 3, a day later, and a newer rerun of point 5 that never finished
+    rerun = synth.write_run(runs_root / "2025-01-02" / "09-00-00" / "0", cfg, started_at=dt.datetime(2025, 1, 2, 9),
+                            val_acc_shift=0.05)
+    cfg5 = json.loads((first[5] / "config.json").read_text())
+    synth.write_run(runs_root / "2025-01-03" / "09-00-00" / "0", cfg5, started_at=dt.datetime(2025, 1, 3, 9),
+                    status="running")
+    # a run that is still going, for a point with no finished run: collected with its status
+    cfg_new = synth.run_config("fig6", method="gaf", noise=0.8)
+    synth.write_run(runs_root / "2025-01-03" / "10-00-00" / "0", cfg_new, status="running")
+    out = collect.collect([runs_root], tmp_path / "results")
+    runs = out["fig6"]
+    assert len(runs) == len(synth.SWEEPS["fig6"]) + 1
+    ids = set(runs["run_id"])
+    assert "multirun/2025-01-02/09-00-00/0" in ids and f"multirun/{first[3].relative_to(runs_root)}" not in ids
+    assert f"multirun/{first[5].relative_to(runs_root)}" in ids  # finished beats a newer unfinished rerun
+    kept = runs.set_index("run_id").loc["multirun/2025-01-02/09-00-00/0"]
+    assert kept["best_val_acc"] == pytest.approx(json.loads((rerun / "summary.json").read_text())["best_val_acc"])
+    assert runs.set_index("run_id").loc["multirun/2025-01-03/10-00-00/0", "status"] == "running"
+    prov = json.loads((tmp_path / "results" / "fig6" / "provenance.json").read_text())
+    assert prov["n_unfinished"] == 1 and prov["unfinished_runs"] == ["multirun/2025-01-03/10-00-00/0"]
+    assert sorted(d["dropped"] for d in prov["duplicates_dropped"]) == sorted(
+        [f"multirun/{first[3].relative_to(runs_root)}", "multirun/2025-01-03/09-00-00/0"])
+    curves = pd.read_csv(tmp_path / "results" / "fig6" / "curves.csv")
+    assert set(curves["run_id"]) == ids  # dropped duplicates leave no curves behind
+    # plots use finished runs only: the running run adds no point at 80% noise
+    assert 80 not in set(plot.noise_pct(plot.load(tmp_path / "results", "fig6").runs))
+
+
+def test_plot_writes_every_figure_and_table(pipeline):
+    results, made = pipeline["results"], pipeline["made"]
+    for name in plot.FIGURES:
+        for ext in ("png", "pdf"):
+            path = results / name / f"{name}.{ext}"
+            assert path.is_file() and path.stat().st_size > 5000, path
+    for name in ("table1.md", "table1.csv", "paper_vs_repro.md"):
+        assert (results / name).is_file(), name
+    table = pd.read_csv(results / "table1.csv")
+    assert list(table["label noise (%)"]) == ["0", "40", "real (40.2%)"]
+    assert (table["difference (points)"] - (table["GAF (%)"] - table["baseline (%)"])).abs().max() < 0.02
+    text = (results / "paper_vs_repro.md").read_text()
+    assert "not expected to match the paper" in text and "tiny" in text and synth.DATA_NOTE in text
+    comparison = made["paper_vs_repro"]
+    assert len(comparison) == 11  # every noise level of the paper's figure 6
+    assert comparison["repro GAF"].notna().sum() == 4 and comparison["repro baseline"].notna().sum() == 4
+    row = comparison.set_index("label noise (%)").loc[60]
+    assert row["paper GAF"] == 39 and row["paper baseline"] == 20
+    fig6 = pd.read_csv(results / "fig6" / "runs.csv")
+    best = 100 * fig6[(fig6["data.noise"] == 0.6) & (fig6["method.name"] == "gaf")]["best_val_acc"].iloc[0]
+    assert row["repro GAF"] == pytest.approx(best)
+
+
+def test_titles_name_the_scale_and_the_data_substitution(pipeline):
+    made = pipeline["made"]
+    for name in plot.FIGURES:
+        title = " ".join(made[name].get_suptitle().split())  # titles are wrapped to the figure's width
+        if name == "fig2":  # the schematic draws no runs
+            assert "scale" not in title and "D(g_1, g_2)" in title
+        else:
+            assert "tiny scale" in title and "substituted the CIFAR-10 JPEG copy" in title, (name, title)
+    assert "out of reach" in made["fig3"].get_suptitle()
+    # the schematic's distances are computed from the vectors it draws
+    assert [a.get_title() for a in made["fig2"].axes] == ["aligned: D = 0.04", "orthogonal: D = 1.00",
+                                                          "opposed: D = 1.99"]
+    # the paper's figure-6 values are drawn, labelled as the paper's
+    labels = made["fig6"].axes[0].get_legend_handles_labels()[1]
+    assert "GAF (paper)" in labels and "baseline (paper)" in labels
+
+
+def test_paper_scale_titles_carry_no_scale_tag(tmp_path):
+    synth.write_experiment(tmp_path / "multirun", "fig6", scale="paper", model="resnet18")
+    collect.collect([tmp_path / "multirun"], tmp_path / "results")
+    runs = pd.read_csv(tmp_path / "results" / "fig6" / "runs.csv")
+    assert "paper scale" not in plot.title_suffix(runs) and synth.DATA_NOTE in plot.title_suffix(runs)
+    runs["data_note"] = ""
+    assert plot.title_suffix(runs) == ""
+    runs.loc[0, "scale"] = "small"  # a mix names both scales
+    assert plot.title_suffix(runs) == "[small/paper scale: ResNet18]"
+
+
+def test_plot_on_empty_results_does_not_crash(tmp_path, capsys):
+    made = plot.main(["--results", str(tmp_path / "results")])
+    assert list(made) == ["fig2"]  # the schematic needs no runs
+    out = capsys.readouterr().out
+    assert "fig6: no finished runs" in out and "table1: no finished runs" in out
+    assert not (tmp_path / "results" / "table1.md").exists()
+    assert collect.collect([tmp_path / "nothing"], tmp_path / "results") == {}
+
+
+def test_notebook_executes_headless_on_synthetic_results(pipeline, tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    # A kernelspec that runs THIS interpreter (the venv's ipykernel), first on JUPYTER_PATH, in a temp HOME:
+    # no dependence on what the machine has installed elsewhere.
+    spec = tmp_path / "jupyter" / "kernels" / "python3"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (test venv)", "language": "python"}))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "jupyter-data"))
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "jupyter-runtime"))
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    monkeypatch.setenv("RESULTS_DIR", str(pipeline["results"]))
+    nb = nbformat.read(ROOT / "notebooks" / "figures.ipynb", as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "store the notebook without outputs"
+    nbclient.NotebookClient(nb, kernel_name="python3", timeout=120,
+                            resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == len(plot.FIGURES)  # every figure drawn
+    markdown = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
+    assert any("real (40.2%)" in m for m in markdown) and any("paper GAF" in m for m in markdown)
+    assert any(str(pipeline["results"]) in o.get("text", "") for o in outputs if o.output_type == "stream")
