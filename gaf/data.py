@@ -115,17 +115,17 @@ class ImageDataset:
                 f"classes={self.num_classes}, flipped={int(self.flipped.sum())}, note={self.note!r})")
 
 
-def channel_stats(x: Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def channel_stats(x: Tensor, chunk: int = 2048) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of uint8 images (N, 3, H, W) on the [0, 1] scale, over all pixels."""
     total = torch.zeros(3, dtype=torch.float64)
     squares = torch.zeros(3, dtype=torch.float64)
-    for i in range(0, len(x), chunk):  # chunks keep the float copy small
-        part = x[i:i + chunk].to(torch.float64).div_(255)
-        total += part.sum(dim=(0, 2, 3))
-        squares += part.square().sum(dim=(0, 2, 3))
+    for i in range(0, len(x), chunk):  # float32 chunks (pairwise sums), accumulated in float64
+        part = x[i:i + chunk].float()
+        total += part.sum(dim=(0, 2, 3)).double()
+        squares += part.square().sum(dim=(0, 2, 3)).double()
     count = x.shape[0] * x.shape[2] * x.shape[3]
-    mean = total / count
-    std = (squares / count - mean.square()).clamp_min(0).sqrt()
+    mean = total / count / 255
+    std = (squares / count / 255**2 - mean.square()).clamp_min(0).sqrt()
     return tuple(mean.tolist()), tuple(std.tolist())
 
 

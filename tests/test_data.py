@@ -250,7 +250,9 @@ def test_random_dataset():
     assert ds.train_x.shape == (300, 3, 32, 32) and ds.test_x.shape == (100, 3, 32, 32) and ds.num_classes == 7
     assert torch.equal(ds.train_x, random_dataset(300, 100, 7, seed=5).train_x)
     mean, std = data.channel_stats(ds.train_x)
-    assert np.allclose(mean, ds.mean, atol=0.01) and np.allclose(std, ds.std, atol=0.01)
+    assert np.allclose(mean, ds.mean, atol=0.01) and np.allclose(std, ds.std, atol=0.01)  # uniform noise's stats
+    exact = ds.train_x.double().div(255)
+    assert np.allclose(mean, exact.mean(dim=(0, 2, 3)), atol=1e-7) and np.allclose(std, exact.std(dim=(0, 2, 3), correction=0), atol=1e-7)
     assert ds.to("cpu").train_x.data_ptr() == ds.train_x.data_ptr()
 
 
