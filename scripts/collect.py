@@ -29,8 +29,9 @@ SUMMARY = ["status", "final_val_acc", "best_val_acc", "iterations", "images_seen
 CURVE = ["iter", "images_seen", "loss", "acc", "d_mean", "accepted", "stepped", "lr", "tau"]
 WINDOW_MEANS = ["d_mean", "loss", "acc", "stepped"]  # kept as <name>_win: honest means over downsampled windows
 # Config leaves that say where or how a run ran, not which sweep point it is.
-NOT_A_SWEEP_KEY = {"root", "device", "dir", "out_dir", "output_dir", "run_dir", "resume", "checkpoint",
-                   "num_workers", "wandb", "compile", "log_every", "progress", "hydra"}
+NOT_A_SWEEP_KEY = {"root", "device", "dir", "out_dir", "output_dir", "run_dir", "resume", "checkpoint", "jpeg_path",
+                   "download", "num_workers", "wandb", "compile", "log_every", "progress", "stop_after",
+                   "eval_batch_size", "hydra"}
 MAX_CURVE_ROWS = 2000
 
 
@@ -215,7 +216,7 @@ def _write_experiment(out_dir, runs, curves, evals, dropped, command, run_roots)
     provenance = {
         "experiment": runs["experiment"].iloc[0],
         "scales": sorted(runs["scale"].dropna().unique().tolist()),
-        "devices": sorted({f"{d} ({n})" if n else str(d) for d, n in
+        "devices": sorted({f"{d} ({n})" if n and n != d else str(d) for d, n in
                            zip(runs["device"].fillna(""), runs["device_name"].fillna(""))}),
         "collected_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command,

@@ -73,8 +73,14 @@ def title_suffix(runs):
     if scales != ["paper"]:
         models = ", ".join(MODEL.get(m, m) for m in _unique(runs["model.name"]))
         parts.append(f"{'/'.join(scales)} scale: {models}")
-    parts += _unique(runs["data_note"]) if "data_note" in runs else []
+    parts += data_notes(runs)
     return f"[{'; '.join(parts)}]" if parts else ""
+
+
+def data_notes(runs):
+    """The first sentence of each distinct data note (the substitution); full notes stay in provenance.json."""
+    notes = runs["data_note"].fillna("").astype(str) if "data_note" in runs else pd.Series([], dtype=str)
+    return _unique(notes.map(lambda n: n.split(". ")[0].strip().rstrip(".")))
 
 
 def titled(fig, title, r=None):
@@ -84,7 +90,7 @@ def titled(fig, title, r=None):
     fig.suptitle("\n".join(textwrap.wrap(title, width) + textwrap.wrap(suffix, width)), fontsize=10)
     if r is not None:
         p = r.provenance
-        foot = (f"{len(r.runs)} finished runs ({r.experiment}, scale {r.scale}); device {', '.join(p.get('devices', []))}; "
+        foot = (f"{len(r.runs)} finished run{'s' * (len(r.runs) != 1)} ({r.experiment}, scale {r.scale}); device {', '.join(p.get('devices', []))}; "
                 f"collected {p.get('collected_at', '?')[:10]}; regenerate: make figures")
         lines = textwrap.wrap(foot, int(fig.get_figwidth() * 17))  # characters per line at 6.5 pt
         fig.text(0.5, 0.005, "\n".join(lines), ha="center", va="bottom", fontsize=6.5, color="0.45")
@@ -453,7 +459,7 @@ def _provenance_lines(sources):
         lines.append(f"- `{r.experiment}`: scale {r.scale}, {len(r.runs)} finished runs "
                      f"({p.get('n_unfinished', 0)} unfinished not used); device {', '.join(p.get('devices', []))}; "
                      f"collected {p.get('collected_at', '?')}; `{p.get('command', '?')}`")
-        lines += [f"  - data note: {n}" for n in _unique(r.runs["data_note"])]
+        lines += [f"  - data note: {n} (full notes: `{r.experiment}/provenance.json`)" for n in data_notes(r.runs)]
     return lines
 
 
@@ -510,7 +516,7 @@ def write_paper_vs_repro(df, results_dir):
             f"GAF setting: {setting}. '—' = this noise level was not in the sweep.", "",
             f"Scale: **{', '.join(scales)}**; models: {', '.join(MODEL.get(m, m) for m in _unique(r.runs['model.name']))}; "
             f"data: {', '.join(data_label(d) for d in _unique(r.runs['data.name']))}"
-            + "".join(f"; {n}" for n in _unique(r.runs["data_note"])) + ".", "",
+            + "".join(f"; {n}" for n in data_notes(r.runs)) + ".", "",
             markdown_table(df), ""]
     if df.attrs["extra_levels"]:
         text += [f"Reproduced noise levels the paper's figure does not show: "
