@@ -33,6 +33,8 @@ DATA = {"cifar100": "CIFAR-100", "cifar100n": "CIFAR-100N-Fine", "cifar10": "CIF
         "cifar10_jpeg": "CIFAR-10 (JPEG copy)", "random": "random images and labels"}
 MODEL = {"tiny": "tiny CNN", "resnet18": "ResNet18", "resnet18_cifar": "ResNet18 (CIFAR stem)",
          "resnet34_cifar": "ResNet34 (CIFAR stem)", "vit_tiny": "small ViT (vit_tiny)"}
+CURVE_COLUMNS = ["run_id", "iter", "d_mean", "d_mean_win", "stride", "acc", "loss"]
+EVAL_COLUMNS = ["run_id", "iter", "train_acc", "val_acc"]
 STYLE = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
          "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
          "legend.frameon": False, "lines.linewidth": 1.5, "figure.dpi": 110, "savefig.dpi": 150}
@@ -55,8 +57,9 @@ def load(results_dir, experiment, scale=None):
         return None
     ids = set(runs["run_id"])
     frames = {}
-    for name in ("curves", "evals"):
-        f = pd.read_csv(d / f"{name}.csv") if (d / f"{name}.csv").is_file() else pd.DataFrame(columns=["run_id"])
+    for name, columns in (("curves", CURVE_COLUMNS), ("evals", EVAL_COLUMNS)):
+        f = pd.read_csv(d / f"{name}.csv") if (d / f"{name}.csv").is_file() else pd.DataFrame()
+        f = f.reindex(columns=list(dict.fromkeys([*columns, *f.columns])))  # a run without rows still plots (empty)
         frames[name] = f[f["run_id"].isin(ids)]
     prov = json.loads((d / "provenance.json").read_text()) if (d / "provenance.json").is_file() else {}
     return SimpleNamespace(experiment=experiment, scale=scale, runs=runs, provenance=prov, **frames)
@@ -106,6 +109,12 @@ def save(fig, path):
     for ext in ("png", "pdf"):
         fig.savefig(path.with_suffix(f".{ext}"))
     return [path.with_suffix(".png"), path.with_suffix(".pdf")]
+
+
+def legend(ax, **kw):
+    """A legend when something is labelled (a run without rows draws nothing)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kw)
 
 
 def new_figure(rows, cols, size, **kw):
@@ -191,8 +200,8 @@ def fig1(results_dir, scale=None):
         ax[0, j].set_title(data_label(name))
         ax[0, j].set_ylabel("accuracy (%)")
         ax[1, j].set_xlabel("iteration")
-        ax[0, j].legend(loc="lower right")
-        ax[1, j].legend(loc="lower right")
+        legend(ax[0, j], loc="lower right")
+        legend(ax[1, j], loc="lower right")
     return titled(fig, "Figure 1: baseline accuracy and cosine distance between micro-gradients", r)
 
 
@@ -236,7 +245,7 @@ def fig3(results_dir, scale=None, late=0.25):
         ax[0, 1].hist(h["d_mean"], weights=h["stride"], bins=30, color=f"C{k}", alpha=0.6, label=tag)
     ax[0, 0].axhline(1.0, color="0.3", ls=":", lw=1)
     ax[0, 0].set(xlabel="iteration", ylabel="cosine distance", title=f"last {late:.0%} of training")
-    ax[0, 0].legend(loc="lower right")
+    legend(ax[0, 0], loc="lower right")
     ax[0, 1].axvline(1.0, color="0.3", ls=":", lw=1)
     ax[0, 1].set(xlabel="cosine distance", ylabel="iterations", title="histogram, same window")
     ax[0, 1].yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
@@ -265,7 +274,7 @@ def fig4(results_dir, scale=None):
     for k, (_, label, rid) in enumerate(sized):
         plot_distance(ax[0, 0], curve(r, rid), cmap(k / max(1, len(sized) - 1) * 0.9), label, raw=False)
     ax[0, 0].set_xlabel("iteration")
-    ax[0, 0].legend(title="images per step", loc="lower right", ncol=2)
+    legend(ax[0, 0], title="images per step", loc="lower right", ncol=2)
     return titled(fig, "Figure 4: rolling average of the micro-gradient cosine distance, baseline, by batch size", r)
 
 
@@ -283,9 +292,9 @@ def fig5(results_dir, scale=None):
         ax[0, 0].plot(e["iter"], 100 * e["val_acc"], color=color, ls="--", label=f"{NAME.get(m, m)} validation")
         plot_distance(ax[1, 0], curve(r, row["run_id"]), color, NAME.get(m, m) + steps)
     ax[0, 0].set_ylabel("accuracy (%)")
-    ax[0, 0].legend(loc="center right")
+    legend(ax[0, 0], loc="center right")
     ax[1, 0].set_xlabel("iteration")
-    ax[1, 0].legend(loc="lower right")
+    legend(ax[1, 0], loc="lower right")
     row = r.runs.iloc[0]
     settings = (f"settings: {MODEL.get(row['model.name'], row['model.name'])}, {row.get('optim.name', 'sgd')} "
                 f"lr {_fmt(row.get('optim.lr'))}, weight decay {_fmt(row.get('optim.weight_decay'))}, "
@@ -314,7 +323,7 @@ def fig6(results_dir, scale=None):
         a.plot(paper["label_noise_pct"], paper[col], color=COLOR[method], ls="--", lw=1, alpha=0.6,
                marker=MARKER[method], ms=3, label=f"{NAME[method]} (paper)")
     a.set(xlabel="label noise (%)", ylabel="best validation accuracy over the run (%)", ylim=(0, None))
-    a.legend()
+    legend(a)
     return titled(fig, "Figure 6: validation accuracy vs. symmetric label noise (dashed: the paper's values, "
                        "read off its plot)", r)
 
@@ -341,7 +350,7 @@ def _sweep_vs_baseline(r, key, xlabel, title, categorical=False, tick=_fmt):
     if categorical:
         a.set_xticks(range(len(xs)), [tick(x) for x in xs])
     a.set(xlabel=xlabel, ylabel="best validation accuracy over the run (%)")
-    a.legend()
+    legend(a)
     data = ", ".join(data_label(d) for d in _unique(runs["data.name"]))
     noise = f" at {levels[0]:g}% label noise" if len(levels) == 1 else ""
     return titled(fig, f"{title}{noise}, {data}", r)
@@ -381,7 +390,7 @@ def fig8(results_dir, scale=None):
     a.minorticks_off()
     a.set(xlabel="images per iteration (GAF: n x m x classes; baseline: batch size)",
           ylabel="best validation accuracy over the run (%)")
-    a.legend()
+    legend(a)
     data = ", ".join(data_label(d) for d in _unique(runs["data.name"]))
     return titled(fig, f"Figure 8: validation accuracy vs. images per step (compute), {data}", r)
 

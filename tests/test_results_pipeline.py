@@ -175,6 +175,17 @@ def test_paper_scale_titles_carry_no_scale_tag(tmp_path):
     assert plot.title_suffix(runs) == "[small/paper scale: ResNet18]"
 
 
+def test_plot_survives_runs_without_rows_or_distances(tmp_path):
+    """Finished runs whose metrics/eval files are missing or empty: figures still draw (with empty lines)."""
+    written = synth.write_all(tmp_path / "multirun", experiments=("fig1", "fig3", "fig5", "fig6"))
+    for k, run_dir in enumerate(d for dirs in written.values() for d in dirs):
+        (run_dir / "metrics.csv").unlink() if k % 2 else (run_dir / "metrics.csv").write_text("")
+        (run_dir / "eval.csv").unlink() if k % 3 else None
+    collect.collect([tmp_path / "multirun"], tmp_path / "results")
+    made = plot.main(["--results", str(tmp_path / "results"), "--only", "fig1", "fig3", "fig5", "fig6"])
+    assert sorted(made) == ["fig1", "fig3", "fig5", "fig6"]
+
+
 def test_plot_on_empty_results_does_not_crash(tmp_path, capsys):
     made = plot.main(["--results", str(tmp_path / "results")])
     assert list(made) == ["fig2"]  # the schematic needs no runs
@@ -182,6 +193,11 @@ def test_plot_on_empty_results_does_not_crash(tmp_path, capsys):
     assert "fig6: no finished runs" in out and "table1: no finished runs" in out
     assert not (tmp_path / "results" / "table1.md").exists()
     assert collect.collect([tmp_path / "nothing"], tmp_path / "results") == {}
+    # an experiment whose runs are all still running: collected, but nothing to plot yet
+    cfg = synth.run_config("fig6", method="gaf", noise=0.4)
+    synth.write_run(tmp_path / "multirun" / "a", cfg, status="running")
+    assert len(collect.collect([tmp_path / "multirun"], tmp_path / "results")["fig6"]) == 1
+    assert "fig6" not in plot.main(["--results", str(tmp_path / "results")])
 
 
 def test_notebook_executes_headless_on_synthetic_results(pipeline, tmp_path, monkeypatch):
