@@ -400,7 +400,7 @@ def fig9(results_dir, scale=None):
     r = load(results_dir, "fig9", scale)
     if r is None:
         return None
-    return _sweep_vs_baseline(r, "method.n_micro", "number of microbatches n", "Figure 9: validation accuracy vs. n",
+    return _sweep_vs_baseline(r, "method.n_micro", "number of microbatches n (evenly spaced)", "Figure 9: validation accuracy vs. n",
                               categorical=True)
 
 
