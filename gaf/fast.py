@@ -119,8 +119,9 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch.optim semantics; existing state tensors are overwritten in place (so a
-        captured graph stays valid) and step counts move to their parameter's device."""
+        """torch.optim semantics, but state is copied: into the existing state tensors where
+        they exist (so a captured graph stays valid), else into fresh ones; step counts
+        move to their parameter's device."""
         old = {p: dict(s) for p, s in self.state.items()}
         super().load_state_dict(state_dict)
         for group in self.param_groups:
@@ -133,12 +134,14 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                 if "step" in state:
                     state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device)
                 for key, value in state.items():
+                    if not isinstance(value, torch.Tensor):
+                        continue
                     prev = old.get(p, {}).get(key)
                     if isinstance(prev, torch.Tensor) and prev.shape == value.shape and prev.dtype == value.dtype \
                             and prev.device == value.device:
-                        prev.copy_(value)
-                        state[key] = prev
-                    else:
+                        state[key] = prev.copy_(value)
+                    else:  # a copy: torch would alias the loaded (possibly live) tensors
+                        state[key] = value.clone()
                         self.state_version += 1
 
 
@@ -476,7 +479,7 @@ class FastGAFStep(_FastStep):
             weights, accepted, distances = agreement_weights(gram_matrix(grads), threshold, self.merge)
             stepped = accepted[1:].any()
             torch.mm(weights.to(grads.dtype)[None], grads, out=self._agg.view(1, -1))
-        torch.where(stepped, self._agg, 0.0, out=self._agg)  # a skipped step must see finite (zero) grads
+        self._agg.masked_fill_(~stepped, 0.0)  # a skipped step must see finite (zero) grads
         self._set_grads()
         self.optimizer.masked_update(stepped)
         self._clear_grads()
