@@ -400,8 +400,8 @@ def fig9(results_dir, scale=None):
     r = load(results_dir, "fig9", scale)
     if r is None:
         return None
-    return _sweep_vs_baseline(r, "method.n_micro", "number of microbatches n (evenly spaced)", "Figure 9: validation accuracy vs. n",
-                              categorical=True)
+    return _sweep_vs_baseline(r, "method.n_micro", "number of microbatches n (evenly spaced)",
+                              "Figure 9: validation accuracy vs. n", categorical=True)
 
 
 FIGURES = {"fig1": fig1, "fig2": fig2, "fig3": fig3, "fig4": fig4, "fig5": fig5, "fig6": fig6, "fig7": fig7,
