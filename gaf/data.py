@@ -642,39 +642,32 @@ class ClassBalancedSampler:
                             f"or pass replacement=True")
         # members[starts[c]: starts[c] + counts[c]] are the images of class c
         self.members = torch.sort(labels, stable=True).indices
-        self.starts = torch.cumsum(self.counts, 0) - self.counts
-        self.member_class = torch.repeat_interleave(torch.arange(num_classes), self.counts)  # class of members[i]
+        self.starts = (torch.cumsum(self.counts, 0) - self.counts).tolist()
         self.generator = torch.Generator().manual_seed(seed)
         # perms[c, :counts[c]] is class c's current pass; pos[c] how far it has got
         self.perms = torch.full((num_classes, int(self.counts.max())), -1, dtype=torch.int64)
-        self._new_passes(torch.ones(num_classes, dtype=torch.bool))
+        for c in range(num_classes):
+            self._new_pass(c)
         self.pos = torch.zeros(num_classes, dtype=torch.int64)
 
-    def _new_passes(self, classes: Tensor, last: Tensor | None = None) -> None:
-        """Fresh random passes for the classes in the mask, all at once; images marked in
-        ``last`` go to the end of their pass (they were just used)."""
-        labels = self.member_class
-        pick = classes[labels].nonzero().squeeze(1)
-        order = pick[torch.randperm(len(pick), generator=self.generator)]
-        if last is not None:
-            order = order[torch.sort(last[self.members[order]].long(), stable=True).indices]
-        order = order[torch.sort(labels[order], stable=True).indices]  # grouped by class, random within
-        sizes = self.counts * classes  # rank of each image within its class's new pass:
-        rank = torch.arange(len(order)) - (torch.cumsum(sizes, 0) - sizes)[labels[order]]
-        self.perms[labels[order], rank] = self.members[order]
+    def _new_pass(self, c: int, last: Tensor | None = None) -> None:
+        """A fresh random pass through class c; images in ``last`` (just used) go to its end."""
+        cnt = int(self.counts[c])
+        new = self.members[self.starts[c]:self.starts[c] + cnt][torch.randperm(cnt, generator=self.generator)]
+        if last is not None and len(last):
+            is_last = torch.isin(new, last)
+            new = torch.cat([new[~is_last], new[is_last]])
+        self.perms[c, :cnt] = new
 
-    def _take_refresh(self, c: int, used: Tensor) -> Tensor:
+    def _take_refresh(self, c: int) -> Tensor:
         """The next ``need`` images of class c when its pass ends within this step."""
         cnt, pos = int(self.counts[c]), int(self.pos[c])
         taken = [self.perms[c, pos:cnt].clone()]
         got = cnt - pos
-        mask = torch.zeros(self.num_classes, dtype=torch.bool)
-        mask[c] = True
         while True:
-            used.zero_()
-            if self.need <= cnt:
-                used[taken[0]] = True  # keep this step's images out of the head of the new pass
-            self._new_passes(mask, used)
+            # keep this step's images out of the head of the new pass (impossible, and not
+            # attempted, when the class is smaller than a step's need: replacement=True)
+            self._new_pass(c, taken[0] if self.need <= cnt else None)
             if got + cnt >= self.need:
                 rest = self.need - got
                 taken.append(self.perms[c, :rest])
@@ -694,9 +687,8 @@ class ClassBalancedSampler:
             out[ok] = self.perms[ok].gather(1, cols)
             self.pos[ok] += k
         if short.any():
-            used = torch.zeros(len(self.members), dtype=torch.bool)
             for c in short.nonzero().squeeze(1).tolist():  # once per pass per class
-                out[c] = self._take_refresh(c, used)
+                out[c] = self._take_refresh(c)
         # (C, n*m) -> (n, C*m): microbatch j takes items j*m .. j*m+m-1 of every class
         return out.view(self.num_classes, self.n_micro, self.per_class).transpose(0, 1).reshape(self.n_micro, -1)
 
@@ -713,6 +705,25 @@ class ClassBalancedSampler:
             raise DataError("sampler state was made for other labels (class counts differ)")
         self.perms, self.pos = state["perms"].clone(), state["pos"].clone()
         self.generator.set_state(state["generator"])
+
+
+def _draw_distinct(n: int, k: int, exclude: Tensor | None, g: torch.Generator) -> Tensor:
+    """k distinct indices drawn uniformly from [0, n) minus ``exclude``, in draw order.
+    Rejection sampling costs O(k) where k is small against n; otherwise one permutation."""
+    exclude = torch.empty(0, dtype=torch.int64) if exclude is None else exclude
+    if k == 0:
+        return torch.empty(0, dtype=torch.int64)
+    if 4 * (k + len(exclude)) > n:  # dense: a permutation is cheaper than many rejections
+        perm = torch.randperm(n, generator=g)
+        return perm[~torch.isin(perm, exclude)][:k]
+    out = torch.empty(0, dtype=torch.int64)
+    while len(out) < k:
+        cand = torch.cat([out, torch.randint(0, n, (2 * k,), generator=g)])
+        cand = cand[~torch.isin(cand, exclude)]
+        uniq, inverse = torch.unique(cand, return_inverse=True)  # keep first occurrences, in draw order
+        first = torch.full((len(uniq),), len(cand)).scatter_reduce(0, inverse, torch.arange(len(cand)), "amin")
+        out = cand[first.sort().values]
+    return out[:k]
 
 
 class BatchSampler:
@@ -733,13 +744,10 @@ class BatchSampler:
 
     def sample(self) -> Tensor:
         """int64 (1, batch_size)."""
-        perm = torch.randperm(self.n, generator=self.generator)
         if self.balanced is None:
-            return perm[:self.batch_size].view(1, -1)
+            return _draw_distinct(self.n, self.batch_size, None, self.generator).view(1, -1)
         core = self.balanced.sample().view(-1)
-        in_batch = torch.zeros(self.n, dtype=torch.bool)
-        in_batch[core] = True
-        fill = perm[~in_batch[perm]][:self.batch_size - len(core)]
+        fill = _draw_distinct(self.n, self.batch_size - len(core), core, self.generator)
         return torch.cat([core, fill]).view(1, -1)
 
     def state_dict(self) -> dict:

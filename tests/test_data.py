@@ -346,6 +346,23 @@ def test_baseline_batch_composition():
     assert small.shape == (1, 50) and len(set(small.flatten().tolist())) == 50
 
 
+@pytest.mark.parametrize("n,k,excluded", [(1000, 40, 100), (100, 50, 10), (500, 30, 0)])  # sparse and dense paths
+def test_draw_distinct_is_uniform_without_the_excluded(n, k, excluded):
+    g = torch.Generator().manual_seed(0)
+    exclude = torch.arange(excluded) * 3 if excluded else None
+    counts = torch.zeros(n, dtype=torch.int64)
+    for _ in range(600):
+        draw = data._draw_distinct(n, k, exclude, g)
+        assert len(draw) == k and len(set(draw.tolist())) == k
+        counts += torch.bincount(draw, minlength=n)
+    if excluded:
+        assert counts[exclude].sum() == 0
+    free = counts[counts > 0] if excluded else counts
+    expected = 600 * k / (n - excluded)
+    assert len(free) == n - excluded and (free.float().mean() - expected).abs() < 1e-3
+    assert free.float().std() < 2 * math.sqrt(expected)  # no index favoured (binomial spread)
+
+
 # ---------------------------------------------------------------------------------- augmentation
 
 
