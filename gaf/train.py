@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import math
 import os
 import platform
@@ -44,6 +45,8 @@ from gaf import data as gdata
 from gaf.filter import AdaptiveTau, check_merge, check_tau
 from gaf.models import build_model
 from gaf.step import gaf_step
+
+log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- config
 
@@ -133,7 +136,8 @@ class RunConfig:
         return _from_dict(cls, d, "")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain JSON types (tuples become lists), so it compares equal to what was saved."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 def _from_dict(cls, d: dict, prefix: str):
@@ -173,6 +177,8 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"data.noise must lie in [0, 1), got {d.noise}")
     if o.name not in ("sgd", "adam", "adamw"):
         raise ValueError(f"optim.name must be one of sgd, adam, adamw, got {o.name!r}")
+    if o.name == "sgd" and o.nesterov and not o.momentum > 0:
+        raise ValueError(f"optim.nesterov=true needs optim.momentum > 0, got momentum={o.momentum}")
     if not (o.lr > 0):
         raise ValueError(f"optim.lr must be > 0, got {o.lr}")
     if not (isinstance(t.iterations, int) and t.iterations >= 1):
@@ -377,6 +383,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ds, batch_size:
     return loss_sum / max(len(x), 1), torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
 
 
+def is_finite(model: nn.Module) -> bool:
+    """Every floating parameter and buffer finite (one host sync)."""
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
 def _acc(mask: torch.Tensor) -> float:
     return float(mask.float().mean()) if mask.numel() else float("nan")
 
@@ -414,7 +426,7 @@ def run(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     if summary_path.exists():
         previous = json.loads(summary_path.read_text())
         if previous.get("status") in ("finished", "diverged") and previous.get("config") == config:
-            print(f"[gaf] {run_dir}: already {previous['status']}; nothing to do")
+            log.info("%s: already %s; nothing to do", run_dir, previous["status"])
             return previous
     ckpt = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
     if ckpt is not None and ckpt["config"] != config:
@@ -460,7 +472,7 @@ def run(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
         if is_main:
             metrics.truncate_after(state["iter"])
             evals.truncate_after(state["iter"])
-            print(f"[gaf] {run_dir}: resuming at iteration {state['iter']}")
+            log.info("%s: resuming at iteration %d", run_dir, state["iter"])
     elif is_main:
         for p in (metrics.path, evals.path):
             p.unlink(missing_ok=True)
@@ -480,14 +492,14 @@ def run(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
         if not pending:
             return True
         stacked = {k: torch.stack([torch.as_tensor(p[2][k]).float().reshape(-1) for p in pending]).cpu()
-                   for k in ("loss", "correct", "accepted", "stepped", "tau", "lr")}
+                   for k in ("loss", "correct", "accepted", "stepped", "tau")}
         dists = torch.stack([p[2]["distances"].float() for p in pending]).cpu() if n_dist else None
         rows = []
         for j, (it, seen, out) in enumerate(pending):
             row = {"iter": it, "images_seen": seen, "loss": float(stacked["loss"][j]),
-                   "acc": float(stacked["correct"][j]) / out["batch"], "tau": float(stacked["tau"][j]),
+                   "acc": float(stacked["correct"][j]) / out["batch"], "tau": round(float(stacked["tau"][j]), 6),
                    "accepted": int(stacked["accepted"][j]), "stepped": int(stacked["stepped"][j]),
-                   "lr": float(stacked["lr"][j]), "time_s": round(out["time"], 3)}
+                   "lr": out["lr"], "time_s": round(out["time"], 3)}
             if n_dist:
                 row["d_mean"] = float(dists[j].mean())
                 row.update({f"d{k}": float(dists[j, k - 1]) for k in range(1, n_dist + 1)})
@@ -502,13 +514,18 @@ def run(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
                     logger.log(r, step=r["iter"])
         bad = [r["iter"] for r in rows if not math.isfinite(r["loss"])]
         if bad:
-            print(f"[gaf] {run_dir}: non-finite training loss at iteration {bad[0]}; stopping. "
-                  f"The last good checkpoint (iteration {state['iter']}) is kept.", file=sys.stderr)
+            log.error("%s: non-finite training loss at iteration %d; stopping. The last good checkpoint "
+                      "(iteration %d) is kept.", run_dir, bad[0], state["iter"])
             return False
         return True
 
-    def validate_and_checkpoint(it: int) -> None:
+    def validate_and_checkpoint(it: int) -> bool:
+        """Evaluate and checkpoint; False (and no checkpoint) if the model went non-finite."""
         val_loss, preds = evaluate(model, ds.test_x, ds.test_y, ds, cfg.train.eval_batch_size)
+        if not (math.isfinite(val_loss) and is_finite(model)):
+            log.error("%s: non-finite validation loss or weights at iteration %d; stopping. The last good "
+                      "checkpoint (iteration %d) is kept.", run_dir, it, state["iter"])
+            return False
         val_acc = _acc(preds == ds.test_y)
         _, probe_preds = evaluate(model, ds.train_x[probe], ds.train_y[probe], ds, cfg.train.eval_batch_size)
         flipped = ds.flipped[probe]
@@ -542,6 +559,7 @@ def run(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
                 "aug_rng": aug_gen.get_state(), "torch_rng": torch.get_rng_state(),
                 "adaptive_tau": tau.state_dict() if isinstance(tau, AdaptiveTau) else None,
             })
+        return True
 
     t_start = time.perf_counter()
     start_iter = state["iter"]
@@ -558,7 +576,7 @@ def run(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
 
             xs, ys = local_slice(xs, rank, world), local_slice(ys, rank, world)
         out = stepper(xs, ys)
-        out["lr"] = torch.tensor(optimizer.param_groups[0]["lr"])
+        out["lr"] = optimizer.param_groups[0]["lr"]
         out["batch"], out["time"] = idx.numel(), state["elapsed"] + time.perf_counter() - t_start
         state["images_seen"] += idx.numel()
         state["train_time"] += time.perf_counter() - t0
@@ -570,12 +588,14 @@ def run(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
                 status = "diverged"
                 break
         if at_eval:
-            validate_and_checkpoint(it)
+            if not validate_and_checkpoint(it):
+                status = "diverged"
+                break
             state["iter"] = it  # the last checkpointed iteration
             progress.set_postfix(val_acc=f"{state['final_val_acc']:.3f}")
         if cfg.train.stop_after is not None and it >= cfg.train.stop_after:
             progress.close()
-            print(f"[gaf] {run_dir}: stopped after iteration {it} (train.stop_after)")
+            log.info("%s: stopped after iteration %d (train.stop_after)", run_dir, it)
             return {"status": "stopped", "iter": it}
     else:
         status = "finished"
@@ -585,8 +605,8 @@ def run(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
         logger.finish()
     summary = write_summary(summary_path, cfg, state, env, ds, status, started) if is_main else {"status": status}
     if is_main:
-        print(f"[gaf] {run_dir}: {status}; best val acc {state['best_val_acc']:.4f}, "
-              f"{summary.get('images_per_s', 0):.0f} images/s")
+        log.info("%s: %s; best val acc %.4f, %.0f images/s", run_dir, status, state["best_val_acc"],
+                 summary.get("images_per_s", 0))
     return summary
 
 

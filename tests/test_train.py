@@ -1,0 +1,168 @@
+"""One run end to end on tiny data: files, resume, no-op re-launch, bad input."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from cifar_fixtures import md5_checks_disabled, write_cifar100
+from gaf.data import DataError
+from gaf.train import RunConfig, run
+
+
+def tiny_config(**sections) -> RunConfig:
+    base = {
+        "data": {"name": "random", "random_train": 200, "random_test": 50, "num_classes": 5},
+        "model": {"name": "tiny"},
+        "method": {"name": "gaf", "tau": 0.97, "n_micro": 3, "per_class": 2},
+        "optim": {"lr": 0.05},
+        "train": {"iterations": 6, "val_every": 2, "memorisation_samples": 100, "progress": False},
+        "device": "cpu",
+    }
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return RunConfig.from_dict(base)
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def without_times(rows):
+    return [{k: v for k, v in r.items() if k != "time_s"} for r in rows]
+
+
+def test_run_writes_metrics_eval_summary_and_checkpoint(tmp_path):
+    summary = run(tiny_config(), tmp_path)
+    metrics, evals = read_csv(tmp_path / "metrics.csv"), read_csv(tmp_path / "eval.csv")
+    assert [int(r["iter"]) for r in metrics] == [1, 2, 3, 4, 5, 6]
+    assert {"loss", "acc", "tau", "accepted", "stepped", "lr", "d_mean", "d1", "d2"} <= set(metrics[0])
+    assert all(0 <= float(r["d1"]) <= 2 for r in metrics)
+    assert all(int(r["accepted"]) <= 2 for r in metrics)
+    assert int(metrics[-1]["images_seen"]) == 6 * 3 * 2 * 5
+    assert [int(r["iter"]) for r in evals] == [2, 4, 6]
+    assert {"val_acc", "val_loss", "mem_clean_acc", "mem_flipped_noisy_acc", "lr"} <= set(evals[0])
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["status"] == summary["status"] == "finished"
+    assert on_disk["iterations"] == 6 and on_disk["images_seen"] == 180
+    assert on_disk["final_val_acc"] == pytest.approx(float(evals[-1]["val_acc"]))
+    assert on_disk["steps_taken"] == sum(int(r["stepped"]) for r in metrics)
+    assert on_disk["versions"]["torch"] == torch.__version__
+    assert on_disk["config"] == json.loads((tmp_path / "config.json").read_text())
+    assert (tmp_path / "checkpoint.pt").exists()
+
+
+def test_memorisation_probe_splits_flipped_and_clean(tmp_path):
+    cfg = tiny_config(data={"noise": 0.5}, method={"name": "baseline", "batch_size": 20})
+    run(cfg, tmp_path)
+    last = read_csv(tmp_path / "eval.csv")[-1]
+    for key in ("mem_clean_acc", "mem_flipped_noisy_acc", "mem_flipped_true_acc"):
+        assert 0.0 <= float(last[key]) <= 1.0
+    assert "d1" not in read_csv(tmp_path / "metrics.csv")[0]  # the plain baseline measures no distances
+
+
+def test_finished_run_relaunched_is_a_noop(tmp_path):
+    first = run(tiny_config(), tmp_path)
+    mtime = (tmp_path / "metrics.csv").stat().st_mtime_ns
+    again = run(tiny_config(), tmp_path)
+    assert again == first
+    assert (tmp_path / "metrics.csv").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("method", [{"name": "gaf"}, {"name": "baseline", "batch_size": 20}])
+def test_killed_run_resumes_to_the_same_metrics(tmp_path, method):
+    unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
+    run(tiny_config(method=method), unbroken)
+    stopped = run(tiny_config(method=method, train={"stop_after": 5}), broken)  # killed between checkpoints
+    assert stopped["status"] == "stopped"
+    assert not (broken / "summary.json").read_text().count('"finished"')
+    # The resumed run has the same config (stop_after aside) and picks up at iteration 4.
+    cfg = tiny_config(method=method)
+    cfg_dict = cfg.to_dict()
+    ckpt = torch.load(broken / "checkpoint.pt", weights_only=False)
+    assert ckpt["state"]["iter"] == 4
+    ckpt["config"] = cfg_dict
+    torch.save(ckpt, broken / "checkpoint.pt")
+    resumed = run(cfg, broken)
+    assert resumed["status"] == "finished"
+    assert without_times(read_csv(broken / "metrics.csv")) == without_times(read_csv(unbroken / "metrics.csv"))
+    assert without_times(read_csv(broken / "eval.csv")) == without_times(read_csv(unbroken / "eval.csv"))
+    a = torch.load(unbroken / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(broken / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    run(tiny_config(train={"stop_after": 2}), tmp_path)
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="checkpoint.*corrupt.*delete it"):
+        run(tiny_config(train={"stop_after": 2}), tmp_path)
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path):
+    run(tiny_config(train={"stop_after": 2}), tmp_path)
+    with pytest.raises(ValueError, match="different config"):
+        run(tiny_config(method={"tau": 0.5}, train={"stop_after": 2}), tmp_path)
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_checkpoint(tmp_path, caplog):
+    cfg = tiny_config(method={"name": "baseline", "batch_size": 20},
+                      optim={"lr": 1e4, "momentum": 0.0, "nesterov": False}, train={"iterations": 30, "val_every": 2})
+    summary = run(cfg, tmp_path)
+    assert summary["status"] == "diverged"
+    assert "non-finite" in caplog.text and "last good checkpoint" in caplog.text
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert 0 < ckpt["state"]["iter"] == summary["iterations"] < 30
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert run(cfg, tmp_path)["status"] == "diverged"  # terminal: re-launch is a no-op
+
+
+def test_adaptive_tau_run_records_its_threshold(tmp_path):
+    run(tiny_config(method={"tau": 1.0, "adaptive_k": 0.0, "adaptive_window": 10}), tmp_path)
+    taus = [float(r["tau"]) for r in read_csv(tmp_path / "metrics.csv")]
+    assert taus[0] == pytest.approx(1.0)
+    assert any(t < 1.0 for t in taus[1:])  # the mean of distances < 1 once history exists
+
+
+def test_reads_cifar100_files_through_the_real_loader(tmp_path):
+    write_cifar100(tmp_path / "data", n_train_per_class=4, n_test_per_class=1)
+    cfg = tiny_config(data={"name": "cifar100", "root": str(tmp_path / "data"), "noise": 0.2, "num_classes": None},
+                      method={"per_class": 1, "n_micro": 2}, train={"iterations": 2, "val_every": 2})
+    with md5_checks_disabled():
+        summary = run(cfg, tmp_path / "run")
+    assert summary["status"] == "finished" and summary["images_seen"] == 2 * 2 * 100
+    assert "symmetric label noise p=0.2" in summary["data_note"]
+
+
+@pytest.mark.parametrize("sections, match", [
+    ({"data": {"noise": 1.0}}, r"noise.*\[0, 1\)"),
+    ({"data": {"noise": -0.1}}, r"noise.*\[0, 1\)"),
+    ({"method": {"tau": 2.5}}, r"tau.*\[0, 2\].*2.5"),
+    ({"method": {"n_micro": 1}}, r"n_micro.*>= 2.*1"),
+    ({"method": {"merge": "sum"}}, r"merge.*'sum'"),
+    ({"optim": {"name": "lion"}}, r"optim.name.*'lion'"),
+    ({"optim": {"momentum": 0.0}}, r"nesterov.*momentum > 0"),
+    ({"scale": "huge"}, r"scale.*'huge'"),
+])
+def test_bad_settings_are_clear_errors(tmp_path, sections, match):
+    with pytest.raises(ValueError, match=match):
+        run(tiny_config(**sections), tmp_path)
+
+
+def test_unknown_config_key_is_named():
+    with pytest.raises(ValueError, match=r"unknown config key.*method.taux"):
+        tiny_config(method={"taux": 1.0})
+
+
+def test_microbatch_larger_than_a_class_allows(tmp_path):
+    # 200 random images over 5 classes: about 40 per class, so 3 x 20 per class cannot be disjoint.
+    with pytest.raises(DataError, match=r"per_class"):
+        run(tiny_config(method={"per_class": 20}), tmp_path)
+
+
+def test_missing_data_files_name_the_place(tmp_path):
+    cfg = tiny_config(data={"name": "cifar100", "root": str(tmp_path / "nowhere"), "num_classes": None})
+    with pytest.raises(DataError, match="cifar-100-python"):
+        run(cfg, tmp_path / "run")
