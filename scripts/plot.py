@@ -93,7 +93,9 @@ def titled(fig, title, r=None):
     fig.suptitle("\n".join(textwrap.wrap(title, width) + textwrap.wrap(suffix, width)), fontsize=10)
     if r is not None:
         p = r.provenance
-        foot = (f"{len(r.runs)} finished run{'s' * (len(r.runs) != 1)} ({r.experiment}, scale {r.scale}); device {', '.join(p.get('devices', []))}; "
+        n = len(r.runs)
+        foot = (f"{n} finished run{'s' * (n != 1)} ({r.experiment}, scale {r.scale}); "
+                f"device {', '.join(p.get('devices', []))}; "
                 f"collected {p.get('collected_at', '?')[:10]}; regenerate: make figures")
         lines = textwrap.wrap(foot, int(fig.get_figwidth() * 17))  # characters per line at 6.5 pt
         fig.text(0.5, 0.005, "\n".join(lines), ha="center", va="bottom", fontsize=6.5, color="0.45")
@@ -424,7 +426,8 @@ def _compare(runs, source):
     rows = []
     for (data, p, setting), g in gaf.groupby(["data.name", "noise", "setting"]):
         b = base[(base["data.name"] == data) & (base["noise"] == p)]
-        rows.append({"dataset": data_label(data), "label noise (%)": "real (40.2%)" if data == "cifar100n" else f"{p:g}",
+        noise = "real (40.2%)" if data == "cifar100n" else f"{p:g}"
+        rows.append({"dataset": data_label(data), "label noise (%)": noise,
                      "GAF setting": setting, "baseline (%)": 100 * b["best_val_acc"].mean() if len(b) else np.nan,
                      "GAF (%)": 100 * g["best_val_acc"].mean(), "runs": len(g) + len(b), "source": source,
                      "_order": (data == "cifar100n", p)})
@@ -481,7 +484,8 @@ def write_table1(df, results_dir):
             (suffix + "\n\n" if suffix else "") + "Best validation accuracy over each run (not the final one), "
             "mean over seeds; difference = GAF - baseline in percentage points. Baseline = the run(s) with the "
             "same data and noise (batch size nearest the paper's 128); '—' = not run.", "",
-            markdown_table(df), "", "Sources (regenerate: `make figures`):", *_provenance_lines(df.attrs["sources"]), ""]
+            markdown_table(df), "",
+            "Sources (regenerate: `make figures`):", *_provenance_lines(df.attrs["sources"]), ""]
     (results_dir / "table1.md").write_text("\n".join(text))
     return [results_dir / "table1.csv", results_dir / "table1.md"]
 
@@ -523,7 +527,8 @@ def write_paper_vs_repro(df, results_dir):
             "figure 6 by eye (+-1 point; `scripts/paper_facts/figure6.csv`, Chaubard et al. 2024, arXiv:2412.18052). "
             f"Reproduction: experiment `{r.experiment}`, best validation accuracy over each run, mean over seeds; "
             f"GAF setting: {setting}. '—' = this noise level was not in the sweep.", "",
-            f"Scale: **{', '.join(scales)}**; models: {', '.join(MODEL.get(m, m) for m in _unique(r.runs['model.name']))}; "
+            f"Scale: **{', '.join(scales)}**; "
+            f"models: {', '.join(MODEL.get(m, m) for m in _unique(r.runs['model.name']))}; "
             f"data: {', '.join(data_label(d) for d in _unique(r.runs['data.name']))}"
             + "".join(f"; {n}" for n in data_notes(r.runs)) + ".", "",
             markdown_table(df), ""]
