@@ -121,8 +121,8 @@ def channel_stats(x: Tensor, chunk: int = 2048) -> tuple[tuple[float, ...], tupl
     squares = torch.zeros(3, dtype=torch.float64)
     for i in range(0, len(x), chunk):  # float32 chunks (pairwise sums), accumulated in float64
         part = x[i:i + chunk].float()
-        total += part.sum(dim=(0, 2, 3)).double()
-        squares += part.square().sum(dim=(0, 2, 3)).double()
+        total += part.sum(dim=(0, 2, 3)).double().cpu()
+        squares += part.square().sum(dim=(0, 2, 3)).double().cpu()
     count = x.shape[0] * x.shape[2] * x.shape[3]
     mean = total / count / 255
     std = (squares / count / 255**2 - mean.square()).clamp_min(0).sqrt()

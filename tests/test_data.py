@@ -3,7 +3,6 @@
 import io
 import math
 import os
-import stat
 from fractions import Fraction
 from pathlib import Path
 
@@ -14,8 +13,9 @@ import torchvision.transforms.functional as TF
 from torchvision.transforms import Normalize
 
 import gaf.data as data
-from cifar_fixtures import (class_colour, md5_checks_disabled, no_md5, write_cifar10, write_cifar100,  # noqa: F401
-                            write_cifar100n_labels, write_image_folder, write_jpeg_tar)
+from cifar_fixtures import no_md5  # noqa: F401  (a pytest fixture)
+from cifar_fixtures import (class_colour, write_cifar10, write_cifar100, write_cifar100n_labels, write_image_folder,
+                            write_jpeg_tar)
 from gaf.data import (CIFAR100_MEAN, CIFAR100_STD, BatchSampler, ClassBalancedSampler, DataError, DataNotFound,
                       augment, load_cifar10, load_cifar100, load_cifar100n, load_dataset, load_image_folder,
                       normalize, random_dataset, subsample, symmetric_noise)
