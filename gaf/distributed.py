@@ -466,19 +466,36 @@ def check_replicas(model: nn.Module, group=None, rtol: float = 1e-6) -> None:
     )
 
 
-def init_from_env(backend: str | None = None) -> tuple[int, int, int, torch.device]:
-    """Join the process group that ``torchrun`` describes; returns (rank, world_size, local_rank, device).
+def _export_submitit_env() -> bool:
+    """Inside a job of the submitit launcher (SLURM), let submitit set torchrun's variables."""
+    if "SUBMITIT_EXECUTOR" not in os.environ:
+        return False
+    try:
+        from submitit.helpers import TorchDistributedEnvironment
+    except ImportError:
+        return False
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return True
 
-    ``backend`` None picks nccl when CUDA is available, else gloo. With nccl the device
-    is ``cuda:LOCAL_RANK`` (made current); with gloo it is the CPU.
+
+def init_from_env(backend: str | None = None) -> tuple[int, int, int, torch.device]:
+    """Join the process group that ``torchrun`` (or a submitit SLURM job) describes.
+
+    Returns ``(rank, world_size, local_rank, device)``. ``backend`` None picks nccl when
+    CUDA is available, else gloo. With nccl the device is ``cuda:LOCAL_RANK`` (or
+    ``cuda:0`` where each process sees one GPU) and is made current; with gloo it is
+    the CPU. Under the submitit launcher (``hydra/launcher=slurm``) the variables come
+    from ``submitit.helpers.TorchDistributedEnvironment``.
     """
     missing = [v for v in TORCHRUN_VARS if v not in os.environ]
+    if missing and _export_submitit_env():
+        missing = [v for v in TORCHRUN_VARS if v not in os.environ]
     if missing:
         raise RuntimeError(
             f"distributed=true needs torchrun's environment, but {', '.join(missing)} "
             f"{'is' if len(missing) == 1 else 'are'} not set. Launch with e.g. "
-            "`torchrun --nproc_per_node=2 experiments/train.py distributed=true ...`, "
-            "or set distributed=false."
+            "`torchrun --nproc_per_node=2 experiments/train.py distributed=true ...` "
+            "(or the submitit launcher on SLURM), or set distributed=false."
         )
     rank, world_size, local_rank = (int(os.environ[v]) for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     if backend is None:
@@ -488,10 +505,11 @@ def init_from_env(backend: str | None = None) -> tuple[int, int, int, torch.devi
     if backend == "nccl":
         if not torch.cuda.is_available():
             raise ValueError("backend 'nccl' needs CUDA, which is not available; use backend 'gloo' on CPU")
-        if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPU(s): "
+        count = torch.cuda.device_count()
+        if local_rank >= count and count != 1:
+            raise ValueError(f"LOCAL_RANK={local_rank} but this process sees {count} GPUs: "
                              "use --nproc_per_node <= the GPU count")
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", local_rank if local_rank < count else 0)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")

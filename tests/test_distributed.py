@@ -298,25 +298,31 @@ def drift_worker(rank, world_size, port, outdir):
     join(rank, world_size, port)
     model = make_model()
     check_replicas(model)  # identical replicas pass
-    if rank == 2:
+    for bad, tensor in ((2, model[0].weight), (0, model[1].running_var)):  # a parameter, then a buffer
         with torch.no_grad():
-            model[0].weight[0, 0, 0, 0] += 1e-3
-    try:
-        check_replicas(model)
-        message = None
-    except ReplicaDriftError as e:
-        message = str(e)
-    with open(f"{outdir}/rank{rank}.txt", "w") as f:
-        f.write(repr(message))
+            if rank == bad:
+                tensor[0] += 1e-3
+        try:
+            check_replicas(model)
+            message = None
+        except ReplicaDriftError as e:
+            message = str(e)
+        with open(f"{outdir}/rank{rank}_bad{bad}.txt", "w") as f:
+            f.write(repr(message))
+        model.load_state_dict(make_model().state_dict())
+    check_replicas(model)  # healed
     shutdown()
 
 
 def test_drift_on_a_perturbed_rank_is_detected_and_named(tmp_path):
     spawn(drift_worker, 3, str(tmp_path))
     for r in range(3):  # every rank raises, so none hangs in the next collective
-        message = (tmp_path / f"rank{r}.txt").read_text()
+        message = (tmp_path / f"rank{r}_bad2.txt").read_text()
         assert "rank(s) [2] differ from rank(s) [0, 1]" in message, message
         assert "'0.weight'" in message
+        message = (tmp_path / f"rank{r}_bad0.txt").read_text()  # the majority is the reference
+        assert "rank(s) [0] differ from rank(s) [1, 2]" in message, message
+        assert "'1.running_var'" in message
 
 
 def test_init_from_env_without_torchrun_says_how_to_launch(monkeypatch):
@@ -325,6 +331,35 @@ def test_init_from_env_without_torchrun_says_how_to_launch(monkeypatch):
     with pytest.raises(RuntimeError, match="torchrun"):
         init_from_env()
     assert not dist.is_initialized()
+
+
+def test_init_from_env_takes_the_submitit_environment_on_slurm(monkeypatch):
+    """Under the submitit launcher, submitit's TorchDistributedEnvironment supplies the variables."""
+    import sys
+    import types
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    port = free_port()
+
+    class FakeTorchDistributedEnvironment:  # what submitit.helpers exports, for one task
+        def export(self, set_cuda_visible_devices=True):
+            assert not set_cuda_visible_devices  # we pick the GPU by LOCAL_RANK ourselves
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            return self
+
+    helpers = types.ModuleType("submitit.helpers")
+    helpers.TorchDistributedEnvironment = FakeTorchDistributedEnvironment
+    monkeypatch.setitem(sys.modules, "submitit", types.ModuleType("submitit"))
+    monkeypatch.setitem(sys.modules, "submitit.helpers", helpers)
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    try:
+        assert init_from_env("gloo") == (0, 1, 0, torch.device("cpu"))
+        assert dist.get_world_size() == 1
+    finally:
+        shutdown()
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(var, None)
 
 
 def test_local_slice_takes_rank_rows_and_rejects_uneven_n():
