@@ -385,16 +385,14 @@ class _FastStep:
         raise NotImplementedError
 
     def _call(self, xs: torch.Tensor, ys: torch.Tensor) -> dict:
-        if self.channels_last:
-            xs = _channels_last(xs)
         if not self.compile:
             self.optimizer.refresh_lr()
-            return self._run(xs, ys)
+            return self._run(_channels_last(xs) if self.channels_last else xs, ys)
         return self._graphed(xs, ys)
 
     def _graphed(self, xs: torch.Tensor, ys: torch.Tensor) -> dict:
-        key = (tuple(xs.shape), xs.dtype, tuple(ys.shape), ys.dtype, xs.stride())
-        if key != self._graph_key or self._graph_version != self.optimizer.state_version:
+        key = (tuple(xs.shape), xs.dtype, tuple(ys.shape), ys.dtype)
+        if key != self._graph_key or self._graph_deps != self._deps():
             self._graph, self._graph_key, self._calls = None, key, 0
         for group in self.optimizer.param_groups:
             group["capturable"] = True  # SGD: read lr from the device tensor, not a baked-in float
@@ -404,24 +402,31 @@ class _FastStep:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                out = self._run(xs, ys)
+                out = self._run(_channels_last(xs) if self.channels_last else xs, ys)
             torch.cuda.current_stream().wait_stream(side)
-            self._graph_version = self.optimizer.state_version
+            self._graph_deps = self._deps()
             return out
         if self._graph is None:
-            self._static_x = torch.empty_strided(xs.shape, xs.stride(), dtype=xs.dtype, device=xs.device)
-            self._static_y = torch.empty_like(ys)
+            self._static_x = torch.empty_like(xs, memory_format=torch.contiguous_format)
+            if self.channels_last:
+                self._static_x = _channels_last(self._static_x)
+            self._static_y = torch.empty_like(ys, memory_format=torch.contiguous_format)
             self._static_x.copy_(xs), self._static_y.copy_(ys)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self._static_out = self._run(self._static_x, self._static_y)
-            self._graph, self._graph_version = graph, self.optimizer.state_version
+            self._graph, self._graph_deps = graph, self._deps()
         else:
-            self._static_x.copy_(xs), self._static_y.copy_(ys)
+            self._static_x.copy_(xs), self._static_y.copy_(ys)  # copy_ also converts the layout
         self._graph.replay()
         return {k: v.clone() for k, v in self._static_out.items()}  # the static outputs are overwritten next call
 
-    _graph_version = -1
+    _graph_deps = None
+
+    def _deps(self) -> tuple:
+        """What a captured graph holds by address besides parameters and inputs: a change
+        (optimizer state reloaded, a threshold's history replaced) means recapture."""
+        return (self.optimizer.state_version,)
 
 
 class FastGAFStep(_FastStep):
@@ -449,6 +454,10 @@ class FastGAFStep(_FastStep):
     def __call__(self, xs: torch.Tensor, ys: torch.Tensor) -> dict:
         self._check(xs, ys, min_n=2)
         return self._call(xs, ys)
+
+    def _deps(self) -> tuple:
+        history = (id(self.tau._buffer), id(self.tau._count)) if isinstance(self.tau, AdaptiveTau) else ()
+        return super()._deps() + history
 
     def _buffers(self, n: int) -> torch.Tensor:
         if self._grads is None or self._grads.shape[0] != n:

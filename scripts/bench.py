@@ -19,14 +19,16 @@ The device augmentation is inside the timed loop for gaf_step/fast/plain, as the
 pipeline is for the authors'. Images are random uint8 shaped like CIFAR (no download).
 Optimizer: the paper's SGD (lr 0.01, momentum 0.9, Nesterov, weight decay 1e-2).
 
-It also checks the fast path against ``gaf_step``: from the same weights every step (the
-reference is reloaded from the fast model), the largest |difference| in distances and the
-fraction of identical accept decisions (distance <= tau, per microbatch).
+It also checks the fast path against ``gaf_step`` (in true fp32: no TF32): from the same
+weights every step (the reference is reloaded from the fast model), the largest
+|difference| in distances and the fraction of identical accept decisions (distance <= tau,
+per microbatch), on the first (n, m) point.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import datetime as dt
@@ -167,6 +169,7 @@ def make_contender(name: str, args, device, pil: PilImages, data: DeviceImages, 
             authors.step_GAF(model, opt, loss_fn, mbs, wandb=False, verbose=False, cos_distance_thresh=args.tau,
                              device=device)
         return step
+    plan = plan.to(device)  # indices on the device: indexing with host tensors would sync every step
     if name == "gaf_step":
         opt = torch.optim.SGD(model.parameters(), **SGD)
 
@@ -198,6 +201,19 @@ def time_contender(step, args, device) -> float:
     return time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def full_fp32():
+    """The reference in true fp32 on CUDA: no TF32 in convolutions or matmuls."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.backends.cudnn.flags(enabled=True, benchmark=torch.backends.cudnn.benchmark,
+                                        deterministic=False, allow_tf32=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
 def check_against_reference(args, device, data: DeviceImages, plan: torch.Tensor) -> dict:
     """The fast path vs gaf_step, from the same weights at every step."""
     model, loss_fn = fresh_model(args, device), nn.CrossEntropyLoss()
@@ -206,11 +222,13 @@ def check_against_reference(args, device, data: DeviceImages, plan: torch.Tensor
     opt = build_optimizer("sgd", model.parameters(), masked=True, **SGD)
     stepper = FastGAFStep(model, opt, loss_fn, args.tau, **fast_kwargs(args))
     data.reset()
+    plan = plan.to(device)
     worst, same, total, taken = 0.0, 0, 0, 0
     for s in range(args.check_steps):
         xs, ys = data.batch(plan[s % len(plan)])
         reference.load_state_dict(model.state_dict())
-        ref = gaf_step(reference, still, loss_fn, list(zip(xs, ys)), args.tau)
+        with full_fp32():
+            ref = gaf_step(reference, still, loss_fn, list(zip(xs, ys)), args.tau)
         out = stepper(xs, ys)
         ours, theirs = out["distances"].double().cpu(), torch.tensor(ref["distances"], dtype=torch.float64)
         worst = max(worst, float((ours - theirs).abs().max()))
