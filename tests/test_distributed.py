@@ -3,6 +3,7 @@ single-process run with n = K * n_local microbatches, in both reduction modes.""
 
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -36,9 +37,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(worker, world_size, *args):
-    """Run ``worker(rank, world_size, port, *args)`` on ``world_size`` gloo ranks."""
-    mp.start_processes(worker, args=(world_size, free_port(), *args), nprocs=world_size, start_method="spawn")
+def spawn(worker, world_size, *args, timeout=120.0):
+    """Run ``worker(rank, world_size, port, *args)`` on ``world_size`` gloo ranks.
+
+    A rank that raises fails the test with its traceback; ranks stuck in a collective
+    are killed after ``timeout`` seconds (gloo itself would wait 30 minutes).
+    """
+    context = mp.start_processes(worker, args=(world_size, free_port(), *args), nprocs=world_size,
+                                 start_method="spawn", join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"{worker.__name__} on {world_size} ranks did not finish in {timeout:.0f} s (a hung collective?)")
 
 
 def join(rank, world_size, port):
