@@ -437,16 +437,22 @@ class FastGAFStep(_FastStep):
     (n-1,), ``accepted`` (later micro-gradients merged), ``stepped``, ``tau``.
     ``tau`` may be a float, a 0-d tensor or an ``AdaptiveTau`` (observed every step).
     The optimizer must be a masked one (``build_optimizer(..., masked=True)``).
+    ``batched=True`` computes the n micro-gradients in one ``vmap(grad)`` pass
+    (``_BatchedMicrograds``): equal to the sequential passes up to summation order.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], tau: Tau, merge: str = "halving", *,
-                 amp_dtype: torch.dtype | None = None, channels_last: bool = False, compile: bool | str = False):
+                 amp_dtype: torch.dtype | None = None, channels_last: bool = False, compile: bool | str = False,
+                 batched: bool = False):
         check_merge(merge)
         resolve_tau(tau)  # validate now
+        if batched and compile is True:
+            raise ValueError("batched=True works with compile=False or 'graph' (torch.compile of vmap is not used)")
         super().__init__(model, optimizer, loss_fn, amp_dtype=amp_dtype, channels_last=channels_last,
                          compile=compile)
         self.tau, self.merge = tau, merge
+        self.batched = _BatchedMicrograds(model, self.params) if batched else None
         self._tau_value = None
         self._grads: torch.Tensor | None = None  # (n, P) micro-gradients, allocated on first use
         self._rows: list[list[torch.Tensor]] = []
@@ -476,13 +482,17 @@ class FastGAFStep(_FastStep):
     def _run(self, xs: torch.Tensor, ys: torch.Tensor) -> dict:
         n = xs.shape[0]
         grads = self._buffers(n)
-        losses, correct = [], torch.zeros((), dtype=torch.long, device=self.device)
-        for i in range(n):  # sequential passes: BatchNorm as in the reference (module docstring)
-            loss, right = self._forward_loss(xs[i], ys[i])
-            micro = torch.autograd.grad(loss, self.params, materialize_grads=True)
-            torch._foreach_copy_(self._rows[i], list(micro))
-            losses.append(loss.detach().float())
-            correct = correct + right
+        if self.batched is not None:
+            losses, correct = self.batched(self, xs, ys, grads)
+        else:
+            losses, correct = [], torch.zeros((), dtype=torch.long, device=self.device)
+            for i in range(n):  # sequential passes: BatchNorm as in the reference (module docstring)
+                loss, right = self._forward_loss(xs[i], ys[i])
+                micro = torch.autograd.grad(loss, self.params, materialize_grads=True)
+                torch._foreach_copy_(self._rows[i], list(micro))
+                losses.append(loss.detach().float())
+                correct = correct + right
+            losses = torch.stack(losses)
         threshold, tau_out = self._tau()
         with _ieee_matmul(self.device):
             weights, accepted, distances = agreement_weights(gram_matrix(grads), threshold, self.merge)
@@ -495,13 +505,109 @@ class FastGAFStep(_FastStep):
         if isinstance(self.tau, AdaptiveTau):
             self.tau.observe(distances)
         return {
-            "loss": torch.stack(losses).mean(),
+            "loss": losses.mean(),
             "correct": correct,
             "distances": distances.float(),
             "accepted": accepted[1:].sum(),
             "stepped": stepped,
             "tau": tau_out,
         }
+
+
+class _BatchedMicrograds:
+    """All n micro-gradients in one pass: ``torch.func.vmap(grad)`` over the microbatch axis.
+
+    An option to the sequential passes, for when they leave the GPU underfilled (n
+    passes of b images against one of n*b). Under vmap, BatchNorm normalises each
+    microbatch with its own statistics (the vmap axis is folded into the channels), as
+    the sequential passes do. Running statistics: each microbatch updates its own copy
+    of r0, r_k = (1-a) r0 + a s_k, and the sequential result follows exactly (in exact
+    arithmetic) as (1-a)^n r0 + sum_k (1-a)^(n-1-k) (r_k - (1-a) r0);
+    num_batches_tracked += n. Other buffers are shared; mutating one under vmap fails
+    loudly. Random ops draw differently per microbatch, as in sequential passes.
+    """
+
+    def __init__(self, model: nn.Module, params: list[torch.Tensor]):
+        names = {id(p): name for name, p in model.named_parameters()}
+        self.model, self.params = model, params
+        self.param_names = [names[id(p)] for p in params]
+        self.norms = []  # (buffer-name prefix, module) of every BatchNorm that tracks running stats
+        for name, m in model.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                if m.momentum is None:
+                    raise ValueError(f"batched=True needs BatchNorm momentum set; {name or 'the model'} has None "
+                                     "(a cumulative average)")
+                self.norms.append((f"{name}." if name else "", m))
+        self._n = None
+
+    def _prepare(self, n: int, device: torch.device) -> None:
+        """Per-n buffers: batched copies of the running stats, and the EMA coefficients."""
+        stats = [t for _, m in self.norms for t in (m.running_mean, m.running_var)]
+        q = torch.cat([torch.full((t.numel(),), 1.0 - m.momentum, dtype=t.dtype, device=device)
+                       for _, m in self.norms for t in (m.running_mean, m.running_var)]) if stats else None
+        self.stats = stats
+        # one contiguous (n, *shape) copy per statistic: the BatchNorm batching rule would
+        # update a copy of a strided view, and the update would be lost
+        self.batched_stats = [t.new_zeros(n, *t.shape) for t in stats]
+        self.counts = torch.zeros(len(self.norms), n, dtype=torch.long, device=device)
+        self.q_pow_n = q ** n if stats else None
+        self.coeff = q[None] ** torch.arange(n - 1, -1, -1, device=device, dtype=q.dtype)[:, None] if stats else None
+        self.q = q
+        self.views, batched = {}, iter(self.batched_stats)
+        for j, (prefix, m) in enumerate(self.norms):
+            self.views[prefix + "running_mean"], self.views[prefix + "running_var"] = next(batched), next(batched)
+            self.views[prefix + "num_batches_tracked"] = self.counts[j]
+        self._n = n
+
+    def __call__(self, step: "FastGAFStep", xs: torch.Tensor, ys: torch.Tensor, grads: torch.Tensor):
+        from torch.func import functional_call, grad, vmap
+
+        n = xs.shape[0]
+        if self._n != n or (self.stats and self.stats[0] is not self.norms[0][1].running_mean):
+            self._prepare(n, xs.device)
+            self.rows = [_batched_view(grads, off, p) for off, p in zip(_offsets(self.params), self.params)]
+        if self.stats:
+            r0 = torch.cat([t.reshape(-1) for t in self.stats])
+            torch._foreach_copy_(self.batched_stats, [t.expand(n, *t.shape) for t in self.stats])
+
+        def loss_of(params, stats, x, y):
+            out = functional_call(self.model, (params, stats), (x,))
+            loss = step.loss_fn(out, y)
+            return loss, (loss.detach().float(), out.detach())
+
+        params = {name: p.detach() for name, p in zip(self.param_names, self.params)}
+        amp = (torch.autocast(step.device.type, dtype=step.amp_dtype, cache_enabled=False)
+               if step.amp_dtype is not None else contextlib.nullcontext())
+        with torch.enable_grad(), amp:
+            micro, (losses, out) = vmap(grad(loss_of, has_aux=True), in_dims=(None, 0, 0, 0),
+                                        randomness="different")(params, self.views, xs, ys)
+        torch._foreach_copy_(self.rows, [micro[name] for name in self.param_names])
+        if self.stats:  # the sequential running statistics, from the n one-step updates
+            delta = torch.cat([b.reshape(n, -1) for b in self.batched_stats], dim=1) - self.q * r0
+            updated = self.q_pow_n * r0 + (self.coeff * delta).sum(0)
+            torch._foreach_copy_(self.stats, [u.view_as(t) for u, t in zip(updated.split([t.numel() for t in self.stats]),
+                                                                            self.stats)])
+            torch._foreach_add_([m.num_batches_tracked for _, m in self.norms], n)
+        correct = (out.argmax(-1) == ys).sum() if out.dim() == 3 else torch.zeros((), dtype=torch.long,
+                                                                                   device=ys.device)
+        return losses, correct
+
+
+def _offsets(params: list[torch.Tensor]) -> list[int]:
+    offsets, offset = [], 0
+    for p in params:
+        offsets.append(offset)
+        offset += p.numel()
+    return offsets
+
+
+def _batched_view(flat: torch.Tensor, offset: int, p: torch.Tensor) -> torch.Tensor:
+    """Columns ``offset:offset+numel`` of an (n, P) buffer as (n, *p.shape), in p's layout."""
+    n, chunk = flat.shape[0], flat[:, offset : offset + p.numel()]
+    if p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last):
+        o, i, h, w = p.shape
+        return chunk.view(n, o, h, w, i).permute(0, 1, 4, 2, 3)
+    return chunk.view(n, *p.shape)
 
 
 class FastPlainStep(_FastStep):

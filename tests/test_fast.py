@@ -15,11 +15,11 @@ from gaf.fast import (FastGAFStep, FastPlainStep, MaskedAdam, MaskedAdamW, Maske
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def small_cnn(classes=5, seed=0):
+def small_cnn(classes=5, seed=0, bias=True):
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(3, 8, 3, padding=1, bias=bias), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1, bias=bias), nn.BatchNorm2d(8), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes),
     )
 
@@ -184,8 +184,8 @@ def make_batches(steps, n, size=6, classes=5, seed=0):
             for _ in range(steps)]
 
 
-def run_pair(n, tau, merge, optim, steps=4, seed=0, tau_ref=None, **fast_kwargs):
-    ref_model, fast_model = small_cnn(seed=seed), small_cnn(seed=seed)
+def run_pair(n, tau, merge, optim, steps=4, seed=0, tau_ref=None, bias=True, **fast_kwargs):
+    ref_model, fast_model = small_cnn(seed=seed, bias=bias), small_cnn(seed=seed, bias=bias)
     if optim == "sgd":
         ref_opt = build_optimizer("sgd", ref_model.parameters(), lr=0.05, weight_decay=1e-2)
         fast_opt = build_optimizer("sgd", fast_model.parameters(), lr=0.05, weight_decay=1e-2, masked=True)
@@ -226,6 +226,19 @@ def assert_models_equal(ref_model, fast_model, ref_opt, fast_opt, exact=True, to
 def test_fast_step_equals_gaf_step(n, tau, merge, optim):
     ref_model, fast_model, ref_opt, fast_opt, _ = run_pair(n, tau, merge, optim, seed=n)
     assert_models_equal(ref_model, fast_model, ref_opt, fast_opt)
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adam"])
+@pytest.mark.parametrize("merge", ["halving", "mean"])
+@pytest.mark.parametrize("n", [2, 3])
+def test_batched_vmap_step_equals_gaf_step(n, merge, optim):
+    """One vmap(grad) pass: per-microbatch BatchNorm statistics, running stats and
+    num_batches_tracked as n sequential passes; equal up to summation order. (No conv bias
+    before BatchNorm: its true gradient is 0, and Adam would amplify rounding noise.)"""
+    ref_model, fast_model, ref_opt, fast_opt, decisions = run_pair(n, 0.97, merge, optim, seed=n, bias=False,
+                                                                   batched=True)
+    assert_models_equal(ref_model, fast_model, ref_opt, fast_opt, exact=False, tol=1e-5)
+    assert int(fast_model[1].num_batches_tracked) == 4 * n
 
 
 def test_equivalence_grid_sees_steps_and_skips():
