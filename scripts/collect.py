@@ -240,8 +240,9 @@ def main(argv=None):
     p.add_argument("--runs", nargs="+", default=["multirun", "outputs"], help="run roots to search")
     p.add_argument("--results", default="results", help="where results/<experiment>/ files go")
     p.add_argument("--max-curve-rows", type=int, default=MAX_CURVE_ROWS, help="per run, in curves.csv")
+    p.add_argument("--command", default=None, help="the command to record as provenance (default: this one)")
     args = p.parse_args(argv)
-    command = " ".join(["python scripts/collect.py", *argv])
+    command = args.command or " ".join(["python scripts/collect.py", *argv])
     return collect(args.runs, args.results, args.max_curve_rows, command=command)
 
 

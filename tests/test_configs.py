@@ -1,0 +1,121 @@
+"""Every config composes into a valid RunConfig; multirun writes one directory per point."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from gaf.train import RunConfig, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+PRESETS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+GROUPS = {g: sorted(p.stem for p in (CONFIGS / g).glob("*.yaml")) for g in ("data", "model", "method", "optim")}
+
+
+def composed(overrides, hydra=False):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=hydra)
+
+
+def to_run_config(cfg) -> RunConfig:
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    container = OmegaConf.to_container(job, resolve=True)
+    container.pop("scales", None)
+    rc = RunConfig.from_dict(container)
+    validate(rc)
+    return rc
+
+
+def test_figure_presets_exist():
+    assert {"fig1", "fig3", "fig4", "fig5", "fig6", "fig7", "fig8", "fig9", "table1", "smoke"} <= set(PRESETS)
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_group_option_composes(group, option):
+    rc = to_run_config(composed([f"{group}={option}"]))
+    assert getattr(rc, group).name == option or (group == "data" and rc.data.name == option)
+
+
+@pytest.mark.parametrize("scale", ["tiny", "small", "paper"])
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes_at_every_scale(preset, scale):
+    cfg = composed([f"experiment={preset}", f"scale={scale}"], hydra=True)
+    rc = to_run_config(cfg)
+    assert rc.experiment == preset and rc.scale == scale
+    if preset != "smoke":
+        params = cfg.hydra.sweeper.params
+        assert params, f"{preset} has no sweep grid"
+        # Every swept point composes too (first and last value of each swept key).
+        for key, values in params.items():
+            for value in {str(values).split(",")[0], str(values).split(",")[-1]}:
+                to_run_config(composed([f"experiment={preset}", f"scale={scale}", f"{key}={value}"]))
+    if scale == "tiny":
+        assert rc.model.name in ("tiny", "vit_tiny")
+
+
+def test_paper_scale_uses_the_papers_settings():
+    rc = to_run_config(composed(["experiment=fig6", "scale=paper", "method=gaf"]))
+    assert (rc.model.name, rc.data.name, rc.data.fallback) == ("resnet18", "cifar100", None)
+    assert (rc.method.n_micro, rc.method.per_class, rc.method.merge) == (2, 1, "halving")
+    o = rc.optim
+    assert (o.name, o.lr, o.momentum, o.nesterov, o.weight_decay, o.plateau_factor, o.plateau_patience) == \
+        ("sgd", 0.01, 0.9, True, 0.01, 0.1, 100)
+    assert to_run_config(composed(["experiment=fig8", "scale=paper"])).model.name == "resnet34_cifar"
+
+
+def test_canonical_overrides_reach_the_run_config():
+    rc = to_run_config(composed(["data.noise=0.4", "method.tau=0.97", "method.n_micro=4", "method.per_class=2",
+                                 "method.merge=mean", "train.iterations=7", "train.val_every=3", "seed=5",
+                                 "device=cpu", "data.root=/somewhere"]))
+    assert (rc.data.noise, rc.method.tau, rc.method.n_micro, rc.method.per_class, rc.method.merge) == \
+        (0.4, 0.97, 4, 2, "mean")
+    assert (rc.train.iterations, rc.train.val_every, rc.seed, rc.device, rc.data.root) == (7, 3, 5, "cpu", "/somewhere")
+
+
+@pytest.mark.parametrize("launcher, key, value", [("shared_gpu", "n_jobs", 4), ("slurm", "gpus_per_node", 1)])
+def test_launcher_configs_compose(launcher, key, value):
+    cfg = composed(["experiment=fig6", f"hydra/launcher={launcher}"], hydra=True)
+    assert cfg.hydra.launcher[key] == value
+
+
+def test_unknown_key_is_refused_by_composition():
+    with pytest.raises(ConfigCompositionException, match="method.taux"):
+        composed(["method.taux=1.0"])
+
+
+def train_cli(args, cwd, timeout=300):
+    env = {**os.environ, "CI": "true", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / "experiments/train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_two_point_multirun_and_noop_relaunch(tmp_path):
+    args = ["-m", "data=random", "data.random_train=100", "data.random_test=20", "data.num_classes=5",
+            "model=tiny", "train.iterations=3", "train.val_every=3", "train.memorisation_samples=50",
+            "method.per_class=2", "device=cpu", "method.tau=0.5,2.0", f"hydra.sweep.dir={tmp_path}/sweep"]
+    first = train_cli(args, tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    runs = sorted(p.parent for p in (tmp_path / "sweep").rglob("summary.json"))
+    assert len(runs) == 2
+    taus = sorted(json.loads((r / "config.json").read_text())["method"]["tau"] for r in runs)
+    assert taus == [0.5, 2.0]
+    assert all(json.loads((r / "summary.json").read_text())["status"] == "finished" for r in runs)
+    assert all((r / ".hydra" / "config.yaml").exists() for r in runs)
+    again = train_cli(args, tmp_path)
+    assert again.returncode == 0 and again.stdout.count("nothing to do") == 2, again.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_cli_reports_a_bad_override_clearly(tmp_path):
+    out = train_cli(["data=random", "data.noise=1.5", "model=tiny", "device=cpu", f"hydra.run.dir={tmp_path}/r"],
+                    tmp_path)
+    assert out.returncode != 0
+    assert "data.noise must lie in [0, 1), got 1.5" in out.stderr + out.stdout
