@@ -110,12 +110,13 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             m = torch.ones((), dtype=torch.bool, device=device) if mask is None else mask.to(device)
             self._update_group(index, group, params, m)
 
-    def _state(self, p: torch.Tensor, **shapes) -> dict:
+    def _state(self, p: torch.Tensor, **makers) -> dict:
+        """p's state, creating missing entries (also a None torch may have stored)."""
         state = self.state[p]
-        if not state:
-            for key, make in shapes.items():
+        for key, make in makers.items():
+            if state.get(key) is None:
                 state[key] = make(p)
-            self.state_version += 1
+                self.state_version += 1
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -15,6 +15,8 @@ for the same number of timed steps after the same number of untimed warm-up step
             CUDA) on the same device-augmented data; masked SGD.
   plain     plain averaging at the same macrobatch in the same machinery
             (``FastPlainStep``: one forward/backward over n*b images, one SGD step).
+  fast_batched (with --batched) the fast path computing all micro-gradients in one
+            vmap(grad) pass (CUDA graph, no torch.compile).
 The device augmentation is inside the timed loop for gaf_step/fast/plain, as the PIL
 pipeline is for the authors'. Images are random uint8 shaped like CIFAR (no download).
 Optimizer: the paper's SGD (lr 0.01, momentum 0.9, Nesterov, weight decay 1e-2).
@@ -69,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", choices=("none", "graph", "full"), default=None,
                    help="fast/plain: graph = CUDA graph of the whole step, full = torch.compile + graph "
                         "(default graph on CUDA; full compiles once per shape, minutes)")
+    p.add_argument("--batched", action="store_true",
+                   help="also time the fast path with batched=True (one vmap(grad) pass for all microbatches)")
     p.add_argument("--check-steps", type=int, default=None, help="steps of the fast-vs-gaf_step check (0: skip)")
     p.add_argument("--pool", type=int, default=None, help="distinct random images to draw from")
     p.add_argument("--seed", type=int, default=0)
@@ -180,6 +184,9 @@ def make_contender(name: str, args, device, pil: PilImages, data: DeviceImages, 
     opt = build_optimizer("sgd", model.parameters(), masked=True, **SGD)
     if name == "fast":
         stepper = FastGAFStep(model, opt, loss_fn, args.tau, **fast_kwargs(args))
+    elif name == "fast_batched":  # torch.compile is not applied under vmap: graph capture only
+        kwargs = {**fast_kwargs(args), "compile": "graph" if args.compile == "full" else fast_kwargs(args)["compile"]}
+        stepper = FastGAFStep(model, opt, loss_fn, args.tau, batched=True, **kwargs)
     else:
         stepper = FastPlainStep(model, opt, loss_fn, **fast_kwargs(args))
 
@@ -266,20 +273,21 @@ def main(argv=None) -> list[dict]:
             row = dict(device=device_name(device), torch=torch.__version__, date=date, model=args.model, n=n, m=m,
                        microbatch=b, images_per_step=n * b, steps=args.steps, warmup=args.warmup, tau=args.tau,
                        amp=args.amp, channels_last=args.channels_last, compile=args.compile)
-            for name in CONTENDERS:
+            contenders = CONTENDERS + (("fast_batched",) if args.batched else ())
+            for name in contenders:
                 data.reset()
                 step = make_contender(name, args, device, pil, data, plan)
                 row[f"{name}_images_per_s"] = n * b * args.steps / time_contender(step, args, device)
                 del step
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-            for name in CONTENDERS:
+            for name in contenders:
                 row[f"{name}_vs_authors"] = row[f"{name}_images_per_s"] / row["authors_images_per_s"]
             row["fast_time_over_plain"] = row["plain_images_per_s"] / row["fast_images_per_s"]
             if not rows and args.check_steps:
                 row.update(check_against_reference(args, device, data, plan))
             rows.append(row)
-            print(f"n={n} m={m}: " + ", ".join(f"{k} {row[f'{k}_images_per_s']:.0f} img/s" for k in CONTENDERS),
+            print(f"n={n} m={m}: " + ", ".join(f"{k} {row[f'{k}_images_per_s']:.0f} img/s" for k in contenders),
                   file=sys.stderr)
     print(markdown(rows, args))
     if args.out:
@@ -293,13 +301,15 @@ def markdown(rows: list[dict], args) -> str:
     lines = [f"GAF step throughput on **{r0['device']}**, torch {r0['torch']}, {r0['date']}; model {r0['model']}, "
              f"tau {args.tau}, {args.steps} timed steps after {args.warmup} warm-up steps; fast/plain: {flags}.", "",
              "| n | m | images/step | authors step_GAF (img/s) | gaf_step eager | fast | plain averaging "
-             "| fast time / plain time |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| fast time / plain time |" + (" fast, batched (vmap) |" if args.batched else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if args.batched else "")]
     for r in rows:
         cells = [f"{r['authors_images_per_s']:,.0f}"] + [
             f"{r[f'{k}_images_per_s']:,.0f} ({r[f'{k}_vs_authors']:.2f}x)" for k in ("gaf_step", "fast", "plain")]
+        batched = (f" {r['fast_batched_images_per_s']:,.0f} ({r['fast_batched_vs_authors']:.2f}x) |"
+                   if args.batched else "")
         lines.append(f"| {r['n']} | {r['m']} | {r['images_per_step']} | " + " | ".join(cells)
-                     + f" | {r['fast_time_over_plain']:.2f} |")
+                     + f" | {r['fast_time_over_plain']:.2f} |" + batched)
     if "check_steps" in r0:
         lines += ["", f"Fast path vs gaf_step (n={r0['check_n']}, m={r0['m']}, {flags}), from the same weights at "
                   f"each of {r0['check_steps']} steps: largest |distance difference| "
