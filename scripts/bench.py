@@ -81,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         p.error("--device cuda but CUDA is not available")
-    defaults = dict(model="tiny" if args.quick else "resnet18", n=[2, 4] if args.quick else [2, 4, 10],
+    defaults = dict(model="tiny" if args.quick else "resnet18", n=[2, 3] if args.quick else [2, 4, 10],
                     m=[1] if args.quick else [1, 2, 4], steps=3 if args.quick else (50 if cuda else 5),
                     warmup=1 if args.quick else (10 if cuda else 2),
                     check_steps=(1000 if cuda and not args.quick else 3), pool=1000 if args.quick else 10000,
