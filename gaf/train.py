@@ -127,6 +127,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     distributed: bool = False
+    dist_mode: str = "gram"  # gram (shards + Gram all-reduce) | allgather (the authors' script)
     experiment: str = "single"
     scale: str = "paper"
 
@@ -187,6 +188,8 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"train.val_every must be an integer >= 1, got {t.val_every!r}")
     if cfg.wandb.mode not in ("disabled", "offline", "online"):
         raise ValueError(f"wandb.mode must be disabled, offline or online, got {cfg.wandb.mode!r}")
+    if cfg.dist_mode not in ("gram", "allgather"):
+        raise ValueError(f"dist_mode must be gram or allgather, got {cfg.dist_mode!r}")
     if cfg.scale not in ("tiny", "small", "paper"):
         raise ValueError(f"scale must be tiny, small or paper, got {cfg.scale!r}")
 
@@ -252,13 +255,15 @@ def build_optimizer(cfg: OptimConfig, params, masked: bool = False) -> torch.opt
 def make_stepper(cfg: RunConfig, model, optimizer, loss_fn, tau, fast: bool) -> Callable:
     """The baseline steps plainly. Averaging with measured distances (figures 1, 4, 5) is
     GAF at tau = 2 with the mean merge, which accepts everything (tested)."""
+    if cfg.distributed:
+        from gaf.distributed import DistributedGAFStep, DistributedMeanStep
+
+        if cfg.method.name == "baseline":  # every rank a slice of the batch, one all-reduce
+            return DistributedMeanStep(model, optimizer, loss_fn)
+        return DistributedGAFStep(model, optimizer, loss_fn, tau, cfg.method.merge, mode=cfg.dist_mode)
     if cfg.method.name == "baseline":
         return plain_step(model, optimizer, loss_fn)
     merge = cfg.method.merge
-    if cfg.distributed:
-        from gaf.distributed import DistributedGAFStep
-
-        return DistributedGAFStep(model, optimizer, loss_fn, tau, merge)
     if fast:
         from gaf.fast import FastGAFStep
 
@@ -409,17 +414,27 @@ def run(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     """Train one run into ``run_dir``; resume if it holds a checkpoint; no-op if finished.
 
     Under torchrun (``cfg.distributed``) every rank calls this with the same config and
-    directory; only rank 0 writes files.
+    directory (on a file system all ranks see); only rank 0 writes files.
     """
     validate(cfg)
-    if cfg.distributed:
-        from gaf.distributed import init_from_env
+    if not cfg.distributed:
+        return _run(cfg, Path(run_dir), 0, 1, resolve_device(cfg.device))
+    from gaf.distributed import init_from_env, shutdown
 
-        rank, world, _, device = init_from_env()
-        is_main = rank == 0
-    else:
-        rank, world, device, is_main = 0, 1, resolve_device(cfg.device), True
-    run_dir = Path(run_dir)
+    rank, world, _, device = init_from_env()
+    try:
+        split, what = ((cfg.method.n_micro, "method.n_micro") if cfg.method.name == "gaf"
+                       else (cfg.method.batch_size, "method.batch_size"))
+        if split % world:
+            raise ValueError(f"{what}={split} must be a multiple of the number of ranks ({world}): "
+                             "every rank takes an equal share of each step")
+        return _run(cfg, Path(run_dir), rank, world, device)
+    finally:
+        shutdown()
+
+
+def _run(cfg: RunConfig, run_dir: Path, rank: int, world: int, device: torch.device) -> dict:
+    is_main = rank == 0
     run_dir.mkdir(parents=True, exist_ok=True)
     summary_path, ckpt_path = run_dir / "summary.json", run_dir / "checkpoint.pt"
     config = cfg.to_dict()
@@ -571,9 +586,11 @@ def run(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
         x = gdata.augment(ds.train_x[idx.flatten()], aug_gen)
         xs = gdata.normalize(x, ds.mean, ds.std).unflatten(0, idx.shape)
         ys = ds.train_y[idx]
-        if cfg.distributed:
+        if cfg.distributed:  # every rank drew the same global step; it takes its rows
             from gaf.distributed import local_slice
 
+            if cfg.method.name == "baseline":  # (1, B) -> (world, B / world)
+                xs, ys = xs.unflatten(1, (world, -1))[0], ys.unflatten(1, (world, -1))[0]
             xs, ys = local_slice(xs, rank, world), local_slice(ys, rank, world)
         out = stepper(xs, ys)
         out["lr"] = optimizer.param_groups[0]["lr"]
