@@ -105,7 +105,7 @@ class LoopConfig:
     memorisation_samples: int = 10000  # training samples probed for memorisation at each validation
     fast: bool | None = None  # the fused GPU path; None = on when the device is CUDA
     amp: bool = False  # bf16 autocast on CUDA (fast path)
-    compile: bool = False  # CUDA graph / torch.compile of the step (fast path)
+    compile: str = "none"  # fast path on CUDA: none | graph (capture the step) | full (torch.compile, then capture)
     progress: bool | None = None  # tqdm; None = only on a terminal and not in CI
     stop_after: int | None = None  # stop (as if killed) after this iteration: tests, time-limited jobs
 
@@ -188,6 +188,10 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"train.val_every must be an integer >= 1, got {t.val_every!r}")
     if cfg.wandb.mode not in ("disabled", "offline", "online"):
         raise ValueError(f"wandb.mode must be disabled, offline or online, got {cfg.wandb.mode!r}")
+    if t.compile not in ("none", "graph", "full"):
+        raise ValueError(f"train.compile must be none, graph or full, got {t.compile!r}")
+    if t.compile != "none" and not str(cfg.device).startswith(("cuda", "auto")):
+        raise ValueError(f"train.compile={t.compile} captures a CUDA graph; it needs device=cuda, got {cfg.device!r}")
     if cfg.dist_mode not in ("gram", "allgather"):
         raise ValueError(f"dist_mode must be gram or allgather, got {cfg.dist_mode!r}")
     if cfg.scale not in ("tiny", "small", "paper"):
@@ -268,8 +272,9 @@ def make_stepper(cfg: RunConfig, model, optimizer, loss_fn, tau, fast: bool) -> 
         from gaf.fast import FastGAFStep
 
         amp = torch.bfloat16 if cfg.train.amp else None
+        compile_mode = {"none": False, "graph": "graph", "full": True}[cfg.train.compile]
         return FastGAFStep(model, optimizer, loss_fn, tau, merge, amp_dtype=amp,
-                           channels_last=cfg.train.amp, compile=cfg.train.compile)
+                           channels_last=cfg.train.amp, compile=compile_mode)
     return reference_step(model, optimizer, loss_fn, tau, merge)
 
 
