@@ -39,10 +39,14 @@ PLAN: list[tuple[str, list[str], bool]] = [
 ]
 
 
-def launch(preset: str, overrides: list[str], multirun: bool, scale: str, jobs: int, extra: list[str]) -> int:
+def launch(preset: str, overrides: list[str], multirun: bool, scale: str, jobs: int, extra: list[str],
+           out: Path) -> int:
     cmd = [sys.executable, str(ROOT / "experiments/train.py")]
     cmd += ["-m"] if multirun else []
     cmd += [f"experiment={preset}", f"scale={scale}", *overrides, *extra]
+    if out != ROOT:  # keep the layout the presets use, under another folder
+        cmd += [f"hydra.sweep.dir={out}/multirun/{preset}/{scale}",
+                f"hydra.run.dir={out}/outputs/{preset}/{scale}/" + "${hydra.job.override_dirname}"]
     if multirun and jobs > 1:
         cmd += ["hydra/launcher=shared_gpu", f"hydra.launcher.n_jobs={jobs}"]
     print(f"\n=== {preset} {' '.join(overrides)}\n$ {shlex.join(cmd)}", flush=True)
@@ -55,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="runs sharing the device at once (joblib launcher)")
     p.add_argument("--only", nargs="*", default=None, help="presets to run (default: all)")
     p.add_argument("--no-plot", action="store_true", help="run only; skip collect and plot")
+    p.add_argument("--out", type=Path, default=ROOT,
+                   help="folder for multirun/, outputs/ and results/ (default: the repository)")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. device=cuda")
     args = p.parse_args(argv)
 
@@ -62,11 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     for preset, overrides, multirun in PLAN:
         if args.only and preset not in args.only:
             continue
-        if launch(preset, overrides, multirun, args.scale, args.jobs, args.overrides) != 0:
+        if launch(preset, overrides, multirun, args.scale, args.jobs, args.overrides, args.out.resolve()) != 0:
             failed.append(" ".join([preset, *overrides]))
     if not args.no_plot:
         command = shlex.join(["python", "scripts/reproduce.py", "--scale", args.scale, *args.overrides])
-        for script in (["scripts/collect.py", "--command", command], ["scripts/plot.py"]):
+        out = args.out.resolve()
+        for script in (["scripts/collect.py", "--runs", str(out / "multirun"), str(out / "outputs"),
+                        "--results", str(out / "results"), "--command", command],
+                       ["scripts/plot.py", "--results", str(out / "results")]):
             if subprocess.run([sys.executable, *script], cwd=ROOT).returncode != 0:
                 failed.append(script[0])
     minutes = (time.perf_counter() - started) / 60
