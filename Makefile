@@ -31,10 +31,10 @@ figures: $(STAMP)  ## collect run directories into results/ and redraw every fig
 	$(PY) scripts/collect.py
 	$(PY) scripts/plot.py
 
-bench: $(STAMP)
+bench: $(STAMP)  ## single-device benchmark (ARGS="--device cpu --quick" on a CPU)
 	$(PY) scripts/bench.py $(ARGS)
 
-bench-dist: $(STAMP)
+bench-dist: $(STAMP)  ## bytes and time of the multi-rank reductions (ARGS=--quick for seconds)
 	$(PY) scripts/bench_dist.py $(ARGS)
 
 clean:
