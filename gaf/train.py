@@ -265,17 +265,17 @@ def make_stepper(cfg: RunConfig, model, optimizer, loss_fn, tau, fast: bool) -> 
         if cfg.method.name == "baseline":  # every rank a slice of the batch, one all-reduce
             return DistributedMeanStep(model, optimizer, loss_fn)
         return DistributedGAFStep(model, optimizer, loss_fn, tau, cfg.method.merge, mode=cfg.dist_mode)
+    if fast:
+        from gaf.fast import FastGAFStep, FastPlainStep
+
+        options = dict(amp_dtype=torch.bfloat16 if cfg.train.amp else None, channels_last=cfg.train.amp,
+                       compile={"none": False, "graph": "graph", "full": True}[cfg.train.compile])
+        if cfg.method.name == "baseline":
+            return FastPlainStep(model, optimizer, loss_fn, **options)
+        return FastGAFStep(model, optimizer, loss_fn, tau, cfg.method.merge, **options)
     if cfg.method.name == "baseline":
         return plain_step(model, optimizer, loss_fn)
-    merge = cfg.method.merge
-    if fast:
-        from gaf.fast import FastGAFStep
-
-        amp = torch.bfloat16 if cfg.train.amp else None
-        compile_mode = {"none": False, "graph": "graph", "full": True}[cfg.train.compile]
-        return FastGAFStep(model, optimizer, loss_fn, tau, merge, amp_dtype=amp,
-                           channels_last=cfg.train.amp, compile=compile_mode)
-    return reference_step(model, optimizer, loss_fn, tau, merge)
+    return reference_step(model, optimizer, loss_fn, tau, cfg.method.merge)
 
 
 # ----------------------------------------------------------------------------- files
@@ -458,7 +458,7 @@ def _run(cfg: RunConfig, run_dir: Path, rank: int, world: int, device: torch.dev
     sampler = make_sampler(cfg, ds)
     model = build_model(cfg.model.name, ds.num_classes).to(device)
     fast = cfg.train.fast if cfg.train.fast is not None else device.type == "cuda"
-    fast = fast and not cfg.distributed and cfg.method.name == "gaf"
+    fast = fast and not cfg.distributed
     optimizer = build_optimizer(cfg.optim, model.parameters(), masked=fast)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=cfg.optim.plateau_factor, patience=cfg.optim.plateau_patience)

@@ -168,17 +168,22 @@ def test_missing_data_files_name_the_place(tmp_path):
         run(cfg, tmp_path / "run")
 
 
-def test_fast_path_gives_the_reference_metrics_on_cpu(tmp_path):
+@pytest.mark.parametrize("method", [{"name": "gaf"}, {"name": "baseline", "batch_size": 20}])
+def test_fast_path_gives_the_reference_metrics_on_cpu(tmp_path, method):
     """train.fast=true (the fused step, masked optimizer) equals the readable path in fp32."""
-    run(tiny_config(train={"fast": False}), tmp_path / "reference")
-    run(tiny_config(train={"fast": True}), tmp_path / "fast")
+    run(tiny_config(method=method, train={"fast": False}), tmp_path / "reference")
+    run(tiny_config(method=method, train={"fast": True}), tmp_path / "fast")
     ref, fast = read_csv(tmp_path / "reference" / "metrics.csv"), read_csv(tmp_path / "fast" / "metrics.csv")
-    assert {r["stepped"] for r in ref} == {"0", "1"}
+    if method["name"] == "gaf":
+        assert {r["stepped"] for r in ref} == {"0", "1"}
 
     def close(a, b):  # reported losses are averaged in fp32 vs. fp64: last-digit differences
         assert a.keys() == b.keys()
         for k in a:
-            assert float(a[k]) == pytest.approx(float(b[k]), rel=1e-6, abs=1e-7, nan_ok=True), k
+            if "" in (a[k], b[k]):  # a column the run has no value for
+                assert a[k] == b[k], k
+            else:
+                assert float(a[k]) == pytest.approx(float(b[k]), rel=1e-6, abs=1e-7, nan_ok=True), k
 
     for a, b in zip(without_times(fast), without_times(ref), strict=True):
         close(a, b)
