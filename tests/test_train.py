@@ -1,6 +1,7 @@
 """One run end to end on tiny data: files, resume, no-op re-launch, bad input."""
 
 import csv
+import importlib.util
 import json
 
 import pytest
@@ -195,3 +196,9 @@ def test_fast_path_gives_the_reference_metrics_on_cpu(tmp_path, method):
 def test_compile_needs_cuda():
     with pytest.raises(ValueError, match="train.compile=graph.*device=cuda"):
         run(tiny_config(train={"compile": "graph"}), "/tmp/unused")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
+def test_wandb_asked_for_without_wandb_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"wandb.mode=offline needs wandb.*wandb.mode=disabled"):
+        run(tiny_config(wandb={"mode": "offline"}), tmp_path)
