@@ -5,18 +5,24 @@
     torchrun --nproc_per_node=4 experiments/train.py distributed=true method.n_micro=4
 """
 
+import sys
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from gaf.train import RunConfig, run
+from gaf.train import CheckpointError, RunConfig, run
 
 
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     container = OmegaConf.to_container(cfg, resolve=True)
     container.pop("scales", None)  # presets' per-scale tables, already interpolated
-    summary = run(RunConfig.from_dict(container), HydraConfig.get().runtime.output_dir)
+    try:
+        summary = run(RunConfig.from_dict(container), HydraConfig.get().runtime.output_dir)
+    except (ValueError, CheckpointError) as e:  # bad settings, missing data, unreadable checkpoint
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     return summary.get("best_val_acc", float("nan"))
 
 

@@ -324,11 +324,15 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read."""
+
+
 def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated or foreign file: say which, and what to do
-        raise RuntimeError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {e}); "
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {e}); "
                            "delete it to restart this run from scratch") from None
 
 

@@ -117,5 +117,14 @@ def test_two_point_multirun_and_noop_relaunch(tmp_path):
 def test_cli_reports_a_bad_override_clearly(tmp_path):
     out = train_cli(["data=random", "data.noise=1.5", "model=tiny", "device=cpu", f"hydra.run.dir={tmp_path}/r"],
                     tmp_path)
-    assert out.returncode != 0
-    assert "data.noise must lie in [0, 1), got 1.5" in out.stderr + out.stdout
+    assert out.returncode == 2
+    assert "error: data.noise must lie in [0, 1), got 1.5" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_cli_names_missing_data_without_a_traceback(tmp_path):
+    out = train_cli(["data=cifar100", f"data.root={tmp_path}/nothing", "model=tiny", "device=cpu",
+                     f"hydra.run.dir={tmp_path}/r"], tmp_path)
+    assert out.returncode == 2
+    assert "cifar-100-python" in out.stderr and "Traceback" not in out.stderr

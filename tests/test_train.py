@@ -9,7 +9,7 @@ import torch
 
 from cifar_fixtures import md5_checks_disabled, write_cifar100
 from gaf.data import DataError
-from gaf.train import RunConfig, run
+from gaf.train import CheckpointError, RunConfig, run
 
 
 def tiny_config(**sections) -> RunConfig:
@@ -98,7 +98,7 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, method):
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     run(tiny_config(train={"stop_after": 2}), tmp_path)
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="checkpoint.*corrupt.*delete it"):
+    with pytest.raises(CheckpointError, match="checkpoint.*corrupt.*delete it"):
         run(tiny_config(train={"stop_after": 2}), tmp_path)
 
 
