@@ -106,6 +106,7 @@ class LoopConfig:
     fast: bool | None = None  # the fused GPU path; None = on when the device is CUDA
     amp: bool = False  # bf16 autocast on CUDA (fast path)
     compile: str = "none"  # fast path on CUDA: none | graph (capture the step) | full (torch.compile, then capture)
+    batched: bool = False  # fast path: all micro-gradients in one torch.func.vmap pass instead of n passes
     progress: bool | None = None  # tqdm; None = only on a terminal and not in CI
     stop_after: int | None = None  # stop (as if killed) after this iteration: tests, time-limited jobs
 
@@ -272,7 +273,7 @@ def make_stepper(cfg: RunConfig, model, optimizer, loss_fn, tau, fast: bool) -> 
                        compile={"none": False, "graph": "graph", "full": True}[cfg.train.compile])
         if cfg.method.name == "baseline":
             return FastPlainStep(model, optimizer, loss_fn, **options)
-        return FastGAFStep(model, optimizer, loss_fn, tau, cfg.method.merge, **options)
+        return FastGAFStep(model, optimizer, loss_fn, tau, cfg.method.merge, batched=cfg.train.batched, **options)
     if cfg.method.name == "baseline":
         return plain_step(model, optimizer, loss_fn)
     return reference_step(model, optimizer, loss_fn, tau, cfg.method.merge)

@@ -169,11 +169,13 @@ def test_missing_data_files_name_the_place(tmp_path):
         run(cfg, tmp_path / "run")
 
 
-@pytest.mark.parametrize("method", [{"name": "gaf"}, {"name": "baseline", "batch_size": 20}])
-def test_fast_path_gives_the_reference_metrics_on_cpu(tmp_path, method):
-    """train.fast=true (the fused step, masked optimizer) equals the readable path in fp32."""
+@pytest.mark.parametrize("method, fast", [({"name": "gaf"}, {}), ({"name": "gaf"}, {"batched": True}),
+                                          ({"name": "baseline", "batch_size": 20}, {})])
+def test_fast_path_gives_the_reference_metrics_on_cpu(tmp_path, method, fast):
+    """train.fast=true (the fused step, masked optimizer; sequential or one vmap pass)
+    equals the readable path in fp32."""
     run(tiny_config(method=method, train={"fast": False}), tmp_path / "reference")
-    run(tiny_config(method=method, train={"fast": True}), tmp_path / "fast")
+    run(tiny_config(method=method, train={"fast": True, **fast}), tmp_path / "fast")
     ref, fast = read_csv(tmp_path / "reference" / "metrics.csv"), read_csv(tmp_path / "fast" / "metrics.csv")
     if method["name"] == "gaf":
         assert {r["stepped"] for r in ref} == {"0", "1"}
