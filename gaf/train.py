@@ -245,16 +245,12 @@ def reference_step(model, optimizer, loss_fn, tau, merge) -> Callable:
 
 
 def build_optimizer(cfg: OptimConfig, params, masked: bool = False) -> torch.optim.Optimizer:
-    if masked:  # the fast path's optimizer, which applies a skipped step as a mask
-        from gaf.fast import build_optimizer as build_masked
+    """torch.optim's SGD/Adam/AdamW, or (fast path) their masked twins that apply a skipped
+    step as a mask on the device."""
+    from gaf.fast import build_optimizer as build
 
-        return build_masked(cfg.name, params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                            weight_decay=cfg.weight_decay, betas=cfg.betas, masked=True)
-    if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay)
-    opt = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-    return opt(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    return build(cfg.name, params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                 weight_decay=cfg.weight_decay, betas=cfg.betas, masked=masked)
 
 
 def make_stepper(cfg: RunConfig, model, optimizer, loss_fn, tau, fast: bool) -> Callable:
