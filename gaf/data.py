@@ -28,6 +28,7 @@ Every data problem raises ``DataError`` (a ``ValueError``) that names the bad va
 from __future__ import annotations
 
 import codecs
+import functools
 import hashlib
 import io
 import math
@@ -790,8 +791,15 @@ def augment(x: Tensor, generator: torch.Generator | None = None, padding: int = 
     return out.reshape(shape)
 
 
+@functools.lru_cache(maxsize=32)
+def _channel_constants(mean: tuple, std: tuple, device: torch.device) -> tuple[Tensor, Tensor]:
+    """mean and std as float32 (3, 1, 1) tensors on ``device``, made once: a blocking
+    host-to-device copy on every call would make the host wait for the GPU every step."""
+    return (torch.tensor(mean, dtype=torch.float32, device=device).view(3, 1, 1),
+            torch.tensor(std, dtype=torch.float32, device=device).view(3, 1, 1))
+
+
 def normalize(x: Tensor, mean, std) -> Tensor:
     """uint8 (..., 3, H, W) -> float32 (x / 255 - mean) / std, per channel."""
-    mean = torch.tensor(mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
-    std = torch.tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    mean, std = _channel_constants(tuple(map(float, mean)), tuple(map(float, std)), x.device)
     return (x.float() / 255 - mean) / std

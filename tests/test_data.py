@@ -408,6 +408,18 @@ def test_normalize_matches_torchvision():
     ours = normalize(x, CIFAR100_MEAN, CIFAR100_STD)
     theirs = Normalize(CIFAR100_MEAN, CIFAR100_STD)(x.float() / 255)
     assert ours.dtype == torch.float32 and torch.allclose(ours, theirs, atol=1e-6)
+    assert torch.equal(normalize(x, list(CIFAR100_MEAN), torch.tensor(CIFAR100_STD)), ours)  # any sequence
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_normalize_does_not_wait_for_the_gpu():
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    normalize(x, CIFAR100_MEAN, CIFAR100_STD)  # the first call copies the constants once
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        normalize(x, CIFAR100_MEAN, CIFAR100_STD)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 # ---------------------------------------------------------------------------------- dispatcher
