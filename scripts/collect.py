@@ -168,6 +168,8 @@ def dedupe(runs):
 
 def collect(run_roots=("multirun", "outputs"), results_dir="results", max_curve_rows=MAX_CURVE_ROWS, command=None):
     """Collect every run under `run_roots` into `results_dir`. Returns {experiment: runs DataFrame}."""
+    if not (isinstance(max_curve_rows, int) and max_curve_rows >= 1):
+        raise ValueError(f"max_curve_rows must be an integer >= 1, got {max_curve_rows!r}")
     run_roots, results_dir = list(run_roots), Path(results_dir)
     rows, curves, evals = [], {}, {}
     for run_dir in find_run_dirs(run_roots):
@@ -242,6 +244,8 @@ def main(argv=None):
     p.add_argument("--max-curve-rows", type=int, default=MAX_CURVE_ROWS, help="per run, in curves.csv")
     p.add_argument("--command", default=None, help="the command to record as provenance (default: this one)")
     args = p.parse_args(argv)
+    if args.max_curve_rows < 1:
+        p.error(f"--max-curve-rows must be >= 1, got {args.max_curve_rows}")
     command = args.command or " ".join(["python scripts/collect.py", *argv])
     return collect(args.runs, args.results, args.max_curve_rows, command=command)
 

@@ -186,6 +186,14 @@ def test_plot_survives_runs_without_rows_or_distances(tmp_path):
     assert sorted(made) == ["fig1", "fig3", "fig5", "fig6"]
 
 
+def test_max_curve_rows_below_one_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        collect.main(["--runs", str(tmp_path), "--max-curve-rows", "0"])
+    assert "--max-curve-rows must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="max_curve_rows must be an integer >= 1"):
+        collect.collect([tmp_path], tmp_path / "results", max_curve_rows=0)
+
+
 def test_plot_on_empty_results_does_not_crash(tmp_path, capsys):
     made = plot.main(["--results", str(tmp_path / "results")])
     assert list(made) == ["fig2"]  # the schematic needs no runs
