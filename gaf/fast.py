@@ -292,13 +292,26 @@ def _ieee_matmul(device: torch.device):
         torch.set_float32_matmul_precision(previous)
 
 
-def _view_like(flat: torch.Tensor, offset: int, p: torch.Tensor) -> torch.Tensor:
-    """``p.numel()`` elements of ``flat`` from ``offset``, viewed with ``p``'s memory layout."""
-    chunk = flat[offset : offset + p.numel()]
-    if p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last):
-        o, i, h, w = p.shape
-        return chunk.view(o, h, w, i).permute(0, 3, 1, 2)
-    return chunk.view_as(p)
+def _param_views(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One view per parameter of a flat buffer, (P,) or (n, P): consecutive columns viewed
+    as (*leading, *p.shape) in p's memory layout (channels_last weights included)."""
+    leading, views, offset = flat.shape[:-1], [], 0
+    for p in params:
+        chunk = flat[..., offset : offset + p.numel()]
+        if p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last):
+            o, i, h, w = p.shape
+            views.append(chunk.view(*leading, o, h, w, i).movedim(-1, -3))
+        else:
+            views.append(chunk.view(*leading, *p.shape))
+        offset += p.numel()
+    return views
+
+
+def _count_correct(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Top-1 hits of class scores ``out`` (..., C) against ``y`` (...); 0 for other outputs."""
+    if out.dim() == y.dim() + 1:
+        return (out.detach().argmax(-1) == y).sum()
+    return torch.zeros((), dtype=torch.long, device=y.device)
 
 
 def _channels_last(xs: torch.Tensor) -> torch.Tensor:
@@ -342,27 +355,23 @@ class _FastStep:
         self.forward = torch.compile(model, dynamic=False) if compile is True else model
         self.size = sum(p.numel() for p in self.params)
         self._agg = torch.zeros(self.size, dtype=self.params[0].dtype, device=self.device)
-        self._grad_views = self._views(self._agg)
+        self._grad_views = _param_views(self._agg, self.params)
         self._graph = None
         self._graph_key = None
+        self._graph_deps = None
         self._calls = 0
 
-    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        views, offset = [], 0
-        for p in self.params:
-            views.append(_view_like(flat, offset, p))
-            offset += p.numel()
-        return views
+    def _autocast(self):
+        """bf16 autocast when asked for; no cast cache, which a captured graph would bake in."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=False)
 
     def _forward_loss(self, x: torch.Tensor, y: torch.Tensor):
-        amp = (torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=False)
-               if self.amp_dtype is not None else contextlib.nullcontext())
-        with torch.enable_grad(), amp:
+        with torch.enable_grad(), self._autocast():
             out = self.forward(x)
             loss = self.loss_fn(out, y)
-        correct = (out.detach().argmax(1) == y).sum() if out.dim() == 2 else torch.zeros((), dtype=torch.long,
-                                                                                         device=y.device)
-        return loss, correct
+        return loss, _count_correct(out, y)
 
     def _set_grads(self) -> None:
         for p, g in zip(self.params, self._grad_views):
@@ -422,8 +431,6 @@ class _FastStep:
         self._graph.replay()
         return {k: v.clone() for k, v in self._static_out.items()}  # the static outputs are overwritten next call
 
-    _graph_deps = None
-
     def _deps(self) -> tuple:
         """What a captured graph holds by address besides parameters and inputs: a change
         (optimizer state reloaded, a threshold's history replaced) means recapture."""
@@ -469,7 +476,7 @@ class FastGAFStep(_FastStep):
     def _buffers(self, n: int) -> torch.Tensor:
         if self._grads is None or self._grads.shape[0] != n:
             self._grads = torch.zeros(n, self.size, dtype=self._agg.dtype, device=self.device)
-            self._rows = [self._views(row) for row in self._grads]
+            self._rows = [_param_views(row, self.params) for row in self._grads]
         return self._grads
 
     def _tau(self) -> tuple[float | torch.Tensor, torch.Tensor]:
@@ -566,7 +573,7 @@ class _BatchedMicrograds:
         n = xs.shape[0]
         if self._n != n or (self.stats and self.stats[0] is not self.norms[0][1].running_mean):
             self._prepare(n, xs.device)
-            self.rows = [_batched_view(grads, off, p) for off, p in zip(_offsets(self.params), self.params)]
+            self.rows = _param_views(grads, self.params)
         if self.stats:
             r0 = torch.cat([t.reshape(-1) for t in self.stats])
             torch._foreach_copy_(self.batched_stats, [t.expand(n, *t.shape) for t in self.stats])
@@ -577,9 +584,7 @@ class _BatchedMicrograds:
             return loss, (loss.detach().float(), out.detach())
 
         params = {name: p.detach() for name, p in zip(self.param_names, self.params)}
-        amp = (torch.autocast(step.device.type, dtype=step.amp_dtype, cache_enabled=False)
-               if step.amp_dtype is not None else contextlib.nullcontext())
-        with torch.enable_grad(), amp:
+        with torch.enable_grad(), step._autocast():
             micro, (losses, out) = vmap(grad(loss_of, has_aux=True), in_dims=(None, 0, 0, 0),
                                         randomness="different")(params, self.views, xs, ys)
         torch._foreach_copy_(self.rows, [micro[name] for name in self.param_names])
@@ -589,26 +594,7 @@ class _BatchedMicrograds:
             torch._foreach_copy_(self.stats, [u.view_as(t) for u, t in zip(updated.split([t.numel() for t in self.stats]),
                                                                             self.stats)])
             torch._foreach_add_([m.num_batches_tracked for _, m in self.norms], n)
-        correct = (out.argmax(-1) == ys).sum() if out.dim() == 3 else torch.zeros((), dtype=torch.long,
-                                                                                   device=ys.device)
-        return losses, correct
-
-
-def _offsets(params: list[torch.Tensor]) -> list[int]:
-    offsets, offset = [], 0
-    for p in params:
-        offsets.append(offset)
-        offset += p.numel()
-    return offsets
-
-
-def _batched_view(flat: torch.Tensor, offset: int, p: torch.Tensor) -> torch.Tensor:
-    """Columns ``offset:offset+numel`` of an (n, P) buffer as (n, *p.shape), in p's layout."""
-    n, chunk = flat.shape[0], flat[:, offset : offset + p.numel()]
-    if p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last):
-        o, i, h, w = p.shape
-        return chunk.view(n, o, h, w, i).permute(0, 1, 4, 2, 3)
-    return chunk.view(n, *p.shape)
+        return losses, _count_correct(out, ys)
 
 
 class FastPlainStep(_FastStep):
