@@ -120,6 +120,11 @@ def _all_gather(local: torch.Tensor, group, counter: CommCounter | None, what: s
 # ---------------------------------------------------------------------------------
 
 
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
 def _check_local_grads(local_grads: torch.Tensor) -> None:
     if not isinstance(local_grads, torch.Tensor) or local_grads.dim() != 2:
         shape = tuple(local_grads.shape) if isinstance(local_grads, torch.Tensor) else type(local_grads).__name__
@@ -199,8 +204,7 @@ def distributed_filter(
     all-gather when the step is skipped.)
     """
     check_merge(merge)
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    _check_mode(mode)
     if mode == "gram":
         gram, shards, _ = gram_shard_reduce(local_grads, group, counter)
         weights, accepted, distances = agreement_weights(gram, tau, merge)
@@ -222,6 +226,15 @@ def _tracked_batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNor
     ]
 
 
+def _running_stats(layers) -> list[torch.Tensor]:
+    """Every layer's running_mean and running_var, in the order they are flattened and communicated."""
+    return [buf for m in layers for buf in (m.running_mean, m.running_var)]
+
+
+def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
 def _snapshot_batchnorm(layers) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     return [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in layers]
 
@@ -231,8 +244,7 @@ def _merge_batchnorm(layers, before, group, counter: CommCounter | None) -> None
     k = _size(group)
     if k == 1 or not layers:
         return
-    local = torch.cat([torch.cat([m.running_mean.reshape(-1), m.running_var.reshape(-1)]) for m in layers])
-    gathered = _all_gather(local, group, counter, "batchnorm").double()  # (K, total)
+    gathered = _all_gather(_flat(_running_stats(layers)), group, counter, "batchnorm").double()  # (K, total)
     ranks_first = torch.arange(k - 1, -1, -1, device=gathered.device, dtype=torch.float64)  # K-1-j
     offset = 0
     for m, (mean0, var0, count0) in zip(layers, before):
@@ -254,8 +266,18 @@ def _merge_batchnorm(layers, before, group, counter: CommCounter | None) -> None
 
 
 # ---------------------------------------------------------------------------------
-# The stepper
+# The steppers
 # ---------------------------------------------------------------------------------
+
+
+def _require_process_group(what: str) -> None:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{what} needs an initialised process group: call gaf.distributed.init_from_env() first")
+
+
+def _check_inputs(xs: torch.Tensor, ys: torch.Tensor) -> None:
+    if xs.dim() < 2 or ys.dim() != 2 or xs.shape[:2] != ys.shape:
+        raise ValueError(f"xs must be (n_local, b, ...) and ys (n_local, b), got {tuple(xs.shape)} and {tuple(ys.shape)}")
 
 
 class DistributedGAFStep:
@@ -281,11 +303,9 @@ class DistributedGAFStep:
         mode: str = "gram",
         group=None,
     ):
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("DistributedGAFStep needs an initialised process group: call gaf.distributed.init_from_env() first")
+        _require_process_group(type(self).__name__)
         check_merge(merge)
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        _check_mode(mode)
         resolve_tau(tau)  # validate now, not mid-run
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.tau, self.merge, self.mode, self.group = tau, merge, mode, group
@@ -298,8 +318,7 @@ class DistributedGAFStep:
         check_replicas(model, group)  # different seeds or checkpoints fail here, not later
 
     def __call__(self, xs: torch.Tensor, ys: torch.Tensor) -> dict[str, torch.Tensor]:
-        if xs.dim() < 2 or ys.dim() != 2 or xs.shape[:2] != ys.shape:
-            raise ValueError(f"xs must be (n_local, b, ...) and ys (n_local, b), got {tuple(xs.shape)} and {tuple(ys.shape)}")
+        _check_inputs(xs, ys)
         n_local, b = ys.shape
         if self.world_size * n_local < 2:
             raise ValueError(f"GAF needs n >= 2 micro-gradients, got {self.world_size} rank(s) x {n_local} local")
@@ -370,8 +389,7 @@ class DistributedMeanStep:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], group=None):
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("DistributedMeanStep needs an initialised process group: call gaf.distributed.init_from_env() first")
+        _require_process_group(type(self).__name__)
         self.model, self.optimizer, self.loss_fn, self.group = model, optimizer, loss_fn, group
         self.params = trainable_parameters(model)
         self.batchnorms = _tracked_batchnorms(model)
@@ -380,8 +398,7 @@ class DistributedMeanStep:
         check_replicas(model, group)
 
     def __call__(self, xs: torch.Tensor, ys: torch.Tensor) -> dict[str, torch.Tensor]:
-        if xs.dim() < 2 or ys.dim() != 2 or xs.shape[:2] != ys.shape:
-            raise ValueError(f"xs must be (n_local, b, ...) and ys (n_local, b), got {tuple(xs.shape)} and {tuple(ys.shape)}")
+        _check_inputs(xs, ys)
         x, y = xs.flatten(0, 1), ys.flatten()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -394,14 +411,12 @@ class DistributedMeanStep:
         self.optimizer.step()
         self.model.zero_grad(set_to_none=True)
         if self.batchnorms:
-            stats = torch.cat([torch.cat([m.running_mean.reshape(-1), m.running_var.reshape(-1)]) for m in self.batchnorms])
+            bufs = _running_stats(self.batchnorms)
+            stats = _flat(bufs)
             _all_reduce(stats, self.group, self.counter, "batchnorm")
             stats /= self.world_size
-            offset = 0
-            for m in self.batchnorms:
-                for buf in (m.running_mean, m.running_var):
-                    buf.copy_(stats[offset : offset + buf.numel()].view_as(buf))
-                    offset += buf.numel()
+            for buf, part in zip(bufs, stats.split([b.numel() for b in bufs])):
+                buf.copy_(part.view_as(buf))
         correct = (out.detach().argmax(1) == y).sum().float() if out.dim() == 2 else loss.new_zeros(())
         totals = torch.stack([loss.detach().float() * y.numel(), correct.float()])
         _all_reduce(totals, self.group, self.counter, "metrics")
