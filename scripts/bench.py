@@ -45,11 +45,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from gaf import gaf_step  # noqa: E402
-from gaf.data import augment  # noqa: E402
+from gaf.data import CIFAR100_MEAN as MEAN, CIFAR100_STD as STD, augment, normalize  # noqa: E402
 from gaf.fast import FastGAFStep, FastPlainStep, build_optimizer  # noqa: E402
 from gaf.models import build_model  # noqa: E402
 
-MEAN, STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
 CLASSES = 100
 CONTENDERS = ("authors", "gaf_step", "fast", "plain")
 SGD = dict(lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-2)
@@ -126,8 +125,6 @@ class DeviceImages:
     def __init__(self, images: np.ndarray, labels: np.ndarray, device: torch.device, seed: int):
         self.x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)  # (N, 3, 32, 32) uint8
         self.y = torch.from_numpy(labels).long().to(device)
-        self.mean = torch.tensor(MEAN, device=device).view(3, 1, 1)
-        self.std = torch.tensor(STD, device=device).view(3, 1, 1)
         self.device, self.seed = device, seed
         self.reset()
 
@@ -135,8 +132,7 @@ class DeviceImages:
         self.gen = torch.Generator(device=self.device).manual_seed(self.seed)
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = augment(self.x[idx], generator=self.gen)
-        return (x.float() / 255 - self.mean) / self.std, self.y[idx]
+        return normalize(augment(self.x[idx], generator=self.gen), MEAN, STD), self.y[idx]
 
 
 # ----------------------------------------------------------------------------- contenders
@@ -185,7 +181,9 @@ def make_contender(name: str, args, device, pil: PilImages, data: DeviceImages, 
     if name == "fast":
         stepper = FastGAFStep(model, opt, loss_fn, args.tau, **fast_kwargs(args))
     elif name == "fast_batched":  # torch.compile is not applied under vmap: graph capture only
-        kwargs = {**fast_kwargs(args), "compile": "graph" if args.compile == "full" else fast_kwargs(args)["compile"]}
+        kwargs = fast_kwargs(args)
+        if kwargs["compile"] is True:
+            kwargs["compile"] = "graph"
         stepper = FastGAFStep(model, opt, loss_fn, args.tau, batched=True, **kwargs)
     else:
         stepper = FastPlainStep(model, opt, loss_fn, **fast_kwargs(args))
@@ -197,7 +195,7 @@ def make_contender(name: str, args, device, pil: PilImages, data: DeviceImages, 
 
 
 def time_contender(step, args, device) -> float:
-    """Images/s over ``args.steps`` steps after ``args.warmup`` untimed ones."""
+    """Seconds for ``args.steps`` steps after ``args.warmup`` untimed ones."""
     for s in range(args.warmup):
         step(s)
     sync(device)
