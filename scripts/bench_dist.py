@@ -40,6 +40,7 @@ from gaf.distributed import (  # noqa: E402
     CommCounter,
     DistributedGAFStep,
     DistributedMeanStep,
+    _all_reduce,
     distributed_filter,
 )
 
@@ -66,10 +67,8 @@ def loopback_bytes() -> int | None:
 def reduce_once(method: str, grads: torch.Tensor, counter: CommCounter) -> torch.Tensor:
     if method == "allreduce":
         flat = grads[0].clone()
-        dist.all_reduce(flat)
-        k = dist.get_world_size()
-        counter.add("gradients", 2 * (k - 1) / k * flat.numel() * flat.element_size())
-        return flat / k
+        _all_reduce(flat, None, counter, "gradients")  # counted as gaf.distributed counts it
+        return flat / dist.get_world_size()
     aggregate, *_ = distributed_filter(grads, 2.0, "halving", method, counter=counter)
     return aggregate
 
