@@ -69,13 +69,22 @@ def _unique(series):
     return [v for v in dict.fromkeys(series.dropna()) if v != ""]
 
 
+def models_of(runs):
+    """The runs' models, by their display names."""
+    return ", ".join(MODEL.get(m, m) for m in _unique(runs["model.name"]))
+
+
+def datasets_of(runs):
+    """The runs' data sets, by their display names."""
+    return ", ".join(data_label(d) for d in _unique(runs["data.name"]))
+
+
 def title_suffix(runs):
     """'[tiny scale: tiny CNN; <data note>]' from runs.csv, or '' for paper-scale runs on the paper's data."""
     parts = []
     scales = sorted(_unique(runs["scale"]), key=lambda s: SCALES.index(s) if s in SCALES else -1)
     if scales != ["paper"]:
-        models = ", ".join(MODEL.get(m, m) for m in _unique(runs["model.name"]))
-        parts.append(f"{'/'.join(scales)} scale: {models}")
+        parts.append(f"{'/'.join(scales)} scale: {models_of(runs)}")
     parts += data_notes(runs)
     return f"[{'; '.join(parts)}]" if parts else ""
 
@@ -257,10 +266,8 @@ def fig3(results_dir, scale=None, late=0.25):
     ax[0, 1].axvline(1.0, color="0.3", ls=":", lw=1)
     ax[0, 1].set(xlabel="cosine distance", ylabel="iterations", title="histogram, same window")
     ax[0, 1].yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    models = ", ".join(MODEL.get(m, m) for m in _unique(runs["model.name"]))
-    data = ", ".join(data_label(d) for d in _unique(runs["data.name"]))
-    return titled(fig, f"Figure 3 analogue (ViT-L/16 on ImageNet is out of reach): {models} on {data}, "
-                       "baseline, cosine distance between micro-gradients late in training", r)
+    return titled(fig, f"Figure 3 analogue (ViT-L/16 on ImageNet is out of reach): {models_of(runs)} on "
+                       f"{datasets_of(runs)}, baseline, cosine distance between micro-gradients late in training", r)
 
 
 def batch_label(row):
@@ -361,9 +368,8 @@ def _sweep_vs_baseline(r, key, xlabel, title, categorical=False, tick=_fmt):
         a.set_xticks(range(len(xs)), [tick(x) for x in xs])
     a.set(xlabel=xlabel, ylabel="best validation accuracy over the run (%)")
     legend(a)
-    data = ", ".join(data_label(d) for d in _unique(runs["data.name"]))
     noise = f" at {levels[0]:g}% label noise" if len(levels) == 1 else ""
-    return titled(fig, f"{title}{noise}, {data}", r)
+    return titled(fig, f"{title}{noise}, {datasets_of(runs)}", r)
 
 
 def fig7(results_dir, scale=None):
@@ -401,8 +407,7 @@ def fig8(results_dir, scale=None):
     a.set(xlabel="images per iteration (GAF: n x m x classes; baseline: batch size)",
           ylabel="best validation accuracy over the run (%)")
     legend(a)
-    data = ", ".join(data_label(d) for d in _unique(runs["data.name"]))
-    return titled(fig, f"Figure 8: validation accuracy vs. images per step (compute), {data}", r)
+    return titled(fig, f"Figure 8: validation accuracy vs. images per step (compute), {datasets_of(runs)}", r)
 
 
 def fig9(results_dir, scale=None):
@@ -536,8 +541,7 @@ def write_paper_vs_repro(df, results_dir):
             f"Reproduction: experiment `{r.experiment}`, best validation accuracy over each run, mean over seeds; "
             f"GAF setting: {setting}. '—' = this noise level was not in the sweep.", "",
             f"Scale: **{', '.join(scales)}**; "
-            f"models: {', '.join(MODEL.get(m, m) for m in _unique(r.runs['model.name']))}; "
-            f"data: {', '.join(data_label(d) for d in _unique(r.runs['data.name']))}"
+            f"models: {models_of(r.runs)}; data: {datasets_of(r.runs)}"
             + "".join(f"; {n}" for n in data_notes(r.runs)) + ".", "",
             markdown_table(df), ""]
     if df.attrs["extra_levels"]:
