@@ -392,9 +392,10 @@ def load_image_folder(path, cache_dir=None, name: str = "image_folder") -> Image
         raise DataNotFound(f"image folder or tarball not found: {path}")
     key = _source_key(path)
     dirs = _cache_dirs(path, cache_dir)
+    cache_name = f"{path.name}-{key[:16]}.pt"
     data = None
     for d in dirs:
-        f = d / f"{path.name}-{key[:16]}.pt"
+        f = d / cache_name
         if f.is_file():
             try:
                 cached = torch.load(f, map_location="cpu", weights_only=True)
@@ -407,7 +408,7 @@ def load_image_folder(path, cache_dir=None, name: str = "image_folder") -> Image
         data = _read_image_source(path)
         data["key"] = key
         for d in dirs:  # first writable location wins; no cache at all is not an error
-            f = d / f"{path.name}-{key[:16]}.pt"
+            f = d / cache_name
             try:
                 d.mkdir(parents=True, exist_ok=True)
                 tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")
@@ -462,11 +463,15 @@ def noise_count(p: float, n: int) -> int:
     return int(math.floor(p * n + 1e-9))
 
 
+def _check_noise_rate(p) -> None:
+    if not (isinstance(p, (int, float)) and 0 <= p < 1):
+        raise DataError(f"noise rate p={p!r} must lie in [0, 1)")
+
+
 def symmetric_noise(labels: Tensor, p: float, num_classes: int, seed: int) -> Tensor:
     """Symmetric label noise: floor(p*N) labels, chosen without replacement, each moved to
     a uniformly random DIFFERENT class. Seeded; returns new int64 labels (CPU)."""
-    if not (isinstance(p, (int, float)) and 0 <= p < 1):
-        raise DataError(f"noise rate p={p!r} must lie in [0, 1)")
+    _check_noise_rate(p)
     labels = torch.as_tensor(labels).to("cpu", torch.int64)
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise DataError(f"labels must lie in [0, num_classes={num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
@@ -483,9 +488,8 @@ def symmetric_noise(labels: Tensor, p: float, num_classes: int, seed: int) -> Te
 
 def _balanced_pick(labels: Tensor, per_class: int, num_classes: int, g: torch.Generator, what: str) -> Tensor:
     """Sorted indices of ``per_class`` random images of every class (no per-class loop)."""
+    _check_positive_int(**{f"{what}_per_class": per_class})
     counts = torch.bincount(labels, minlength=num_classes)
-    if not (isinstance(per_class, int) and per_class >= 1):
-        raise DataError(f"{what}_per_class must be an integer >= 1, got {per_class!r}")
     short = (counts < per_class).nonzero()
     if len(short):
         c = int(short[0])
@@ -557,8 +561,7 @@ def load_dataset(name: str, root, *, label_file=None, noise: float = 0.0, seed: 
         raise DataError(f"unknown data set {name!r}; choose one of {list(DATASETS)}")
     if fallback not in FALLBACKS:
         raise DataError(f"unknown fallback {fallback!r}; choose one of {list(FALLBACKS)}")
-    if not (isinstance(noise, (int, float)) and 0 <= noise < 1):
-        raise DataError(f"noise rate p={noise!r} must lie in [0, 1)")
+    _check_noise_rate(noise)
     if name == "cifar100n" and noise > 0:
         raise DataError(f"noise={noise} with cifar100n: CIFAR-100N's noise is its human labels; use noise=0")
     if name == "cifar100n" and label_file is None:
