@@ -53,7 +53,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gaf.filter import AdaptiveTau, Tau, agreement_weights, check_merge, gram_matrix, resolve_tau
-from gaf.step import assign_flat_grad, flat_grad, trainable_parameters
+from gaf.step import assign_flat_grad, flat_grad, trainable_parameters, unfiltered_stats
 
 MODES = ("gram", "allgather")
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -421,15 +421,7 @@ class DistributedMeanStep:
         totals = torch.stack([loss.detach().float() * y.numel(), correct.float()])
         _all_reduce(totals, self.group, self.counter, "metrics")
         self.counter.steps += 1
-        dev = loss.device
-        return {
-            "loss": totals[0] / (self.world_size * y.numel()),
-            "correct": totals[1].round().long(),
-            "distances": torch.zeros(0, device=dev),
-            "accepted": torch.zeros((), dtype=torch.long, device=dev),
-            "stepped": torch.ones((), dtype=torch.bool, device=dev),
-            "tau": torch.full((), float("nan"), device=dev),
-        }
+        return unfiltered_stats(totals[0] / (self.world_size * y.numel()), totals[1].round().long())
 
 
 # ---------------------------------------------------------------------------------

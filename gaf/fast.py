@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from gaf.filter import AdaptiveTau, Tau, agreement_weights, check_merge, gram_matrix, resolve_tau
-from gaf.step import trainable_parameters
+from gaf.step import trainable_parameters, unfiltered_stats
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -612,12 +612,4 @@ class FastPlainStep(_FastStep):
         self._set_grads()
         self.optimizer.masked_update(None)
         self._clear_grads()
-        dev = self.device
-        return {
-            "loss": loss.detach().float(),
-            "correct": correct,
-            "distances": torch.zeros(0, device=dev),
-            "accepted": torch.zeros((), dtype=torch.long, device=dev),
-            "stepped": torch.ones((), dtype=torch.bool, device=dev),
-            "tau": torch.full((), float("nan"), device=dev),
-        }
+        return unfiltered_stats(loss, correct)

@@ -43,6 +43,20 @@ def assign_flat_grad(params: Sequence[torch.Tensor], flat: torch.Tensor) -> None
         raise ValueError(f"flat gradient has {flat.numel()} elements, parameters have {offset}")
 
 
+def unfiltered_stats(loss: torch.Tensor, correct: torch.Tensor) -> dict:
+    """The stepper contract's dict for a step that averages without filtering (a baseline):
+    no distances, nothing to accept, always stepped, no threshold."""
+    dev = loss.device
+    return {
+        "loss": loss.detach().float(),
+        "correct": correct,
+        "distances": torch.zeros(0, device=dev),
+        "accepted": torch.zeros((), dtype=torch.long, device=dev),
+        "stepped": torch.ones((), dtype=torch.bool, device=dev),
+        "tau": torch.full((), float("nan"), device=dev),
+    }
+
+
 def _check_microbatches(microbatches: Sequence[Microbatch]) -> None:
     if len(microbatches) < 2:
         raise ValueError(f"GAF needs n >= 2 microbatches, got n={len(microbatches)}")

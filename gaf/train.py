@@ -44,7 +44,7 @@ from torch import nn
 from gaf import data as gdata
 from gaf.filter import AdaptiveTau, check_merge, check_tau
 from gaf.models import build_model
-from gaf.step import gaf_step
+from gaf.step import gaf_step, unfiltered_stats
 
 log = logging.getLogger(__name__)
 
@@ -212,15 +212,7 @@ def plain_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn) -> C
         loss = loss_fn(out, y)
         loss.backward()
         optimizer.step()
-        dev = loss.device
-        return {
-            "loss": loss.detach().float(),
-            "correct": (out.detach().argmax(1) == y).sum(),
-            "distances": torch.zeros(0, device=dev),
-            "accepted": torch.zeros((), dtype=torch.long, device=dev),
-            "stepped": torch.ones((), dtype=torch.bool, device=dev),
-            "tau": torch.full((), float("nan"), device=dev),
-        }
+        return unfiltered_stats(loss, (out.detach().argmax(1) == y).sum())
 
     return step
 
