@@ -503,13 +503,17 @@ def init_from_env(backend: str | None = None) -> tuple[int, int, int, torch.devi
     if missing and _export_submitit_env():
         missing = [v for v in TORCHRUN_VARS if v not in os.environ]
     if missing:
-        raise RuntimeError(
+        raise ValueError(
             f"distributed=true needs torchrun's environment, but {', '.join(missing)} "
             f"{'is' if len(missing) == 1 else 'are'} not set. Launch with e.g. "
             "`torchrun --nproc_per_node=2 experiments/train.py distributed=true ...` "
             "(or the submitit launcher on SLURM), or set distributed=false."
         )
-    rank, world_size, local_rank = (int(os.environ[v]) for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    try:
+        rank, world_size, local_rank = (int(os.environ[v]) for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    except ValueError:
+        got = {v: os.environ[v] for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        raise ValueError(f"torchrun's RANK, WORLD_SIZE and LOCAL_RANK must be integers, got {got}") from None
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend not in ("nccl", "gloo"):

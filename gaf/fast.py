@@ -481,7 +481,8 @@ class FastGAFStep(_FastStep):
 
     def _tau(self) -> tuple[float | torch.Tensor, torch.Tensor]:
         threshold = resolve_tau(self.tau, self.device)
-        if isinstance(threshold, torch.Tensor):
+        if isinstance(threshold, torch.Tensor):  # a user's tensor may live elsewhere: decide on our device
+            threshold = threshold.to(self.device)
             return threshold, threshold.float()
         if self._tau_value is None:  # a float tau: one constant device tensor for the report
             self._tau_value = torch.full((), threshold, dtype=torch.float32, device=self.device)

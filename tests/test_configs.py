@@ -128,3 +128,11 @@ def test_cli_names_missing_data_without_a_traceback(tmp_path):
                      f"hydra.run.dir={tmp_path}/r"], tmp_path)
     assert out.returncode == 2
     assert "cifar-100-python" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_cli_distributed_without_torchrun_says_how_to_launch(tmp_path):
+    out = train_cli(["data=random", "model=tiny", "device=cpu", "distributed=true", f"hydra.run.dir={tmp_path}/r"],
+                    tmp_path)
+    assert out.returncode == 2
+    assert "torchrun" in out.stderr and "Traceback" not in out.stderr

@@ -341,7 +341,7 @@ def test_drift_on_a_perturbed_rank_is_detected_and_named(tmp_path):
 def test_init_from_env_without_torchrun_says_how_to_launch(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
-    with pytest.raises(RuntimeError, match="torchrun"):
+    with pytest.raises(ValueError, match="torchrun"):
         init_from_env()
     assert not dist.is_initialized()
 
@@ -384,3 +384,12 @@ def test_local_slice_takes_rank_rows_and_rejects_uneven_n():
         local_slice(indices, 0, 4)
     with pytest.raises(ValueError, match="rank"):
         local_slice(indices, 3, 3)
+
+
+def test_init_from_env_names_non_integer_ranks(monkeypatch):
+    for var, value in {"RANK": "zero", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29511"}.items():
+        monkeypatch.setenv(var, value)
+    with pytest.raises(ValueError, match="must be integers.*'RANK': 'zero'"):
+        init_from_env()
+    assert not dist.is_initialized()
