@@ -1,0 +1,73 @@
+"""Total training throughput of K runs sharing one device (what `reproduce.py --jobs K` buys).
+
+A small GAF step leaves most of a large GPU idle; several runs side by side can fill it.
+For each K this starts K identical-but-for-seed training runs at once (real runs of
+experiments/train.py, each in its own process and run directory) and reports the summed
+images/s over the wall time until the slowest ends (process start-up included, as a
+sweep sees it), side by side with K = 1, as ratios.
+
+    python scripts/bench_concurrent.py --jobs 1 2 4                       # device=auto
+    python scripts/bench_concurrent.py --jobs 1 2 --quick                 # seconds, on a CPU
+    python scripts/bench_concurrent.py --jobs 1 2 4 -- model=resnet18 train.iterations=500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["data=random", "data.random_train=500", "data.random_test=100", "data.num_classes=10", "model=tiny",
+         "method.per_class=4", "train.iterations=40", "train.val_every=40", "train.memorisation_samples=100"]
+DEFAULT = ["data=random", "data.random_train=20000", "data.random_test=1000", "model=resnet18",
+           "train.iterations=300", "train.val_every=300", "train.memorisation_samples=1000"]
+
+
+def run_concurrently(k: int, overrides: list[str], workdir: Path) -> dict:
+    """Start k runs at once; return their total images and the wall time until the last ends."""
+    start = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "experiments/train.py"), *overrides, f"seed={i}",
+                               "train.progress=false", f"hydra.run.dir={workdir}/k{k}/run{i}"],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for i in range(k)]
+    errors = [p.communicate()[1] for p in procs]
+    wall = time.perf_counter() - start
+    for p, err in zip(procs, errors):
+        if p.returncode != 0:
+            raise SystemExit(f"a run failed (exit {p.returncode}):\n{err[-2000:]}")
+    summaries = [json.loads((workdir / f"k{k}/run{i}/summary.json").read_text()) for i in range(k)]
+    return {"k": k, "wall_s": wall, "images": sum(s["images_seen"] for s in summaries),
+            "device": summaries[0]["device_name"]}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--jobs", type=int, nargs="+", default=[1, 2, 4], help="concurrent runs to compare")
+    p.add_argument("--quick", action="store_true", help="tiny model on random data: seconds, for CI")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
+    args = p.parse_args(argv)
+    if 1 not in args.jobs:
+        p.error("--jobs must include 1: the other counts are reported relative to it")
+    overrides = (QUICK if args.quick else DEFAULT) + args.overrides
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [run_concurrently(k, overrides, Path(tmp)) for k in sorted(args.jobs)]
+    base = next(r for r in rows if r["k"] == 1)
+    base_rate = base["images"] / base["wall_s"]
+    print(f"\nConcurrent runs on **{rows[0]['device']}**, torch {torch.__version__}, "
+          f"{time.strftime('%Y-%m-%d')}; each run: {' '.join(overrides)}\n")
+    print("| runs | wall (s) | total images/s | vs one run |\n|---|---|---|---|")
+    for r in rows:
+        rate = r["images"] / r["wall_s"]
+        print(f"| {r['k']} | {r['wall_s']:.1f} | {rate:,.0f} | {rate / base_rate:.2f}x |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""scripts/bench_concurrent.py runs K real training runs at once and reports their total throughput."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import bench_concurrent  # noqa: E402
+
+
+@pytest.mark.slow
+def test_concurrent_runs_are_measured_side_by_side(capsys):
+    rows = bench_concurrent.main(["--jobs", "1", "2", "--quick", "device=cpu"])
+    assert [r["k"] for r in rows] == [1, 2]
+    assert rows[1]["images"] == 2 * rows[0]["images"] == 2 * 40 * 2 * 4 * 10  # iterations x n x m x classes
+    assert all(r["wall_s"] > 0 for r in rows)
+    out = capsys.readouterr().out
+    assert "| 2 |" in out and "vs one run" in out
+
+
+def test_jobs_must_include_one():
+    with pytest.raises(SystemExit):
+        bench_concurrent.main(["--jobs", "2", "4", "--quick"])
