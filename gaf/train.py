@@ -461,8 +461,11 @@ def _run(cfg: RunConfig, run_dir: Path, rank: int, world: int, device: torch.dev
     loss_fn = nn.CrossEntropyLoss()
     stepper = make_stepper(cfg, model, optimizer, loss_fn, tau, fast)
     aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    probe_gen = torch.Generator().manual_seed(cfg.seed + 2)
-    probe = torch.randperm(len(ds.train_y), generator=probe_gen)[: cfg.train.memorisation_samples].to(device)
+    # A fixed random subset of the training set, probed at every validation for memorisation.
+    probe = torch.randperm(len(ds.train_y), generator=torch.Generator().manual_seed(cfg.seed + 2))
+    probe = probe[: cfg.train.memorisation_samples].to(device)
+    probe_x, probe_y = ds.train_x[probe], ds.train_y[probe]
+    probe_true, probe_flipped = ds.clean_y[probe], ds.flipped[probe]
 
     n_dist = m.n_micro - 1 if m.name == "gaf" else 0
     metrics = CsvLog(run_dir / "metrics.csv", ["iter", "images_seen", "loss", "acc", "tau", "accepted", "stepped",
@@ -540,8 +543,7 @@ def _run(cfg: RunConfig, run_dir: Path, rank: int, world: int, device: torch.dev
                       "checkpoint (iteration %d) is kept.", run_dir, it, state["iter"])
             return False
         val_acc = _acc(preds == ds.test_y)
-        _, probe_preds = evaluate(model, ds.train_x[probe], ds.train_y[probe], ds, cfg.train.eval_batch_size)
-        flipped = ds.flipped[probe]
+        _, probe_preds = evaluate(model, probe_x, probe_y, ds, cfg.train.eval_batch_size)
         scheduler.step(val_loss)
         row = {
             "iter": it, "epoch": round(state["images_seen"] / len(ds.train_y), 4), "images_seen": state["images_seen"],
@@ -549,9 +551,9 @@ def _run(cfg: RunConfig, run_dir: Path, rank: int, world: int, device: torch.dev
             "train_loss": sum(r["loss"] for r in since_eval) / max(len(since_eval), 1),
             "train_acc": sum(r["acc"] for r in since_eval) / max(len(since_eval), 1),
             "val_loss": val_loss, "val_acc": val_acc,
-            "mem_clean_acc": _acc((probe_preds == ds.train_y[probe])[~flipped]),
-            "mem_flipped_noisy_acc": _acc((probe_preds == ds.train_y[probe])[flipped]),
-            "mem_flipped_true_acc": _acc((probe_preds == ds.clean_y[probe])[flipped]),
+            "mem_clean_acc": _acc((probe_preds == probe_y)[~probe_flipped]),
+            "mem_flipped_noisy_acc": _acc((probe_preds == probe_y)[probe_flipped]),
+            "mem_flipped_true_acc": _acc((probe_preds == probe_true)[probe_flipped]),
             "time_s": round(state["elapsed"] + time.perf_counter() - t_start, 3),
         }
         since_eval.clear()
