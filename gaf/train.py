@@ -162,6 +162,25 @@ def _from_dict(cls, d: dict, prefix: str):
     return cls(**kwargs)
 
 
+# How a run is driven, not what it computes: changing these between launches of one run
+# directory is allowed (e.g. resume a run stopped by train.stop_after, without a progress bar).
+OPERATIONAL_KEYS = {"train": ("stop_after", "progress"), "wandb": ("mode", "project")}
+
+
+def same_run(a: dict | None, b: dict) -> bool:
+    """Whether two config dicts describe the same computation (operational keys aside)."""
+    if a is None:
+        return False
+
+    def strip(c: dict) -> dict:
+        c = dict(c)
+        for section, keys in OPERATIONAL_KEYS.items():
+            c[section] = {k: v for k, v in c.get(section, {}).items() if k not in keys}
+        return c
+
+    return strip(a) == strip(b)
+
+
 def validate(cfg: RunConfig) -> None:
     """Reject bad settings up front, each with one clear message."""
     m, d, o, t = cfg.method, cfg.data, cfg.optim, cfg.train
@@ -438,11 +457,11 @@ def _run(cfg: RunConfig, run_dir: Path, rank: int, world: int, device: torch.dev
     config = cfg.to_dict()
     if summary_path.exists():
         previous = json.loads(summary_path.read_text())
-        if previous.get("status") in ("finished", "diverged") and previous.get("config") == config:
+        if previous.get("status") in ("finished", "diverged") and same_run(previous.get("config"), config):
             log.info("%s: already %s; nothing to do", run_dir, previous["status"])
             return previous
     ckpt = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
-    if ckpt is not None and ckpt["config"] != config:
+    if ckpt is not None and not same_run(ckpt["config"], config):
         raise ValueError(f"run directory {run_dir} holds a checkpoint of a different config; "
                          "use a fresh directory or delete checkpoint.pt")
 

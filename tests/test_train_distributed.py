@@ -52,6 +52,21 @@ def test_torchrun_equals_one_process(tmp_path, k, extra):
 
 
 @pytest.mark.slow
+def test_torchrun_run_killed_and_relaunched_resumes(tmp_path):
+    args = COMMON + ["method.n_micro=2", "distributed=true"]
+    launch(args, tmp_path / "unbroken", nproc=2)
+    launch(args + ["train.stop_after=4"], tmp_path / "broken", nproc=2)  # between checkpoints 3 and 6
+    out = launch(args, tmp_path / "broken", nproc=2)
+    assert "resuming at iteration 3" in out.stdout + out.stderr
+    drop_time = lambda rows_: [{k: v for k, v in r.items() if k != "time_s"} for r in rows_]  # noqa: E731
+    for name in ("metrics.csv", "eval.csv"):
+        assert drop_time(rows(tmp_path / "broken" / name)) == drop_time(rows(tmp_path / "unbroken" / name))
+    a = torch.load(tmp_path / "unbroken/checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "broken/checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
 def test_torchrun_baseline_keeps_replicas_identical(tmp_path):
     """The baseline all-reduces one gradient; with per-rank BatchNorm statistics it is
     DDP, not one process, so here the check is that it runs and replicas never drift
