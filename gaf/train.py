@@ -42,6 +42,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from gaf import data as gdata
+from gaf.distributed import MODES as DIST_MODES
+from gaf.distributed import (DistributedGAFStep, DistributedMeanStep, check_replicas, init_from_env,
+                             local_slice, shutdown)
+from gaf.fast import OPTIMIZERS, FastGAFStep, FastPlainStep
+from gaf.fast import build_optimizer as build_named_optimizer
 from gaf.filter import AdaptiveTau, check_merge, check_tau
 from gaf.models import build_model
 from gaf.step import gaf_step, unfiltered_stats
@@ -162,6 +167,9 @@ def _from_dict(cls, d: dict, prefix: str):
     return cls(**kwargs)
 
 
+# train.compile -> FastGAFStep's compile argument.
+COMPILE_MODES = {"none": False, "graph": "graph", "full": True}
+
 # How a run is driven, not what it computes: changing these between launches of one run
 # directory is allowed (e.g. resume a run stopped by train.stop_after, without a progress bar).
 OPERATIONAL_KEYS = {"train": ("stop_after", "progress"), "wandb": ("mode", "project")}
@@ -196,8 +204,8 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"method.batch_size must be an integer >= 1, got {m.batch_size!r}")
     if not (0.0 <= d.noise < 1.0):
         raise ValueError(f"data.noise must lie in [0, 1), got {d.noise}")
-    if o.name not in ("sgd", "adam", "adamw"):
-        raise ValueError(f"optim.name must be one of sgd, adam, adamw, got {o.name!r}")
+    if o.name not in OPTIMIZERS:
+        raise ValueError(f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {o.name!r}")
     if o.name == "sgd" and o.nesterov and not o.momentum > 0:
         raise ValueError(f"optim.nesterov=true needs optim.momentum > 0, got momentum={o.momentum}")
     if not (o.lr > 0):
@@ -208,12 +216,12 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"train.val_every must be an integer >= 1, got {t.val_every!r}")
     if cfg.wandb.mode not in ("disabled", "offline", "online"):
         raise ValueError(f"wandb.mode must be disabled, offline or online, got {cfg.wandb.mode!r}")
-    if t.compile not in ("none", "graph", "full"):
-        raise ValueError(f"train.compile must be none, graph or full, got {t.compile!r}")
+    if t.compile not in COMPILE_MODES:
+        raise ValueError(f"train.compile must be one of {', '.join(COMPILE_MODES)}, got {t.compile!r}")
     if t.compile != "none" and not str(cfg.device).startswith(("cuda", "auto")):
         raise ValueError(f"train.compile={t.compile} captures a CUDA graph; it needs device=cuda, got {cfg.device!r}")
-    if cfg.dist_mode not in ("gram", "allgather"):
-        raise ValueError(f"dist_mode must be gram or allgather, got {cfg.dist_mode!r}")
+    if cfg.dist_mode not in DIST_MODES:
+        raise ValueError(f"dist_mode must be one of {', '.join(DIST_MODES)}, got {cfg.dist_mode!r}")
     if cfg.scale not in ("tiny", "small", "paper"):
         raise ValueError(f"scale must be tiny, small or paper, got {cfg.scale!r}")
 
@@ -258,26 +266,20 @@ def reference_step(model, optimizer, loss_fn, tau, merge) -> Callable:
 def build_optimizer(cfg: OptimConfig, params, masked: bool = False) -> torch.optim.Optimizer:
     """torch.optim's SGD/Adam/AdamW, or (fast path) their masked twins that apply a skipped
     step as a mask on the device."""
-    from gaf.fast import build_optimizer as build
-
-    return build(cfg.name, params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                 weight_decay=cfg.weight_decay, betas=cfg.betas, masked=masked)
+    return build_named_optimizer(cfg.name, params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                 weight_decay=cfg.weight_decay, betas=cfg.betas, masked=masked)
 
 
 def make_stepper(cfg: RunConfig, model, optimizer, loss_fn, tau, fast: bool) -> Callable:
     """The baseline steps plainly. Averaging with measured distances (figures 1, 4, 5) is
     GAF at tau = 2 with the mean merge, which accepts everything (tested)."""
     if cfg.distributed:
-        from gaf.distributed import DistributedGAFStep, DistributedMeanStep
-
         if cfg.method.name == "baseline":  # every rank a slice of the batch, one all-reduce
             return DistributedMeanStep(model, optimizer, loss_fn)
         return DistributedGAFStep(model, optimizer, loss_fn, tau, cfg.method.merge, mode=cfg.dist_mode)
     if fast:
-        from gaf.fast import FastGAFStep, FastPlainStep
-
         options = dict(amp_dtype=torch.bfloat16 if cfg.train.amp else None, channels_last=cfg.train.amp,
-                       compile={"none": False, "graph": "graph", "full": True}[cfg.train.compile])
+                       compile=COMPILE_MODES[cfg.train.compile])
         if cfg.method.name == "baseline":
             return FastPlainStep(model, optimizer, loss_fn, **options)
         return FastGAFStep(model, optimizer, loss_fn, tau, cfg.method.merge, batched=cfg.train.batched, **options)
@@ -436,8 +438,6 @@ def run(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     validate(cfg)
     if not cfg.distributed:
         return _run(cfg, Path(run_dir), 0, 1, resolve_device(cfg.device))
-    from gaf.distributed import init_from_env, shutdown
-
     rank, world, _, device = init_from_env()
     try:
         split, what = ((cfg.method.n_micro, "method.n_micro") if cfg.method.name == "gaf"
@@ -579,8 +579,6 @@ def _run(cfg: RunConfig, run_dir: Path, rank: int, world: int, device: torch.dev
         state["final_val_acc"] = val_acc
         state["best_val_acc"] = val_acc if math.isnan(state["best_val_acc"]) else max(state["best_val_acc"], val_acc)
         if cfg.distributed:
-            from gaf.distributed import check_replicas
-
             check_replicas(model)
         if is_main:
             evals.append([row])
@@ -606,8 +604,6 @@ def _run(cfg: RunConfig, run_dir: Path, rank: int, world: int, device: torch.dev
         xs = gdata.normalize(x, ds.mean, ds.std).unflatten(0, idx.shape)
         ys = ds.train_y[idx]
         if cfg.distributed:  # every rank drew the same global step; it takes its rows
-            from gaf.distributed import local_slice
-
             if cfg.method.name == "baseline":  # (1, B) -> (world, B / world)
                 xs, ys = xs.unflatten(1, (world, -1))[0], ys.unflatten(1, (world, -1))[0]
             xs, ys = local_slice(xs, rank, world), local_slice(ys, rank, world)
