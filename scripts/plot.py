@@ -248,7 +248,7 @@ def fig3(results_dir, scale=None, late=0.25):
     r = load(results_dir, "fig3", scale)
     if r is None:
         return None
-    runs = r.runs[r.runs["method.name"] == "baseline"]
+    runs = r.runs[r.runs.apply(role, axis=1) == "baseline"]
     runs = runs if len(runs) else r.runs
     fig, ax = new_figure(1, 2, (10.0, 3.8), width_ratios=[2.2, 1])
     for k, rid in enumerate(runs["run_id"]):
@@ -281,7 +281,7 @@ def fig4(results_dir, scale=None):
     r = load(results_dir, "fig4", scale)
     if r is None:
         return None
-    runs = r.runs[r.runs["method.name"] == "baseline"]
+    runs = r.runs[r.runs.apply(role, axis=1) == "baseline"]
     runs = runs if len(runs) else r.runs
     sized = sorted((batch_label(row) + (row["run_id"],) for _, row in runs.iterrows()))
     fig, ax = new_figure(1, 1, (6.4, 4.2))
