@@ -10,7 +10,8 @@ thing (tested to equality on CPU in fp32) the way a GPU likes it:
   flat buffer that every ``param.grad`` is a view of;
 - the optimizer applies the skip as a mask (``MaskedSGD``/``MaskedAdam``/``MaskedAdamW``):
   no Python ``if`` on a device value, so nothing waits for the GPU and the whole step can
-  be captured as one CUDA graph (``compile=True``).
+  be captured as one CUDA graph (``compile='graph'``, or ``compile=True`` to also
+  ``torch.compile`` the model).
 
 Why n sequential forward/backward passes rather than one ``torch.func.vmap(grad)`` pass:
 they are correct by construction. Each microbatch sees its own BatchNorm statistics and
@@ -319,6 +320,30 @@ def _channels_last(xs: torch.Tensor) -> torch.Tensor:
     return xs.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
 
 
+class CudaGraphs:
+    """The CUDA calls of a graphed step, behind two methods so that tests can put a
+    stand-in in their place and check the bookkeeping around them on a CPU."""
+
+    @staticmethod
+    def warmup(fn: Callable[[], dict]) -> dict:
+        """Run ``fn`` eagerly on a side stream, as torch asks before a capture."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            out = fn()
+        torch.cuda.current_stream().wait_stream(side)
+        return out
+
+    @staticmethod
+    def capture(fn: Callable[[], dict]) -> tuple[Callable[[], None], dict]:
+        """Record ``fn`` (nothing runs yet); return the replay and the static outputs it
+        overwrites at every replay."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
+        return graph.replay, out
+
+
 class _FastStep:
     """Shared machinery: autocast, channels_last, and whole-step CUDA-graph capture.
 
@@ -327,14 +352,16 @@ class _FastStep:
     and activations, the graph removes launch overhead: the effect of
     ``mode="reduce-overhead"`` on a step whose backward a plain ``torch.compile`` would
     split). The first ``warmup`` calls for an input shape run eagerly (real steps, they
-    also compile and autotune); the next one captures and replays. Only CUDA captures.
+    also compile and autotune); the next one captures and replays. Only CUDA captures;
+    ``graphs`` replaces the CUDA calls (tests pass a stand-in, which any device accepts).
     """
 
     warmup = 3
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
-                 amp_dtype: torch.dtype | None = None, channels_last: bool = False, compile: bool | str = False):
+                 amp_dtype: torch.dtype | None = None, channels_last: bool = False, compile: bool | str = False,
+                 graphs=None):
         if amp_dtype not in (None, torch.bfloat16):
             raise ValueError(f"amp_dtype must be None or torch.bfloat16 (fp16 would need loss scaling), got {amp_dtype!r}")
         if compile not in (False, True, "graph"):
@@ -347,8 +374,9 @@ class _FastStep:
         if not self.params:
             raise ValueError("the model has no trainable parameters")
         self.device = self.params[0].device
-        if compile and self.device.type != "cuda":
+        if compile and graphs is None and self.device.type != "cuda":
             raise ValueError(f"compile={compile!r} captures a CUDA graph and needs a CUDA model, got {self.device}")
+        self.graphs = graphs if graphs is not None else CudaGraphs()
         self.amp_dtype, self.channels_last, self.compile = amp_dtype, bool(channels_last), compile
         if self.channels_last:
             model.to(memory_format=torch.channels_last)  # same Parameter objects: the optimizer still holds them
@@ -356,7 +384,7 @@ class _FastStep:
         self.size = sum(p.numel() for p in self.params)
         self._agg = torch.zeros(self.size, dtype=self.params[0].dtype, device=self.device)
         self._grad_views = _param_views(self._agg, self.params)
-        self._graph = None
+        self._replay = None  # the captured step, once there is one
         self._graph_key = None
         self._graph_deps = None
         self._calls = 0
@@ -394,46 +422,43 @@ class _FastStep:
     def _run(self, xs: torch.Tensor, ys: torch.Tensor) -> dict:  # the step; subclasses
         raise NotImplementedError
 
+    def _refresh(self) -> None:
+        """Copy host-side settings into the device tensors the step reads (outside any graph)."""
+        self.optimizer.refresh_lr()
+
     def _call(self, xs: torch.Tensor, ys: torch.Tensor) -> dict:
+        self._refresh()
         if not self.compile:
-            self.optimizer.refresh_lr()
             return self._run(_channels_last(xs) if self.channels_last else xs, ys)
         return self._graphed(xs, ys)
 
     def _graphed(self, xs: torch.Tensor, ys: torch.Tensor) -> dict:
         key = (tuple(xs.shape), xs.dtype, tuple(ys.shape), ys.dtype)
         if key != self._graph_key or self._graph_deps != self._deps():
-            self._graph, self._graph_key, self._calls = None, key, 0
+            self._replay, self._graph_key, self._calls = None, key, 0
         for group in self.optimizer.param_groups:
             group["capturable"] = True  # SGD: read lr from the device tensor, not a baked-in float
-        self.optimizer.refresh_lr()  # outside the graph: replays read the refreshed tensor
-        if self._graph is None and self._calls < self.warmup:
+        if self._replay is None and self._calls < self.warmup:
             self._calls += 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                out = self._run(_channels_last(xs) if self.channels_last else xs, ys)
-            torch.cuda.current_stream().wait_stream(side)
+            out = self.graphs.warmup(lambda: self._run(_channels_last(xs) if self.channels_last else xs, ys))
             self._graph_deps = self._deps()
             return out
-        if self._graph is None:
+        if self._replay is None:
             self._static_x = torch.empty_like(xs, memory_format=torch.contiguous_format)
             if self.channels_last:
                 self._static_x = _channels_last(self._static_x)
             self._static_y = torch.empty_like(ys, memory_format=torch.contiguous_format)
             self._static_x.copy_(xs), self._static_y.copy_(ys)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._static_out = self._run(self._static_x, self._static_y)
-            self._graph, self._graph_deps = graph, self._deps()
+            self._replay, self._static_out = self.graphs.capture(lambda: self._run(self._static_x, self._static_y))
+            self._graph_deps = self._deps()
         else:
             self._static_x.copy_(xs), self._static_y.copy_(ys)  # copy_ also converts the layout
-        self._graph.replay()
+        self._replay()
         return {k: v.clone() for k, v in self._static_out.items()}  # the static outputs are overwritten next call
 
     def _deps(self) -> tuple:
         """What a captured graph holds by address besides parameters and inputs: a change
-        (optimizer state reloaded, a threshold's history replaced) means recapture."""
+        (optimizer state reloaded, a threshold replaced) means recapture."""
         return (self.optimizer.state_version,)
 
 
@@ -452,26 +477,56 @@ class FastGAFStep(_FastStep):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], tau: Tau, merge: str = "halving", *,
                  amp_dtype: torch.dtype | None = None, channels_last: bool = False, compile: bool | str = False,
-                 batched: bool = False):
+                 batched: bool = False, graphs=None):
         check_merge(merge)
-        resolve_tau(tau)  # validate now
         if batched and compile is True:
             raise ValueError("batched=True works with compile=False or 'graph' (torch.compile of vmap is not used)")
         super().__init__(model, optimizer, loss_fn, amp_dtype=amp_dtype, channels_last=channels_last,
-                         compile=compile)
+                         compile=compile, graphs=graphs)
+        # a float (or another device's) tau lives in this tensor, refreshed before every
+        # call: a captured graph reads it, so a new value needs no recapture
+        self._tau_tensor = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._tau_float: float | None = None
         self.tau, self.merge = tau, merge
         self.batched = _BatchedMicrograds(model, self.params) if batched else None
-        self._tau_value = None
         self._grads: torch.Tensor | None = None  # (n, P) micro-gradients, allocated on first use
         self._rows: list[list[torch.Tensor]] = []
+
+    @property
+    def tau(self) -> Tau:
+        return self._tau
+
+    @tau.setter
+    def tau(self, value: Tau) -> None:
+        resolve_tau(value)  # validate now, not at the next step
+        self._tau = value
 
     def __call__(self, xs: torch.Tensor, ys: torch.Tensor) -> dict:
         self._check(xs, ys, min_n=2)
         return self._call(xs, ys)
 
+    def _own_tensor_tau(self) -> bool:
+        """True when the decision reads ``self._tau_tensor`` (a float, or a tensor elsewhere)."""
+        tau = self._tau
+        return not (isinstance(tau, AdaptiveTau) or (isinstance(tau, torch.Tensor) and tau.device == self.device))
+
+    def _refresh(self) -> None:
+        super()._refresh()
+        if not self._own_tensor_tau():
+            return
+        if isinstance(self._tau, torch.Tensor):
+            self._tau_tensor.copy_(self._tau.reshape(()))
+        elif self._tau != self._tau_float:
+            self._tau_tensor.fill_(float(self._tau))
+            self._tau_float = self._tau
+
     def _deps(self) -> tuple:
-        history = (id(self.tau._buffer), id(self.tau._count)) if isinstance(self.tau, AdaptiveTau) else ()
-        return super()._deps() + history
+        tau = self._tau
+        if isinstance(tau, AdaptiveTau):
+            which = (id(tau._buffer), id(tau._count))
+        else:  # a graph reads a tensor tau on our device by address; a float through _tau_tensor
+            which = (id(tau),) if not self._own_tensor_tau() else ()
+        return super()._deps() + (type(tau).__name__,) + which
 
     def _buffers(self, n: int) -> torch.Tensor:
         if self._grads is None or self._grads.shape[0] != n:
@@ -479,14 +534,11 @@ class FastGAFStep(_FastStep):
             self._rows = [_param_views(row, self.params) for row in self._grads]
         return self._grads
 
-    def _tau(self) -> tuple[float | torch.Tensor, torch.Tensor]:
-        threshold = resolve_tau(self.tau, self.device)
-        if isinstance(threshold, torch.Tensor):  # a user's tensor may live elsewhere: decide on our device
-            threshold = threshold.to(self.device)
-            return threshold, threshold.float()
-        if self._tau_value is None:  # a float tau: one constant device tensor for the report
-            self._tau_value = torch.full((), threshold, dtype=torch.float32, device=self.device)
-        return threshold, self._tau_value
+    def _threshold(self) -> torch.Tensor:
+        """The 0-d tensor this step decides with (read inside a captured graph)."""
+        if self._own_tensor_tau():
+            return self._tau_tensor
+        return resolve_tau(self._tau, self.device)
 
     def _run(self, xs: torch.Tensor, ys: torch.Tensor) -> dict:
         n = xs.shape[0]
@@ -502,7 +554,7 @@ class FastGAFStep(_FastStep):
                 losses.append(loss.detach().float())
                 correct = correct + right
             losses = torch.stack(losses)
-        threshold, tau_out = self._tau()
+        threshold = self._threshold()
         with _ieee_matmul(self.device):
             weights, accepted, distances = agreement_weights(gram_matrix(grads), threshold, self.merge)
             stepped = accepted[1:].any()
@@ -519,7 +571,7 @@ class FastGAFStep(_FastStep):
             "distances": distances.float(),
             "accepted": accepted[1:].sum(),
             "stepped": stepped,
-            "tau": tau_out,
+            "tau": threshold.detach().to(torch.float32, copy=True),
         }
 
 

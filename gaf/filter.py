@@ -180,9 +180,11 @@ def agreement_weights(
     n = gram.shape[0]
     if n < 2:
         raise ValueError(f"GAF needs n >= 2 micro-gradients, got n={n}")
-    if not isinstance(tau, torch.Tensor):
-        check_tau(tau)
     g = gram.double() if gram.device.type == "cpu" else gram.float()
+    if isinstance(tau, torch.Tensor):  # compared in the distances' precision, as a Python number is
+        tau = tau.to(device=g.device, dtype=g.dtype)
+    else:
+        check_tau(tau)
     eye = torch.eye(n, dtype=g.dtype, device=g.device)
     w = eye[0].clone()
     count = torch.ones((), dtype=g.dtype, device=g.device)  # micro-gradients merged

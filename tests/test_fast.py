@@ -348,3 +348,106 @@ def test_bench_quick_runs_on_cpu(tmp_path, capsys):
         for key in ("authors", "gaf_step", "fast", "plain"):
             assert row[f"{key}_images_per_s"] > 0
     assert rows[0]["check_max_distance_diff"] < 1e-4 and rows[0]["check_same_decisions"] == 1.0
+
+
+# ----------------------------------------------------------------------------- tau changes and graph bookkeeping
+
+
+class StandInGraphs:
+    """torch.cuda's graph calls as a CPU can run them: a capture records the step (nothing
+    runs), a replay runs it on the static inputs and writes into the static outputs."""
+
+    def __init__(self):
+        self.warmups = self.captures = self.replays = 0
+
+    def warmup(self, fn):
+        self.warmups += 1
+        return fn()
+
+    def capture(self, fn):
+        self.captures += 1
+        static = {}
+
+        def replay():
+            self.replays += 1
+            out = fn()
+            if not static:
+                static.update({k: v.clone() for k, v in out.items()})
+            for k, v in out.items():
+                static[k].copy_(v)
+
+        return replay, static
+
+
+def capturable_twin(seed=0):
+    """An eager fast step reading lr from its device tensor, as a graphed one does."""
+    model = small_cnn(seed=seed)
+    opt = build_optimizer("sgd", model.parameters(), lr=0.05, weight_decay=1e-2, masked=True)
+    opt.param_groups[0]["capturable"] = True
+    return model, opt
+
+
+def test_changing_a_float_tau_changes_decision_and_report():
+    model, opt = capturable_twin()
+    step = FastGAFStep(model, opt, nn.CrossEntropyLoss(), tau=2.0)
+    xs, ys = make_batches(1, 3)[0]
+    out = step(xs, ys)
+    assert bool(out["stepped"]) and float(out["tau"]) == 2.0
+    step.tau = 0.0
+    out = step(xs, ys)
+    assert not bool(out["stepped"]) and float(out["tau"]) == 0.0
+    with pytest.raises(ValueError, match="2.5"):
+        step.tau = 2.5
+
+
+def test_graph_bookkeeping_with_a_stand_in():
+    """Warm-up count, one capture, static input copies, cloned outputs, the same numbers
+    as eager; a new float tau is read without recapture; a new shape, reloaded optimizer
+    state or a tau of another kind recaptures."""
+    graphs = StandInGraphs()
+    model, opt = capturable_twin()
+    twin, twin_opt = capturable_twin()
+    step = FastGAFStep(model, opt, nn.CrossEntropyLoss(), tau=2.0, compile="graph", graphs=graphs)
+    eager = FastGAFStep(twin, twin_opt, nn.CrossEntropyLoss(), tau=2.0)
+    batches = make_batches(8, 3)
+    outs = []
+    for i, (xs, ys) in enumerate(batches[:6]):
+        if i == 5:
+            step.tau = eager.tau = 0.0  # a float: no recapture, but the decision follows it
+        outs.append(step(xs, ys))
+        ref = eager(xs, ys)
+        for k in ref:
+            assert torch.equal(outs[-1][k], ref[k]), (i, k)
+    assert (graphs.warmups, graphs.captures, graphs.replays) == (FastGAFStep.warmup, 1, 3)
+    assert not bool(outs[-1]["stepped"]) and bool(outs[-2]["stepped"])
+    assert float(outs[3]["tau"]) == 2.0  # an earlier result is not overwritten by later replays
+    assert_models_equal(twin, model, twin_opt, opt)
+    w = FastGAFStep.warmup
+    small = [(xs[:2], ys[:2]) for xs, ys in batches[6:8]]
+    step(*small[0])  # a new shape: warm up again
+    assert graphs.warmups == w + 1 and graphs.captures == 1
+    for _ in range(w):
+        step(*small[1])
+    assert graphs.warmups == 2 * w and graphs.captures == 2
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # copied into the same tensors: the graph stays valid
+    step(*small[1])
+    assert graphs.captures == 2 and graphs.warmups == 2 * w
+    step.tau = torch.tensor(1.0)  # a tensor the graph would read by address: warm up, then capture again
+    step(*small[1])
+    assert graphs.warmups == 2 * w + 1 and graphs.captures == 2
+
+
+def test_torch_compile_of_the_forward_through_the_fast_step_on_cpu():
+    """compile=True (torch.compile + graph) with stand-in graphs: inductor's CPU code for the
+    model's forward and backward gives the eager step's decisions and weights to rounding."""
+    graphs = StandInGraphs()
+    model, opt = capturable_twin()
+    twin, twin_opt = capturable_twin()
+    step = FastGAFStep(model, opt, nn.CrossEntropyLoss(), tau=0.97, compile=True, graphs=graphs)
+    eager = FastGAFStep(twin, twin_opt, nn.CrossEntropyLoss(), tau=0.97)
+    for xs, ys in make_batches(FastGAFStep.warmup + 2, 3):
+        out, ref = step(xs, ys), eager(xs, ys)
+        assert out["distances"].tolist() == pytest.approx(ref["distances"].tolist(), abs=1e-5)
+        assert int(out["accepted"]) == int(ref["accepted"])
+    assert graphs.captures == 1 and graphs.replays == 2
+    assert_models_equal(twin, model, twin_opt, opt, exact=False, tol=1e-5)
