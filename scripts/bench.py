@@ -21,10 +21,12 @@ The device augmentation is inside the timed loop for gaf_step/fast/plain, as the
 pipeline is for the authors'. Images are random uint8 shaped like CIFAR (no download).
 Optimizer: the paper's SGD (lr 0.01, momentum 0.9, Nesterov, weight decay 1e-2).
 
-It also checks the fast path against ``gaf_step`` (in true fp32: no TF32): from the same
-weights every step (the reference is reloaded from the fast model), the largest
-|difference| in distances and the fraction of identical accept decisions (distance <= tau,
-per microbatch), on the first (n, m) point.
+It also checks the fast path against ``gaf_step`` on the first (n, m) point, from the same
+weights every step (the reference is reloaded from the fast model): the largest |difference|
+in distances and the fraction of identical accept decisions (distance <= tau, per
+microbatch), once with the fast path in true fp32 like the reference (TF32 off in cuBLAS
+and cuDNN: a difference is a bug, not rounding), and once with the timed options (bf16,
+channels_last) against the same fp32 reference (their rounding alone).
 """
 
 from __future__ import annotations
@@ -122,17 +124,19 @@ class PilImages(torch.utils.data.Dataset):
 class DeviceImages:
     """The trainer's data path: uint8 images on the device, augmented and normalised there."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, device: torch.device, seed: int):
-        self.x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)  # (N, 3, 32, 32) uint8
-        self.y = torch.from_numpy(labels).long().to(device)
-        self.device, self.seed = device, seed
+    def __init__(self, images, labels, device: torch.device, seed: int, mean=MEAN, std=STD):
+        """``images``: uint8 (N, H, W, 3) numpy or (N, 3, H, W) tensor; ``labels`` likewise."""
+        x = torch.from_numpy(images).permute(0, 3, 1, 2) if isinstance(images, np.ndarray) else images
+        self.x = x.contiguous().to(device)  # (N, 3, 32, 32) uint8
+        self.y = torch.as_tensor(labels).long().to(device)
+        self.device, self.seed, self.mean, self.std = device, seed, mean, std
         self.reset()
 
     def reset(self):  # every contender sees the same augmentations
         self.gen = torch.Generator(device=self.device).manual_seed(self.seed)
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return normalize(augment(self.x[idx], generator=self.gen), MEAN, STD), self.y[idx]
+        return normalize(augment(self.x[idx], generator=self.gen), self.mean, self.std), self.y[idx]
 
 
 # ----------------------------------------------------------------------------- contenders
@@ -143,9 +147,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def fresh_model(args, device) -> nn.Module:
+def fresh_model(args, device, classes: int = CLASSES) -> nn.Module:
     torch.manual_seed(args.seed)
-    return build_model(args.model, CLASSES).to(device)
+    return build_model(args.model, classes).to(device)
 
 
 def fast_kwargs(args) -> dict:
@@ -153,8 +157,10 @@ def fast_kwargs(args) -> dict:
                 compile={"none": False, "graph": "graph", "full": True}[args.compile])
 
 
-def make_contender(name: str, args, device, pil: PilImages, data: DeviceImages, plan: torch.Tensor):
-    """A function step(s) doing training step s of contender ``name``."""
+def make_contender(name: str, args, device, pil: PilImages, data: DeviceImages, plan: torch.Tensor,
+                   options: dict | None = None):
+    """A function step(s) doing training step s of contender ``name``; ``options`` replace
+    the fast and plain steppers' ``fast_kwargs(args)``."""
     model, loss_fn = fresh_model(args, device), nn.CrossEntropyLoss()
     if name == "authors":
         from torch.utils.data import Subset
@@ -178,15 +184,15 @@ def make_contender(name: str, args, device, pil: PilImages, data: DeviceImages, 
             gaf_step(model, opt, loss_fn, list(zip(xs, ys)), args.tau)
         return step
     opt = build_optimizer("sgd", model.parameters(), masked=True, **SGD)
+    kwargs = dict(options if options is not None else fast_kwargs(args))
     if name == "fast":
-        stepper = FastGAFStep(model, opt, loss_fn, args.tau, **fast_kwargs(args))
+        stepper = FastGAFStep(model, opt, loss_fn, args.tau, **kwargs)
     elif name == "fast_batched":  # torch.compile is not applied under vmap: graph capture only
-        kwargs = fast_kwargs(args)
         if kwargs["compile"] is True:
             kwargs["compile"] = "graph"
         stepper = FastGAFStep(model, opt, loss_fn, args.tau, batched=True, **kwargs)
     else:
-        stepper = FastPlainStep(model, opt, loss_fn, **fast_kwargs(args))
+        stepper = FastPlainStep(model, opt, loss_fn, **kwargs)
 
     def step(s):
         xs, ys = data.batch(plan[s])
@@ -219,29 +225,49 @@ def full_fp32():
         torch.set_float32_matmul_precision(precision)
 
 
-def check_against_reference(args, device, data: DeviceImages, plan: torch.Tensor) -> dict:
-    """The fast path vs gaf_step, from the same weights at every step."""
-    model, loss_fn = fresh_model(args, device), nn.CrossEntropyLoss()
+def fp32_options(args) -> dict:
+    """The fast path in true fp32 (no autocast, no layout change): like with like."""
+    return {**fast_kwargs(args), "amp_dtype": None, "channels_last": False}
+
+
+def check_against_reference(args, device, data: DeviceImages, plan: torch.Tensor, options: dict, steps: int,
+                            classes: int = CLASSES) -> dict:
+    """A fast stepper built with ``options`` vs gaf_step in full fp32, from the same weights
+    at every step (the reference is reloaded from the fast model, which follows its own
+    trajectory): the largest |distance difference| and the fraction of identical accept
+    decisions (distance <= tau, per microbatch). The fast step runs under the same TF32-off
+    flags, so fp32 options compare like with like and bf16 shows its rounding alone."""
+    model, loss_fn = fresh_model(args, device, classes), nn.CrossEntropyLoss()
     reference = copy.deepcopy(model)
     still = torch.optim.SGD(reference.parameters(), lr=0.0)  # gaf_step needs one; the reference is reloaded anyway
     opt = build_optimizer("sgd", model.parameters(), masked=True, **SGD)
-    stepper = FastGAFStep(model, opt, loss_fn, args.tau, **fast_kwargs(args))
+    stepper = FastGAFStep(model, opt, loss_fn, args.tau, **options)
     data.reset()
     plan = plan.to(device)
     worst, same, total, taken = 0.0, 0, 0, 0
-    for s in range(args.check_steps):
-        xs, ys = data.batch(plan[s % len(plan)])
-        reference.load_state_dict(model.state_dict())
-        with full_fp32():
+    with full_fp32():
+        for s in range(steps):
+            xs, ys = data.batch(plan[s % len(plan)])
+            reference.load_state_dict(model.state_dict())
             ref = gaf_step(reference, still, loss_fn, list(zip(xs, ys)), args.tau)
-        out = stepper(xs, ys)
-        ours, theirs = out["distances"].double().cpu(), torch.tensor(ref["distances"], dtype=torch.float64)
-        worst = max(worst, float((ours - theirs).abs().max()))
-        same += int(((ours <= args.tau) == (theirs <= args.tau)).sum())
-        total += len(theirs)
-        taken += int(out["stepped"])
-    return dict(check_n=plan.shape[1], check_steps=args.check_steps, check_max_distance_diff=worst,
-                check_same_decisions=same / max(total, 1), check_decisions=total, check_stepped=taken)
+            out = stepper(xs, ys)
+            ours, theirs = out["distances"].double().cpu(), torch.tensor(ref["distances"], dtype=torch.float64)
+            worst = max(worst, float((ours - theirs).abs().max()))
+            same += int(((ours <= args.tau) == (theirs <= args.tau)).sum())
+            total += len(theirs)
+            taken += int(out["stepped"])
+    return dict(n=plan.shape[1], steps=steps, max_distance_diff=worst, same_decisions=same / max(total, 1),
+                decisions=total, stepped=taken)
+
+
+def checks(args, device, data: DeviceImages, plan: torch.Tensor) -> dict:
+    """fp32 fast vs fp32 reference (a bug shows), and the bench's own options vs fp32 (rounding)."""
+    fp32, ours = fp32_options(args), fast_kwargs(args)
+    out = {f"check_{k}": v for k, v in check_against_reference(args, device, data, plan, fp32, args.check_steps).items()}
+    if ours != fp32:
+        out.update({f"check_amp_{k}": v for k, v in
+                    check_against_reference(args, device, data, plan, ours, args.check_steps).items()})
+    return out
 
 
 # ----------------------------------------------------------------------------- main
@@ -267,7 +293,9 @@ def main(argv=None) -> list[dict]:
         for m in args.m:
             b = CLASSES * m
             gen = torch.Generator().manual_seed(args.seed + 1000 * n + m)
-            plan = torch.randint(0, args.pool, (max(total_steps, args.check_steps), n, b), generator=gen)
+            check_here = not rows and args.check_steps > 0  # only the first point is checked
+            plan = torch.randint(0, args.pool, (max(total_steps, args.check_steps if check_here else 0), n, b),
+                                 generator=gen)
             row = dict(device=device_name(device), torch=torch.__version__, date=date, model=args.model, n=n, m=m,
                        microbatch=b, images_per_step=n * b, steps=args.steps, warmup=args.warmup, tau=args.tau,
                        amp=args.amp, channels_last=args.channels_last, compile=args.compile)
@@ -282,8 +310,8 @@ def main(argv=None) -> list[dict]:
             for name in contenders:
                 row[f"{name}_vs_authors"] = row[f"{name}_images_per_s"] / row["authors_images_per_s"]
             row["fast_time_over_plain"] = row["plain_images_per_s"] / row["fast_images_per_s"]
-            if not rows and args.check_steps:
-                row.update(check_against_reference(args, device, data, plan))
+            if check_here:
+                row.update(checks(args, device, data, plan))
             rows.append(row)
             print(f"n={n} m={m}: " + ", ".join(f"{k} {row[f'{k}_images_per_s']:.0f} img/s" for k in contenders),
                   file=sys.stderr)
@@ -309,11 +337,15 @@ def markdown(rows: list[dict], args) -> str:
         lines.append(f"| {r['n']} | {r['m']} | {r['images_per_step']} | " + " | ".join(cells)
                      + f" | {r['fast_time_over_plain']:.2f} |" + batched)
     if "check_steps" in r0:
-        lines += ["", f"Fast path vs gaf_step (n={r0['check_n']}, m={r0['m']}, {flags}), from the same weights at "
-                  f"each of {r0['check_steps']} steps: largest |distance difference| "
+        lines += ["", f"Fast path vs gaf_step, both full fp32 (TF32 off), from the same weights at each of "
+                  f"{r0['check_steps']} steps (n={r0['check_n']}, m={r0['m']}): largest |distance difference| "
                   f"{r0['check_max_distance_diff']:.2e}; identical accept decisions "
-                  f"{100 * r0['check_same_decisions']:.2f}% of {r0['check_decisions']} "
-                  f"({r0['check_stepped']} steps taken)."]
+                  f"{100 * r0['check_same_decisions']:.2f}% of {r0['check_decisions']} ({r0['check_stepped']} steps "
+                  "taken)."]
+    if "check_amp_steps" in r0:
+        lines += [f"With the timed options ({flags}) against the fp32 reference: largest |distance difference| "
+                  f"{r0['check_amp_max_distance_diff']:.2e}; identical decisions "
+                  f"{100 * r0['check_amp_same_decisions']:.2f}% of {r0['check_amp_decisions']}."]
     return "\n".join(lines)
 
 
