@@ -11,7 +11,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from gaf.train import CheckpointError, RunConfig, run
+from gaf.config import RunConfig
+from gaf.rundir import CheckpointError
+from gaf.train import run
 
 
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")

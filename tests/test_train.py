@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from cifar_fixtures import md5_checks_disabled, write_cifar100
+from gaf.config import RunConfig
 from gaf.data import DataError
-from gaf.train import CheckpointError, RunConfig, run
+from gaf.rundir import CheckpointError
+from gaf.train import run
 
 
 def tiny_config(**sections) -> RunConfig:

@@ -1,0 +1,148 @@
+"""The files of a run directory: append-only CSV logs, atomic JSON and checkpoints,
+the environment a run ran in, its summary, and the optional wandb logger.
+
+    config.json    the resolved config
+    metrics.csv    one row per iteration
+    eval.csv       one row per validation
+    summary.json   status, accuracies, throughput, environment, config
+    checkpoint.pt  everything needed to resume, written atomically
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gaf.config import RunConfig
+
+
+class CsvLog:
+    """Append-only CSV with a fixed header, truncatable to the rows before a checkpoint."""
+
+    def __init__(self, path: Path, columns: list[str]):
+        self.path, self.columns = path, columns
+
+    def append(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerows(rows)
+
+    def truncate_after(self, iteration: int) -> None:
+        """Drop rows written after ``iteration`` (they are recomputed on resume)."""
+        if not self.path.exists():
+            return
+        with open(self.path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["iter"]) <= iteration]
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.columns)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, self.path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic: a crash mid-write leaves the previous checkpoint intact."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read."""
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or foreign file: say which, and what to do
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {e}); "
+                           "delete it to restart this run from scratch") from None
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    import torchvision
+
+    from gaf import __version__
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "gaf": __version__,
+        "git_commit": commit,
+        "cuda": torch.version.cuda,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "host": socket.gethostname(),
+        "argv": sys.argv,
+    }
+
+
+def write_summary(path: Path, cfg: RunConfig, state: dict, env: dict, ds, status: str, started: str) -> dict:
+    summary = {
+        "status": status,
+        "final_val_acc": state["final_val_acc"], "best_val_acc": state["best_val_acc"],
+        "iterations": state["iter"], "images_seen": state["images_seen"], "steps_taken": state["steps_taken"],
+        "wall_time_s": round(state["elapsed"], 3),
+        "images_per_s": state["images_seen"] / state["train_time"] if state["train_time"] > 0 else 0.0,
+        "device": env["device"], "device_name": env["device_name"], "versions": env,
+        "data_note": ds.note, "scale": cfg.scale, "experiment": cfg.experiment,
+        "started_at": started,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds") if status != "running" else None,
+        "config": cfg.to_dict(),
+    }
+    write_json(path, summary)
+    return summary
+
+
+class WandbLogger:
+    """wandb, when asked for: offline by default, never a login prompt."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, config: dict):
+        self.run = None
+        if cfg.wandb.mode == "disabled":
+            return
+        try:
+            import wandb
+        except ImportError:
+            raise ValueError(f"wandb.mode={cfg.wandb.mode} needs wandb: pip install 'gaf[wandb]', "
+                             "or set wandb.mode=disabled") from None
+        os.environ.setdefault("WANDB_SILENT", "true")
+        run_id = "".join(c if c.isalnum() else "-" for c in str(run_dir.resolve()))[-64:]
+        self.run = wandb.init(project=cfg.wandb.project, mode=cfg.wandb.mode, dir=str(run_dir), config=config,
+                              id=run_id, resume="allow", name=run_dir.name)
+
+    def log(self, row: dict, step: int) -> None:
+        if self.run is not None:
+            self.run.log(row, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
