@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 SCALE  ?= paper
 ARGS   ?=
 
-.PHONY: venv test test-fast train reproduce figures bench bench-dist clean
+.PHONY: venv test test-fast train reproduce figures bench bench-dist gpu-check clean
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -36,6 +36,9 @@ bench: $(STAMP)  ## single-device benchmark (ARGS="--device cpu --quick" on a CP
 
 bench-dist: $(STAMP)  ## bytes and time of the multi-rank reductions (ARGS=--quick for seconds)
 	$(PY) scripts/bench_dist.py $(ARGS)
+
+gpu-check: $(STAMP)  ## every CUDA path checked in minutes: results/gpu/<date>-<card>.md (ARGS="--device cpu --quick" dry run)
+	$(PY) scripts/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -70,6 +70,7 @@ class LoopConfig:
     memorisation_samples: int = 10000  # training samples probed for memorisation at each validation
     fast: bool | None = None  # the fused GPU path; None = on when the device is CUDA
     amp: bool = False  # bf16 autocast on CUDA (fast path)
+    channels_last: bool | None = None  # fast path: channels_last images and weights; None = as amp
     compile: str = "none"  # fast path on CUDA: none | graph (capture the step) | full (torch.compile, then capture)
     batched: bool = False  # fast path: all micro-gradients in one torch.func.vmap pass instead of n passes
     progress: bool | None = None  # tqdm; None = only on a terminal and not in CI

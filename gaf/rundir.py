@@ -112,6 +112,7 @@ def write_summary(path: Path, cfg: RunConfig, state: dict, env: dict, ds, status
         "iterations": state["iter"], "images_seen": state["images_seen"], "steps_taken": state["steps_taken"],
         "wall_time_s": round(state["elapsed"], 3),
         "images_per_s": state["images_seen"] / state["train_time"] if state["train_time"] > 0 else 0.0,
+        "train_time_s": round(state["train_time"], 3),  # the loop's wall time, validation excluded
         "device": env["device"], "device_name": env["device_name"], "versions": env,
         "data_note": ds.note, "scale": cfg.scale, "experiment": cfg.experiment,
         "started_at": started,

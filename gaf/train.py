@@ -98,8 +98,10 @@ def make_stepper(cfg: RunConfig, model, optimizer, loss_fn, tau, fast: bool) -> 
             return DistributedMeanStep(model, optimizer, loss_fn)
         return DistributedGAFStep(model, optimizer, loss_fn, tau, cfg.method.merge, mode=cfg.dist_mode)
     if fast:
-        options = dict(amp_dtype=torch.bfloat16 if cfg.train.amp else None, channels_last=cfg.train.amp,
-                       compile=COMPILE_MODES[cfg.train.compile])
+        t = cfg.train
+        options = dict(amp_dtype=torch.bfloat16 if t.amp else None,
+                       channels_last=t.amp if t.channels_last is None else t.channels_last,
+                       compile=COMPILE_MODES[t.compile])
         if cfg.method.name == "baseline":
             return FastPlainStep(model, optimizer, loss_fn, **options)
         return FastGAFStep(model, optimizer, loss_fn, tau, cfg.method.merge, batched=cfg.train.batched, **options)
@@ -129,6 +131,20 @@ def make_sampler(cfg: RunConfig, ds: gdata.ImageDataset):
         return gdata.ClassBalancedSampler(labels, ds.num_classes, m.per_class, m.n_micro, cfg.seed,
                                           replacement=m.replacement)
     return gdata.BatchSampler(labels, ds.num_classes, m.batch_size, cfg.seed)
+
+
+def draw_batch(sampler, ds: gdata.ImageDataset, generator: torch.Generator, device: torch.device):
+    """The next step's images (n, b, C, H, W), augmented and normalised on ``device``, and labels.
+
+    The sampler draws indices on the host; on CUDA they travel through pinned memory
+    (``pin_memory`` takes a block the caching host allocator frees only once the copy
+    has run), so the copy is asynchronous and the host never waits for the GPU."""
+    idx = sampler.sample()  # (n, b)
+    if device.type == "cuda":
+        idx = idx.pin_memory()
+    idx = idx.to(device, non_blocking=True)
+    x = gdata.augment(ds.train_x[idx.flatten()], generator)
+    return gdata.normalize(x, ds.mean, ds.std).unflatten(0, idx.shape), ds.train_y[idx]
 
 
 @torch.no_grad()
@@ -256,6 +272,8 @@ class Trainer:
         self.config, self.is_main = config, rank == 0
         self.summary_path, self.ckpt_path = run_dir / "summary.json", run_dir / "checkpoint.pt"
         torch.manual_seed(cfg.seed)
+        if device.type == "cuda":  # fixed shapes: cuDNN picks the fastest convolutions once
+            torch.backends.cudnn.benchmark = True
         self.ds = load_data(cfg).to(device)
         self.sampler = make_sampler(cfg, self.ds)
         self.model = build_model(cfg.model.name, self.ds.num_classes).to(device)
@@ -279,7 +297,7 @@ class Trainer:
         self.pending: list[tuple[int, int, dict]] = []  # (iter, images_seen, device tensors) not yet written
         self.since_eval: list[dict] = []  # metrics rows since the last validation
         self.logger: WandbLogger | None = None
-        self.t_start = time.perf_counter()
+        self.t_start = self._chunk_start = time.perf_counter()
 
     def restore(self, ckpt: dict) -> None:
         """Continue from a checkpoint; rows written after it are dropped (they are recomputed)."""
@@ -322,7 +340,7 @@ class Trainer:
     def _loop(self) -> tuple[str, int]:
         """(status, last iteration run): finished, diverged or stopped."""
         cfg, start = self.cfg, self.state["iter"]
-        self.t_start = time.perf_counter()
+        self.t_start = self._chunk_start = time.perf_counter()
         progress = _progress(cfg, start, self.is_main)
         self.model.train()
         it = start
@@ -336,6 +354,7 @@ class Trainer:
                 if at_eval:
                     if not self._validate_and_checkpoint(it):
                         return "diverged", it
+                    self._chunk_start = time.perf_counter()  # validation is not training time
                     self.state["iter"] = it  # the last checkpointed iteration
                     progress.set_postfix(val_acc=f"{self.state['final_val_acc']:.3f}")
                 if cfg.train.stop_after is not None and it >= cfg.train.stop_after:
@@ -346,21 +365,18 @@ class Trainer:
 
     def _step(self, it: int) -> None:
         """One training step; its outputs stay on the device in ``pending`` until a flush."""
-        cfg, ds, state, world = self.cfg, self.ds, self.state, self.world
-        t0 = time.perf_counter()
-        idx = self.sampler.sample().to(self.device, non_blocking=True)  # (n, b)
-        x = gdata.augment(ds.train_x[idx.flatten()], self.aug_gen)
-        xs = gdata.normalize(x, ds.mean, ds.std).unflatten(0, idx.shape)
-        ys = ds.train_y[idx]
+        cfg, state, world = self.cfg, self.state, self.world
+        xs, ys = draw_batch(self.sampler, self.ds, self.aug_gen, self.device)
+        images = ys.numel()
         if cfg.distributed:  # every rank drew the same global step; it takes its rows
             if cfg.method.name == "baseline":  # (1, B) -> (world, B / world)
                 xs, ys = xs.unflatten(1, (world, -1))[0], ys.unflatten(1, (world, -1))[0]
             xs, ys = local_slice(xs, self.rank, world), local_slice(ys, self.rank, world)
         out = self.stepper(xs, ys)
         out["lr"] = self.optimizer.param_groups[0]["lr"]
-        out["batch"], out["time"] = idx.numel(), state["elapsed"] + time.perf_counter() - self.t_start
-        state["images_seen"] += idx.numel()
-        state["train_time"] += time.perf_counter() - t0
+        # issued, not finished: on CUDA the GPU may still be working on it (train_time is synced)
+        out["batch"], out["time"] = images, state["elapsed"] + time.perf_counter() - self.t_start
+        state["images_seen"] += images
         self.pending.append((it, state["images_seen"], out))
 
     def _pending_rows(self) -> list[dict]:
@@ -385,7 +401,10 @@ class Trainer:
         """Write pending metrics rows; False if the loss went non-finite."""
         if not self.pending:
             return True
-        rows = self._pending_rows()
+        rows = self._pending_rows()  # waits for the GPU: the time up to here is the steps' real time
+        now = time.perf_counter()
+        self.state["train_time"] += now - self._chunk_start
+        self._chunk_start = now
         self.pending.clear()
         self.since_eval.extend(rows)
         self.state["steps_taken"] += sum(r["stepped"] for r in rows)

@@ -451,3 +451,13 @@ def test_torch_compile_of_the_forward_through_the_fast_step_on_cpu():
         assert int(out["accepted"]) == int(ref["accepted"])
     assert graphs.captures == 1 and graphs.replays == 2
     assert_models_equal(twin, model, twin_opt, opt, exact=False, tol=1e-5)
+
+
+def test_bench_checks_fp32_like_with_like_and_the_timed_options_apart():
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--device", "cpu", "--quick", "--n", "2", "--amp", "bf16", "--channels-last"])
+    row = rows[0]
+    assert row["check_max_distance_diff"] < 1e-5 and row["check_same_decisions"] == 1.0  # fp32 vs fp32
+    assert 0 < row["check_amp_max_distance_diff"] < 0.1  # bf16's rounding, reported on its own

@@ -1,0 +1,46 @@
+"""scripts/gpu_check.py's dry run on a CPU: the script the GPU runs cannot rot."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import gpu_check  # noqa: E402
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_passes_every_check_on_cpu(tmp_path, capsys):
+    results = gpu_check.main(["--device", "cpu", "--quick", "--out-dir", str(tmp_path)])
+    assert list(results) == list(gpu_check.CHECKS)
+    assert all(r["status"] == "PASS" for r in results.values()), {k: r["detail"] for k, r in results.items()}
+    out = capsys.readouterr().out
+    assert sum(line.startswith("PASS ") for line in out.splitlines()) == len(gpu_check.CHECKS)
+    report = json.loads(next(tmp_path.glob("*-cpu.json")).read_text())
+    assert report["environment"]["card"] == "cpu" and set(report["checks"]) == set(gpu_check.CHECKS)
+    fp32 = results["fp32-equal"]["figures"]
+    assert 0 < fp32["taken"] < fp32["steps"] and fp32["identical_decisions"] == fp32["steps"]
+    assert results["speed"]["figures"]["rows"][0]["fast_graph"] > 0
+    assert "| fp32-equal | PASS |" in next(tmp_path.glob("*-cpu.md")).read_text()
+
+
+def test_gpu_check_refuses_unknown_checks_and_cuda_without_a_gpu(tmp_path):
+    with pytest.raises(SystemExit, match="nope"):
+        gpu_check.main(["--device", "cpu", "--only", "nope", "--out-dir", str(tmp_path)])
+    if not gpu_check.torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            gpu_check.main(["--device", "cuda"])
+
+
+def test_a_failing_check_is_reported_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+    def broken(ctx):
+        raise RuntimeError("planted")
+
+    monkeypatch.setitem(gpu_check.CHECKS, "sync-free", broken)
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.main(["--device", "cpu", "--quick", "--only", "sync-free", "compile", "--out-dir", str(tmp_path)])
+    assert exit_info.value.code == 1
+    out = capsys.readouterr().out
+    assert "FAIL sync-free" in out and "RuntimeError: planted" in out and "PASS compile" in out
