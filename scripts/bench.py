@@ -273,6 +273,15 @@ def checks(args, device, data: DeviceImages, plan: torch.Tensor) -> dict:
 # ----------------------------------------------------------------------------- main
 
 
+def make_plan(args, n: int, m: int, checked: bool) -> torch.Tensor:
+    """Microbatch indices (steps, n, b) for one (n, m) point: the timed steps, and the check's
+    steps only where the check runs."""
+    steps = args.warmup + args.steps
+    gen = torch.Generator().manual_seed(args.seed + 1000 * n + m)
+    return torch.randint(0, args.pool, (max(steps, args.check_steps if checked else 0), n, CLASSES * m),
+                         generator=gen)
+
+
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
@@ -286,16 +295,13 @@ def main(argv=None) -> list[dict]:
     images = rng.integers(0, 256, size=(args.pool, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, CLASSES, size=args.pool).astype(np.int64)
     pil, data = PilImages(images, labels), DeviceImages(images, labels, device, args.seed)
-    total_steps = args.warmup + args.steps
     date = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     rows = []
     for n in args.n:
         for m in args.m:
             b = CLASSES * m
-            gen = torch.Generator().manual_seed(args.seed + 1000 * n + m)
             check_here = not rows and args.check_steps > 0  # only the first point is checked
-            plan = torch.randint(0, args.pool, (max(total_steps, args.check_steps if check_here else 0), n, b),
-                                 generator=gen)
+            plan = make_plan(args, n, m, check_here)
             row = dict(device=device_name(device), torch=torch.__version__, date=date, model=args.model, n=n, m=m,
                        microbatch=b, images_per_step=n * b, steps=args.steps, warmup=args.warmup, tau=args.tau,
                        amp=args.amp, channels_last=args.channels_last, compile=args.compile)

@@ -16,7 +16,8 @@ def test_concurrent_runs_are_measured_side_by_side(capsys):
     assert rows[1]["images"] == 2 * rows[0]["images"] == 2 * 40 * 2 * 4 * 10  # iterations x n x m x classes
     assert all(r["wall_s"] > 0 for r in rows)
     out = capsys.readouterr().out
-    assert "| 2 |" in out and "vs one run" in out
+    assert "| 2 |" in out and "vs one run" in out and "summed loop images/s" in out
+    assert all(r["loop_images_per_s"] > 0 for r in rows)
 
 
 def test_jobs_must_include_one():

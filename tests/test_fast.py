@@ -461,3 +461,12 @@ def test_bench_checks_fp32_like_with_like_and_the_timed_options_apart():
     row = rows[0]
     assert row["check_max_distance_diff"] < 1e-5 and row["check_same_decisions"] == 1.0  # fp32 vs fp32
     assert 0 < row["check_amp_max_distance_diff"] < 0.1  # bf16's rounding, reported on its own
+
+
+def test_bench_plans_check_steps_only_for_the_checked_point():
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.parse_args(["--device", "cpu", "--quick", "--steps", "4", "--warmup", "1", "--check-steps", "50"])
+    assert bench.make_plan(args, 2, 1, checked=True).shape == (50, 2, 100)
+    assert bench.make_plan(args, 3, 1, checked=False).shape == (5, 3, 100)
