@@ -470,3 +470,26 @@ def test_bench_plans_check_steps_only_for_the_checked_point():
     args = bench.parse_args(["--device", "cpu", "--quick", "--steps", "4", "--warmup", "1", "--check-steps", "50"])
     assert bench.make_plan(args, 2, 1, checked=True).shape == (50, 2, 100)
     assert bench.make_plan(args, 3, 1, checked=False).shape == (5, 3, 100)
+
+
+def test_graphed_step_recaptures_when_an_adaptive_history_is_reloaded():
+    """Resuming loads an AdaptiveTau's history into new tensors, which a captured graph
+    would not see: the step must warm up and capture again, then decide as eager does."""
+    graphs = StandInGraphs()
+    model, opt = capturable_twin()
+    twin, twin_opt = capturable_twin()
+    tau, twin_tau = AdaptiveTau(1.0, k=0.5, window=4), AdaptiveTau(1.0, k=0.5, window=4)
+    step = FastGAFStep(model, opt, nn.CrossEntropyLoss(), tau, compile="graph", graphs=graphs)
+    eager = FastGAFStep(twin, twin_opt, nn.CrossEntropyLoss(), twin_tau)
+    batches = make_batches(FastGAFStep.warmup + 6, 3)
+    w = FastGAFStep.warmup
+    for xs, ys in batches[: w + 2]:
+        step(xs, ys), eager(xs, ys)
+    assert graphs.captures == 1
+    saved = {**tau.state_dict(), "buffer": torch.linspace(0.9, 1.0, 4), "count": torch.tensor(9)}
+    tau.load_state_dict(saved)
+    twin_tau.load_state_dict(copy.deepcopy(saved))
+    for xs, ys in batches[w + 2:]:
+        out, ref = step(xs, ys), eager(xs, ys)
+        assert torch.equal(out["tau"], ref["tau"]) and torch.equal(out["accepted"], ref["accepted"])
+    assert graphs.warmups == 2 * w and graphs.captures == 2
