@@ -344,6 +344,33 @@ class CudaGraphs:
         return graph.replay, out
 
 
+class StandInGraphs:
+    """``CudaGraphs``'s contract on any device, for tests and dry runs: a capture records the
+    step (nothing runs), a replay runs it in Python on the static inputs and writes into the
+    static outputs, as a CUDA graph would. Counts its calls."""
+
+    def __init__(self):
+        self.warmups = self.captures = self.replays = 0
+
+    def warmup(self, fn: Callable[[], dict]) -> dict:
+        self.warmups += 1
+        return fn()
+
+    def capture(self, fn: Callable[[], dict]) -> tuple[Callable[[], None], dict]:
+        self.captures += 1
+        static: dict = {}
+
+        def replay() -> None:
+            self.replays += 1
+            out = fn()
+            if not static:
+                static.update({k: v.clone() for k, v in out.items()})
+            for k, v in out.items():
+                static[k].copy_(v)
+
+        return replay, static
+
+
 class _FastStep:
     """Shared machinery: autocast, channels_last, and whole-step CUDA-graph capture.
 

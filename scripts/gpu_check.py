@@ -52,7 +52,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]  # a checkout without installi
 import bench  # noqa: E402
 from gaf import gaf_step  # noqa: E402
 from gaf import data as gdata  # noqa: E402
-from gaf.fast import FastGAFStep, FastPlainStep, build_optimizer  # noqa: E402
+from gaf.fast import FastGAFStep, FastPlainStep, StandInGraphs, build_optimizer  # noqa: E402
 from gaf.models import build_model  # noqa: E402
 
 SGD = bench.SGD
@@ -105,26 +105,6 @@ def real_data(args, device):
         return None, f"random images (no CIFAR-10 JPEG copy: {e})"
     images = bench.DeviceImages(ds.train_x, ds.train_y, device, args.seed, ds.mean, ds.std)
     return images, f"CIFAR-10 JPEG copy ({len(ds.train_y)} training images, 10 classes)"
-
-
-class StandInGraphs:
-    """The CPU dry run's CUDA graph: capture records the step, replay runs it on the static
-    inputs and writes into the static outputs (``gaf.fast.CudaGraphs``'s contract)."""
-
-    def warmup(self, fn):
-        return fn()
-
-    def capture(self, fn):
-        static = {}
-
-        def replay():
-            out = fn()
-            if not static:
-                static.update({k: v.clone() for k, v in out.items()})
-            for k, v in out.items():
-                static[k].copy_(v)
-
-        return replay, static
 
 
 def fresh(ctx, classes=None, model=None) -> nn.Module:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from gaf import AdaptiveTau, gaf_step
-from gaf.fast import (FastGAFStep, FastPlainStep, MaskedAdam, MaskedAdamW, MaskedSGD,
+from gaf.fast import (FastGAFStep, FastPlainStep, MaskedAdam, MaskedAdamW, MaskedSGD, StandInGraphs,
                       build_optimizer)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -351,32 +351,6 @@ def test_bench_quick_runs_on_cpu(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- tau changes and graph bookkeeping
-
-
-class StandInGraphs:
-    """torch.cuda's graph calls as a CPU can run them: a capture records the step (nothing
-    runs), a replay runs it on the static inputs and writes into the static outputs."""
-
-    def __init__(self):
-        self.warmups = self.captures = self.replays = 0
-
-    def warmup(self, fn):
-        self.warmups += 1
-        return fn()
-
-    def capture(self, fn):
-        self.captures += 1
-        static = {}
-
-        def replay():
-            self.replays += 1
-            out = fn()
-            if not static:
-                static.update({k: v.clone() for k, v in out.items()})
-            for k, v in out.items():
-                static[k].copy_(v)
-
-        return replay, static
 
 
 def capturable_twin(seed=0):
