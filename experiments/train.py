@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from gaf.config import RunConfig
-from gaf.rundir import CheckpointError
+from gaf.rundir import RunDirError
 from gaf.train import run
 
 
@@ -22,7 +22,7 @@ def main(cfg: DictConfig) -> float:
     container.pop("scales", None)  # presets' per-scale tables, already interpolated
     try:
         summary = run(RunConfig.from_dict(container), HydraConfig.get().runtime.output_dir)
-    except (ValueError, CheckpointError) as e:  # bad settings, missing data, unreadable checkpoint
+    except (ValueError, RunDirError) as e:  # bad settings, missing data, a run directory in use or unreadable
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     return summary.get("best_val_acc", float("nan"))

@@ -9,78 +9,160 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
+import re
 from dataclasses import dataclass, field
 
+from gaf.data import DATASETS, FALLBACKS
 from gaf.distributed import MODES as DIST_MODES
 from gaf.fast import OPTIMIZERS
-from gaf.filter import check_merge, check_tau
+from gaf.filter import MERGES
+from gaf.models import MODELS
+
+
+# train.compile -> FastGAFStep's compile argument.
+COMPILE_MODES = {"none": False, "graph": "graph", "full": True}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one setting may hold. ``kind``: int | float | bool | choice | path | text | pair
+    | device; ``low``/``high`` bound numbers (``open_low``/``open_high`` exclude the bound);
+    ``optional``: None (null) is allowed too."""
+
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+    choices: tuple = ()
+    optional: bool = False
+
+    def allowed(self) -> str:
+        """The allowed values in words, for error messages."""
+        if self.kind == "choice":
+            text = "one of " + ", ".join(str(c) for c in self.choices)
+        elif self.kind in ("int", "float", "pair"):
+            text = {"int": "an integer", "float": "a number", "pair": "a pair of numbers, each"}[self.kind]
+            if self.low is not None and self.high is not None:
+                text += f" in {'(' if self.open_low else '['}{self.low}, {self.high}{')' if self.open_high else ']'}"
+            elif self.low is not None:
+                text += f" {'>' if self.open_low else '>='} {self.low}"
+        else:
+            text = {"bool": "true or false", "path": "a file or folder path", "text": "a non-empty string",
+                    "device": "auto, cpu, cuda or cuda:N"}[self.kind]
+        return text + (" (or null)" if self.optional else "")
+
+    def accepts(self, value) -> bool:
+        if value is None:
+            return self.optional
+        if self.kind == "choice":
+            return value in self.choices
+        if self.kind == "bool":
+            return isinstance(value, bool)
+        if self.kind in ("path", "text"):
+            return isinstance(value, (str, os.PathLike)) and str(value) != ""
+        if self.kind == "device":
+            return isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is not None
+        if self.kind == "pair":
+            return (isinstance(value, (tuple, list)) and len(value) == 2
+                    and all(dataclasses.replace(self, kind="float").accepts(v) for v in value))
+        return self._in_range(value)
+
+    def _in_range(self, value) -> bool:
+        types = (int,) if self.kind == "int" else (int, float)
+        if isinstance(value, bool) or not isinstance(value, types) or not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.open_high else value <= self.high)
+
+    def check(self, key: str, value) -> None:
+        if not self.accepts(value):
+            raise ValueError(f"{key} must be {self.allowed()}, got {value!r}")
+
+
+def setting(default, kind: str, **rule):
+    """A schema field whose metadata carries its ``Rule`` (``validate`` walks them all)."""
+    return field(default=default, metadata={"rule": Rule(kind, **rule)})
 
 
 @dataclass
 class DataConfig:
-    name: str = "cifar100"  # cifar100 | cifar100n | cifar10 | cifar10_jpeg | random
-    root: str = "data"  # a folder (CIFAR) or the .tar.gz of the JPEG copy
-    label_file: str | None = None  # CIFAR-100N: CIFAR-100_human.pt
-    noise: float = 0.0  # symmetric label noise rate p in [0, 1)
-    download: bool = False
-    fallback: str | None = None  # where CIFAR-100 is missing: cifar10_jpeg | random (said in the note)
-    jpeg_path: str | None = None  # the JPEG copy, for the cifar10_jpeg fallback
-    train_per_class: int | None = None  # class-balanced subsets, for small scales
-    test_per_class: int | None = None
-    random_train: int = 5000  # random data (figure 5)
-    random_test: int = 1000
-    num_classes: int | None = None  # random data only
+    name: str = setting("cifar100", "choice", choices=DATASETS)
+    root: str = setting("data", "path")  # a folder (CIFAR) or the .tar.gz of the JPEG copy
+    label_file: str | None = setting(None, "path", optional=True)  # CIFAR-100N: CIFAR-100_human.pt
+    noise: float = setting(0.0, "float", low=0, high=1, open_high=True)  # symmetric label noise rate p
+    download: bool = setting(False, "bool")
+    # where CIFAR-100 is missing: cifar10_jpeg | random (said in the note)
+    fallback: str | None = setting(None, "choice", choices=tuple(f for f in FALLBACKS if f), optional=True)
+    jpeg_path: str | None = setting(None, "path", optional=True)  # the JPEG copy, for the cifar10_jpeg fallback
+    # class-balanced subsets, for small scales
+    train_per_class: int | None = setting(None, "int", low=1, optional=True)
+    test_per_class: int | None = setting(None, "int", low=1, optional=True)
+    random_train: int = setting(5000, "int", low=1)  # random data (figure 5)
+    random_test: int = setting(1000, "int", low=1)
+    num_classes: int | None = setting(None, "int", low=2, optional=True)  # random data only
 
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet18"
+    name: str = setting("resnet18", "choice", choices=tuple(MODELS))
 
 
 @dataclass
 class MethodConfig:
-    name: str = "gaf"  # gaf | baseline
-    tau: float = 0.97
-    n_micro: int = 2  # n: microbatches per step
-    per_class: int = 1  # m: images per class per microbatch
-    merge: str = "halving"  # halving (authors' package) | mean (their multi-GPU script)
-    replacement: bool = False  # sample microbatches with replacement when classes are small
-    adaptive_k: float | None = None  # set: tau_t = min(tau, mean + k*std of recent distances)
-    adaptive_window: int = 200
-    batch_size: int = 128  # baseline batch (class-balanced + random fill)
+    name: str = setting("gaf", "choice", choices=("gaf", "baseline"))
+    tau: float = setting(0.97, "float", low=0, high=2)  # the cosine distance's range
+    n_micro: int = setting(2, "int", low=2)  # n: microbatches per step
+    per_class: int = setting(1, "int", low=1)  # m: images per class per microbatch
+    # halving (authors' package) | mean (their multi-GPU script)
+    merge: str = setting("halving", "choice", choices=MERGES)
+    replacement: bool = setting(False, "bool")  # sample microbatches with replacement when classes are small
+    # set: tau_t = min(tau, mean + k*std of recent distances)
+    adaptive_k: float | None = setting(None, "float", low=0, optional=True)
+    adaptive_window: int = setting(200, "int", low=2)
+    batch_size: int = setting(128, "int", low=1)  # baseline batch (class-balanced + random fill)
 
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd | adam | adamw
-    lr: float = 0.01
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 1e-2
-    betas: tuple[float, float] = (0.9, 0.999)
-    plateau_factor: float = 0.1  # ReduceLROnPlateau on validation loss, stepped per validation
-    plateau_patience: int = 100
+    name: str = setting("sgd", "choice", choices=OPTIMIZERS)
+    lr: float = setting(0.01, "float", low=0, open_low=True)
+    momentum: float = setting(0.9, "float", low=0, high=1, open_high=True)
+    nesterov: bool = setting(True, "bool")
+    weight_decay: float = setting(1e-2, "float", low=0)
+    betas: tuple[float, float] = setting((0.9, 0.999), "pair", low=0, high=1, open_high=True)
+    # ReduceLROnPlateau on validation loss, stepped per validation
+    plateau_factor: float = setting(0.1, "float", low=0, high=1, open_low=True, open_high=True)
+    plateau_patience: int = setting(100, "int", low=0)
 
 
 @dataclass
 class LoopConfig:
-    iterations: int = 1000
-    val_every: int = 100
-    eval_batch_size: int = 1000
-    memorisation_samples: int = 10000  # training samples probed for memorisation at each validation
-    fast: bool | None = None  # the fused GPU path; None = on when the device is CUDA
-    amp: bool = False  # bf16 autocast on CUDA (fast path)
-    channels_last: bool | None = None  # fast path: channels_last images and weights; None = as amp
-    compile: str = "none"  # fast path on CUDA: none | graph (capture the step) | full (torch.compile, then capture)
-    batched: bool = False  # fast path: all micro-gradients in one torch.func.vmap pass instead of n passes
-    progress: bool | None = None  # tqdm; None = only on a terminal and not in CI
-    stop_after: int | None = None  # stop (as if killed) after this iteration: tests, time-limited jobs
+    iterations: int = setting(1000, "int", low=1)
+    val_every: int = setting(100, "int", low=1)
+    eval_batch_size: int = setting(1000, "int", low=1)
+    # training samples probed for memorisation at each validation (0: no probe)
+    memorisation_samples: int = setting(10000, "int", low=0)
+    fast: bool | None = setting(None, "bool", optional=True)  # the fused path; None = on when the device is CUDA
+    amp: bool = setting(False, "bool")  # bf16 autocast (fast path)
+    # fast path: channels_last images and weights; None = as amp
+    channels_last: bool | None = setting(None, "bool", optional=True)
+    # fast path on CUDA: none | graph (capture the step) | full (torch.compile, then capture)
+    compile: str = setting("none", "choice", choices=tuple(COMPILE_MODES))
+    # fast path, GAF: all micro-gradients in one torch.func.vmap pass instead of n passes
+    batched: bool = setting(False, "bool")
+    progress: bool | None = setting(None, "bool", optional=True)  # tqdm; None = only on a terminal and not in CI
+    # stop (as if killed) after this iteration: tests, time-limited jobs
+    stop_after: int | None = setting(None, "int", low=1, optional=True)
 
 
 @dataclass
 class WandbConfig:
-    mode: str = "disabled"  # disabled | offline | online
-    project: str = "gaf"
+    mode: str = setting("disabled", "choice", choices=("disabled", "offline", "online"))
+    project: str = setting("gaf", "text")
 
 
 @dataclass
@@ -91,12 +173,13 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    distributed: bool = False
-    dist_mode: str = "gram"  # gram (shards + Gram all-reduce) | allgather (the authors' script)
-    experiment: str = "single"
-    scale: str = "paper"
+    seed: int = setting(0, "int", low=0)
+    device: str = setting("auto", "device")
+    distributed: bool = setting(False, "bool")
+    # gram (shards + Gram all-reduce) | allgather (the authors' script)
+    dist_mode: str = setting("gram", "choice", choices=DIST_MODES)
+    experiment: str = setting("single", "text")
+    scale: str = setting("paper", "choice", choices=("tiny", "small", "paper"))
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
@@ -121,15 +204,12 @@ def _from_dict(cls, d: dict, prefix: str):
         sub = fields[k].default_factory if fields[k].default_factory is not dataclasses.MISSING else None
         if sub is not None and dataclasses.is_dataclass(sub):
             kwargs[k] = _from_dict(sub, v, f"{prefix}{k}.")
-        elif k == "betas" and v is not None:
+        elif k == "betas" and isinstance(v, (list, tuple)):
             kwargs[k] = tuple(v)
         else:
             kwargs[k] = v
     return cls(**kwargs)
 
-
-# train.compile -> FastGAFStep's compile argument.
-COMPILE_MODES = {"none": False, "graph": "graph", "full": True}
 
 # How a run is driven, not what it computes: changing these between launches of one run
 # directory is allowed (e.g. resume a run stopped by train.stop_after, without a progress bar).
@@ -150,38 +230,50 @@ def same_run(a: dict | None, b: dict) -> bool:
     return strip(a) == strip(b)
 
 
+def settings(obj, prefix: str = ""):
+    """Every leaf setting of a config dataclass (or the class): (dotted key, Field, value or None)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name) if not isinstance(obj, type) else None
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+            yield from settings(value if value is not None else f.default_factory, f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, f, value
+
+
 def validate(cfg: RunConfig) -> None:
-    """Reject bad settings up front, each with one clear message."""
-    m, d, o, t = cfg.method, cfg.data, cfg.optim, cfg.train
-    if m.name not in ("gaf", "baseline"):
-        raise ValueError(f"method.name must be 'gaf' or 'baseline', got {m.name!r}")
-    check_tau(m.tau)
-    check_merge(m.merge)
-    if m.name == "gaf" and not (isinstance(m.n_micro, int) and m.n_micro >= 2):
-        raise ValueError(f"method.n_micro must be an integer >= 2, got {m.n_micro!r}")
-    if m.name == "gaf" and not (isinstance(m.per_class, int) and m.per_class >= 1):
-        raise ValueError(f"method.per_class must be an integer >= 1, got {m.per_class!r}")
-    if m.name == "baseline" and not (isinstance(m.batch_size, int) and m.batch_size >= 1):
-        raise ValueError(f"method.batch_size must be an integer >= 1, got {m.batch_size!r}")
-    if not (0.0 <= d.noise < 1.0):
-        raise ValueError(f"data.noise must lie in [0, 1), got {d.noise}")
-    if o.name not in OPTIMIZERS:
-        raise ValueError(f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {o.name!r}")
+    """Reject bad settings up front, each with one message naming the key and what is allowed:
+    every setting against its schema ``Rule``, then the rules that tie settings together."""
+    for key, f, value in settings(cfg):
+        f.metadata["rule"].check(key, value)
+    o, t = cfg.optim, cfg.train
     if o.name == "sgd" and o.nesterov and not o.momentum > 0:
         raise ValueError(f"optim.nesterov=true needs optim.momentum > 0, got momentum={o.momentum}")
-    if not (o.lr > 0):
-        raise ValueError(f"optim.lr must be > 0, got {o.lr}")
-    if not (isinstance(t.iterations, int) and t.iterations >= 1):
-        raise ValueError(f"train.iterations must be an integer >= 1, got {t.iterations!r}")
-    if not (isinstance(t.val_every, int) and t.val_every >= 1):
-        raise ValueError(f"train.val_every must be an integer >= 1, got {t.val_every!r}")
-    if cfg.wandb.mode not in ("disabled", "offline", "online"):
-        raise ValueError(f"wandb.mode must be disabled, offline or online, got {cfg.wandb.mode!r}")
-    if t.compile not in COMPILE_MODES:
-        raise ValueError(f"train.compile must be one of {', '.join(COMPILE_MODES)}, got {t.compile!r}")
-    if t.compile != "none" and not str(cfg.device).startswith(("cuda", "auto")):
+    if t.compile != "none" and not cfg.device.startswith(("cuda", "auto")):
         raise ValueError(f"train.compile={t.compile} captures a CUDA graph; it needs device=cuda, got {cfg.device!r}")
-    if cfg.dist_mode not in DIST_MODES:
-        raise ValueError(f"dist_mode must be one of {', '.join(DIST_MODES)}, got {cfg.dist_mode!r}")
-    if cfg.scale not in ("tiny", "small", "paper"):
-        raise ValueError(f"scale must be tiny, small or paper, got {cfg.scale!r}")
+    if t.compile == "full" and t.batched:
+        raise ValueError("train.compile=full does not combine with train.batched=true (torch.compile of vmap "
+                         "is not used); use train.compile=graph or train.batched=false")
+    if t.batched and cfg.method.name == "baseline":
+        raise ValueError("train.batched=true batches GAF's micro-gradients; method=baseline has none: "
+                         "drop train.batched")
+
+
+def fast_path_on(cfg: RunConfig, device_type: str) -> bool:
+    """The fused step runs (train.fast, or by default on CUDA), never under torch.distributed."""
+    fast = cfg.train.fast if cfg.train.fast is not None else device_type == "cuda"
+    return fast and not cfg.distributed
+
+
+def check_fast_path_options(cfg: RunConfig, device_type: str) -> None:
+    """train.amp, channels_last, compile and batched act on the fast path only, compile on CUDA
+    only: asked for where they would be ignored (or fail after the data loaded), an error."""
+    t = cfg.train
+    asked = [f"train.{k}={str(v).lower()}" for k in ("amp", "channels_last", "compile", "batched")
+             if (v := getattr(t, k)) not in (None, False, "none")]
+    if asked and not fast_path_on(cfg, device_type):
+        why = ("distributed=true runs its own step" if cfg.distributed else
+               "train.fast=false" if t.fast is False else f"the device is {device_type} (set train.fast=true)")
+        raise ValueError(f"{', '.join(asked)} acts on the fast path only, which is off here: {why}")
+    if t.compile != "none" and device_type != "cuda":
+        raise ValueError(f"train.compile={t.compile} captures a CUDA graph; it needs device=cuda, "
+                         f"got {device_type} (device={cfg.device})")

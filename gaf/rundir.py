@@ -11,6 +11,7 @@ the environment a run ran in, its summary, and the optional wandb logger.
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import os
 import platform
@@ -69,7 +70,11 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-class CheckpointError(RuntimeError):
+class RunDirError(RuntimeError):
+    """A run directory that cannot be used as it is: the message says which file and what to do."""
+
+
+class CheckpointError(RunDirError):
     """A checkpoint that cannot be read."""
 
 
@@ -79,6 +84,70 @@ def load_checkpoint(path: Path) -> dict:
     except Exception as e:  # truncated or foreign file: say which, and what to do
         raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {e}); "
                            "delete it to restart this run from scratch") from None
+
+
+class RunDirLock:
+    """One process at a time per run directory: ``run.lock`` holds the owner's ``pid host``
+    and an exclusive ``flock`` while the owner lives (the kernel drops it when the process
+    dies, so a lock left by a dead process is stale and taken over). A lock held by a live
+    process, or one written on another host (whose process this host cannot see), is an
+    error naming the owner."""
+
+    NAME = "run.lock"
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / self.NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        for _ in range(5):  # the lock file may be removed between opening and locking it
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = self._owner(fd)
+                os.close(fd)
+                raise RunDirError(f"run directory {self.path.parent} is in use by {owner}; "
+                                  "wait for that run to end, or use another run directory") from None
+            if not self._still_there(fd):
+                os.close(fd)
+                continue
+            owner = self._owner(fd)
+            host = socket.gethostname()
+            if owner and not owner.endswith(f" on {host}"):
+                os.close(fd)
+                raise RunDirError(f"run directory {self.path.parent} is locked by {owner} (another host, "
+                                  f"this is {host}); if that run has ended, delete {self.path}")
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {host}\n".encode())
+            self._fd = fd
+            return
+        raise RunDirError(f"could not lock run directory {self.path.parent}: {self.path} keeps changing")
+
+    def release(self) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)  # before unlocking: a waiter then finds no stale file
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "RunDirLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _still_there(self, fd: int) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    @staticmethod
+    def _owner(fd: int) -> str:
+        """'pid P on HOST' from the lock file, or '' when it is empty (just created)."""
+        text = os.pread(fd, 256, 0).decode(errors="replace").split()
+        return f"pid {text[0]} on {text[1]}" if len(text) == 2 else ("an unknown process" if text else "")
 
 
 def environment(device: torch.device) -> dict:

@@ -15,6 +15,7 @@ path (``gaf.fast``) and the distributed path (``gaf.distributed``) plug in here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -31,18 +32,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from gaf import data as gdata
-from gaf.config import COMPILE_MODES, OptimConfig, RunConfig, same_run, validate
+from gaf.config import (COMPILE_MODES, OptimConfig, RunConfig, check_fast_path_options, fast_path_on, same_run,
+                        validate)
 from gaf.distributed import (DistributedGAFStep, DistributedMeanStep, check_replicas, init_from_env,
                              local_slice, shutdown)
 from gaf.fast import FastGAFStep, FastPlainStep
 from gaf.fast import build_optimizer as build_named_optimizer
 from gaf.filter import AdaptiveTau
 from gaf.models import build_model
-from gaf.rundir import (CheckpointError, CsvLog, WandbLogger, environment, load_checkpoint, save_checkpoint,
-                        write_json, write_summary)
+from gaf.rundir import (CheckpointError, CsvLog, RunDirError, RunDirLock, WandbLogger, environment, load_checkpoint,
+                        save_checkpoint, write_json, write_summary)
 from gaf.step import gaf_step, unfiltered_stats
 
-__all__ = ["CheckpointError", "RunConfig", "run", "validate"]
+__all__ = ["CheckpointError", "RunConfig", "RunDirError", "run", "validate"]
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +182,9 @@ def resolve_device(name: str) -> torch.device:
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} asked for, but CUDA is not available here; use device=cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return dev
 
 
@@ -191,9 +196,12 @@ def run(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     """
     validate(cfg)
     if not cfg.distributed:
-        return _run(cfg, Path(run_dir), 0, 1, resolve_device(cfg.device))
+        device = resolve_device(cfg.device)
+        check_fast_path_options(cfg, device.type)
+        return _run(cfg, Path(run_dir), 0, 1, device)
     rank, world, _, device = init_from_env()
     try:
+        check_fast_path_options(cfg, device.type)
         split, what = ((cfg.method.n_micro, "method.n_micro") if cfg.method.name == "gaf"
                        else (cfg.method.batch_size, "method.batch_size"))
         if split % world:
@@ -206,6 +214,11 @@ def run(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
 
 def _run(cfg: RunConfig, run_dir: Path, rank: int, world: int, device: torch.device) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
+    with RunDirLock(run_dir) if rank == 0 else contextlib.nullcontext():  # rank 0 writes the files
+        return _run_owned(cfg, run_dir, rank, world, device)
+
+
+def _run_owned(cfg: RunConfig, run_dir: Path, rank: int, world: int, device: torch.device) -> dict:
     config = cfg.to_dict()
     previous = _ended_summary(run_dir, config)
     if previous is not None:
@@ -277,8 +290,7 @@ class Trainer:
         self.ds = load_data(cfg).to(device)
         self.sampler = make_sampler(cfg, self.ds)
         self.model = build_model(cfg.model.name, self.ds.num_classes).to(device)
-        fast = cfg.train.fast if cfg.train.fast is not None else device.type == "cuda"
-        fast = fast and not cfg.distributed
+        fast = fast_path_on(cfg, device.type)
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters(), masked=fast)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="min", factor=cfg.optim.plateau_factor, patience=cfg.optim.plateau_patience)

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from gaf.config import RunConfig, validate
+from gaf.config import RunConfig, check_fast_path_options, settings, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -114,12 +114,15 @@ def test_two_point_multirun_and_noop_relaunch(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_reports_a_bad_override_clearly(tmp_path):
-    out = train_cli(["data=random", "data.noise=1.5", "model=tiny", "device=cpu", f"hydra.run.dir={tmp_path}/r"],
-                    tmp_path)
+@pytest.mark.parametrize("override, message", [
+    ("data.noise=1.5", "error: data.noise must be a number in [0, 1), got 1.5"),
+    ("data.noise=abc", "error: data.noise must be a number in [0, 1), got 'abc'"),
+    ("device=gpu", "error: device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+])
+def test_cli_reports_a_bad_override_in_one_line(tmp_path, override, message):
+    out = train_cli(["data=random", override, "model=tiny", f"hydra.run.dir={tmp_path}/r"], tmp_path)
     assert out.returncode == 2
-    assert "error: data.noise must lie in [0, 1), got 1.5" in out.stderr
-    assert "Traceback" not in out.stderr
+    assert out.stderr.strip() == message
 
 
 @pytest.mark.slow
@@ -136,3 +139,85 @@ def test_cli_distributed_without_torchrun_says_how_to_launch(tmp_path):
                     tmp_path)
     assert out.returncode == 2
     assert "torchrun" in out.stderr and "Traceback" not in out.stderr
+
+
+def bad_values(rule):
+    """Values the rule must refuse: wrong types, the bounds' wrong sides, null where not optional."""
+    if rule.kind in ("int", "float"):
+        bad = ["abc", True, float("nan")] + ([1.5] if rule.kind == "int" else [])
+        if rule.low is not None:
+            bad.append(rule.low if rule.open_low else rule.low - 1)
+        if rule.high is not None:
+            bad.append(rule.high if rule.open_high else rule.high + 1)
+    elif rule.kind == "pair":
+        bad = ["abc", [0.5], [0.5, "x"]] + ([[rule.high, 0.5]] if rule.high is not None else [])
+    else:
+        bad = {"choice": ["bogus", 3], "bool": ["yes", 1], "path": [5, ""], "text": [5, ""],
+               "device": ["gpu", "cuda:x", 0]}[rule.kind]
+    return bad + ([] if rule.optional else [None])
+
+
+def with_setting(key, value) -> dict:
+    *path, leaf = key.split(".")
+    d = RunConfig().to_dict()
+    section = d
+    for name in path:
+        section = section[name]
+    section[leaf] = value
+    return d
+
+
+SCHEMA = list(settings(RunConfig))
+
+
+def test_every_setting_has_a_rule():
+    assert all("rule" in f.metadata for _, f, _ in SCHEMA), [k for k, f, _ in SCHEMA if "rule" not in f.metadata]
+    kinds = {f.metadata["rule"].kind for _, f, _ in SCHEMA}
+    assert {"int", "float", "choice", "bool", "path"} <= kinds
+    validate(RunConfig())  # the defaults are valid
+
+
+@pytest.mark.parametrize("key, value", [(k, v) for k, f, _ in SCHEMA for v in bad_values(f.metadata["rule"])],
+                         ids=str)
+def test_every_bad_setting_is_one_line_naming_key_and_allowed(key, value):
+    """Walks the schema: every numeric key out of range or of the wrong type, every choice
+    key off its list, every path/text key empty or not a string, null where not allowed."""
+    rule = dict((k, f.metadata["rule"]) for k, f, _ in SCHEMA)[key]
+    with pytest.raises(ValueError) as e:
+        validate(RunConfig.from_dict(with_setting(key, value)))
+    message, stored = str(e.value), tuple(value) if isinstance(value, list) else value  # betas: a tuple
+    assert message == f"{key} must be {rule.allowed()}, got {stored!r}"
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("key, value", [("method.adaptive_k", -1), ("train.memorisation_samples", -1),
+                                        ("train.eval_batch_size", 0), ("seed", 1.5), ("seed", "abc"),
+                                        ("device", "gpu"), ("data.noise", "abc"), ("optim.betas", [0.9, 1.5])])
+def test_the_reported_bad_settings_are_refused(key, value):
+    with pytest.raises(ValueError) as e:
+        validate(RunConfig.from_dict(with_setting(key, value)))
+    assert str(e.value).startswith(f"{key} must be ") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("train, device, match", [
+    ({"amp": True}, "cpu", r"train.amp=true acts on the fast path only.*device is cpu.*train.fast=true"),
+    ({"batched": True, "fast": False}, "cpu", r"train.batched=true .*train.fast=false"),
+    ({"compile": "graph", "fast": True}, "cpu", r"train.compile=graph .*needs device=cuda"),
+    ({"compile": "full", "batched": True}, "cuda", r"compile=full does not combine with train.batched"),
+])
+def test_fast_path_options_where_they_would_be_ignored_are_errors(train, device, match):
+    cfg = RunConfig.from_dict({"train": train, "device": device})
+    with pytest.raises(ValueError, match=match):
+        validate(cfg)
+        check_fast_path_options(cfg, device)
+
+
+def test_fast_path_options_on_the_fast_path_are_accepted():
+    cfg = RunConfig.from_dict({"train": {"amp": True, "batched": True, "fast": True}, "device": "cpu"})
+    validate(cfg)
+    check_fast_path_options(cfg, "cpu")
+    cuda = RunConfig.from_dict({"train": {"amp": True, "compile": "graph", "batched": True}, "device": "auto"})
+    validate(cuda)
+    check_fast_path_options(cuda, "cuda")
+    with pytest.raises(ValueError, match="distributed=true runs its own step"):
+        check_fast_path_options(RunConfig.from_dict({"train": {"amp": True}, "distributed": True}), "cuda")
