@@ -217,6 +217,10 @@ class FilterResult:
     step: bool  # at least one later micro-gradient accepted
 
 
+class NonFiniteGradientError(ValueError):
+    """A micro-gradient holds NaN or Inf (training diverged): there is nothing to filter."""
+
+
 def filter_gradients(grads: torch.Tensor, tau: Tau, merge: str = "halving") -> FilterResult:
     """Filter flattened micro-gradients ``grads`` (n, P) by agreement; the readable API.
 
@@ -232,7 +236,7 @@ def filter_gradients(grads: torch.Tensor, tau: Tau, merge: str = "halving") -> F
     finite = torch.isfinite(grads).all(dim=1)
     if not bool(finite.all()):
         bad = torch.nonzero(~finite).flatten().tolist()
-        raise ValueError(f"micro-gradient(s) {bad} contain NaN or Inf; cannot filter")
+        raise NonFiniteGradientError(f"micro-gradient(s) {bad} contain NaN or Inf; cannot filter")
     threshold = resolve_tau(tau, grads.device)
     weights, accepted, distances = agreement_weights(gram_matrix(grads), threshold, merge)
     if isinstance(tau, AdaptiveTau):

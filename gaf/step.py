@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from gaf.filter import Tau, check_merge, filter_gradients, resolve_tau
+from gaf.filter import NonFiniteGradientError, Tau, check_merge, filter_gradients, resolve_tau
 
 Microbatch = tuple[torch.Tensor, torch.Tensor]
 
@@ -103,7 +103,12 @@ def gaf_step(
             correct += int((out.detach().argmax(1) == y).sum())
         else:
             classify = False
-    result = filter_gradients(grads, tau, merge)
+    try:
+        result = filter_gradients(grads, tau, merge)
+    except NonFiniteGradientError as e:  # diverged: the caller may still record this step's loss
+        model.zero_grad(set_to_none=True)
+        e.loss, e.accuracy = loss_sum / count, correct / count if classify else None
+        raise
     if result.step:
         assign_flat_grad(params, result.aggregate)
         optimizer.step()

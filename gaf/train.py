@@ -38,7 +38,7 @@ from gaf.distributed import (DistributedGAFStep, DistributedMeanStep, check_repl
                              local_slice, shutdown)
 from gaf.fast import FastGAFStep, FastPlainStep
 from gaf.fast import build_optimizer as build_named_optimizer
-from gaf.filter import AdaptiveTau
+from gaf.filter import AdaptiveTau, NonFiniteGradientError
 from gaf.models import build_model
 from gaf.rundir import (CheckpointError, CsvLog, RunDirError, RunDirLock, WandbLogger, environment, load_checkpoint,
                         save_checkpoint, write_json, write_summary)
@@ -71,7 +71,11 @@ def reference_step(model, optimizer, loss_fn, tau, merge) -> Callable:
 
     def step(xs: torch.Tensor, ys: torch.Tensor) -> dict:
         threshold = float(tau.current()) if isinstance(tau, AdaptiveTau) else tau
-        out = gaf_step(model, optimizer, loss_fn, list(zip(xs, ys)), tau, merge)
+        try:
+            out = gaf_step(model, optimizer, loss_fn, list(zip(xs, ys)), tau, merge)
+        except NonFiniteGradientError as e:  # recorded as the fast path records it: NaN distances, no step
+            out = {"loss": e.loss, "accuracy": e.accuracy, "distances": [math.nan] * (len(xs) - 1),
+                   "accepted": 0, "stepped": False}
         dev = xs.device
         return {
             "loss": torch.tensor(out["loss"], device=dev),
@@ -301,8 +305,9 @@ class Trainer:
         self.aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         self.probe = MemorisationProbe.draw(self.ds, cfg.train.memorisation_samples, cfg.seed + 2, device)
         self.n_dist = m.n_micro - 1 if m.name == "gaf" else 0
+        self.distance_keys = [f"d{k}" for k in range(1, self.n_dist + 1)]
         self.metrics = CsvLog(run_dir / "metrics.csv",
-                              METRICS_COLUMNS + [f"d{k}" for k in range(1, self.n_dist + 1)] + ["time_s"])
+                              METRICS_COLUMNS + self.distance_keys + ["time_s"])
         self.evals = CsvLog(run_dir / "eval.csv", EVAL_COLUMNS)
         self.state = {"iter": 0, "images_seen": 0, "steps_taken": 0, "best_val_acc": float("nan"),
                       "final_val_acc": float("nan"), "elapsed": 0.0, "train_time": 0.0}
@@ -425,10 +430,11 @@ class Trainer:
             if self.logger:
                 for r in rows:
                     self.logger.log(r, step=r["iter"])
-        bad = [r["iter"] for r in rows if not math.isfinite(r["loss"])]
+        # A NaN distance means a non-finite micro-gradient (both GAF paths skip that step).
+        bad = [r["iter"] for r in rows if not all(math.isfinite(r[k]) for k in ("loss", *self.distance_keys))]
         if bad:
-            log.error("%s: non-finite training loss at iteration %d; stopping. The last good checkpoint "
-                      "(iteration %d) is kept.", self.run_dir, bad[0], self.state["iter"])
+            log.error("%s: non-finite training loss or micro-gradient at iteration %d; stopping. The last good "
+                      "checkpoint (iteration %d) is kept.", self.run_dir, bad[0], self.state["iter"])
             return False
         return True
 

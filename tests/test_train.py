@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 
+import gaf.train
+
 from cifar_fixtures import md5_checks_disabled, write_cifar100
 from gaf.config import RunConfig
 from gaf.data import DataError
@@ -115,6 +117,39 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_checkpoint(tmp_path, caplog
     assert 0 < ckpt["state"]["iter"] == summary["iterations"] < 30
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert run(cfg, tmp_path)["status"] == "diverged"  # terminal: re-launch is a no-op
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_gaf_run_whose_gradients_go_non_finite_ends_diverged(tmp_path, monkeypatch, caplog, fast):
+    """One micro-gradient of step 4 turns NaN while the loss stays finite: the readable path
+    (gaf_step raises) and the fast path (which skips the step) both end as 'diverged', keep
+    the last good checkpoint, and record the step with NaN distances."""
+    real_build, backward_calls = gaf.train.build_model, []
+
+    def nan_gradient_in_step_4(grad):  # n = 3 micro-gradients per step: the 10th is step 4's first
+        backward_calls.append(1)
+        return grad * float("nan") if len(backward_calls) == 10 else grad
+
+    def build_model(name, num_classes):
+        model = real_build(name, num_classes)
+        list(model.parameters())[-1].register_hook(nan_gradient_in_step_4)
+        return model
+
+    monkeypatch.setattr(gaf.train, "build_model", build_model)
+    summary = run(tiny_config(train={"fast": fast, "iterations": 8, "val_every": 2}), tmp_path)
+    assert summary["status"] == "diverged" and summary["iterations"] == 2
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["state"]["iter"] == 2
+    assert "non-finite training loss or micro-gradient at iteration 4" in caplog.text
+    rows = read_csv(tmp_path / "metrics.csv")
+    assert [int(r["iter"]) for r in rows] == [1, 2, 3, 4]
+    assert float(rows[-1]["loss"]) > 0 and rows[-1]["d1"] == "nan" and rows[-1]["stepped"] == "0"
+
+
+def test_gaf_with_a_huge_learning_rate_ends_diverged_on_both_paths(tmp_path):
+    for fast in (False, True):
+        cfg = tiny_config(optim={"lr": 1e6}, train={"fast": fast, "iterations": 30, "val_every": 2})
+        assert run(cfg, tmp_path / str(fast))["status"] == "diverged"
 
 
 def test_adaptive_tau_run_records_its_threshold(tmp_path):
