@@ -18,7 +18,7 @@ from gaf.data import DATASETS, FALLBACKS
 from gaf.distributed import MODES as DIST_MODES
 from gaf.fast import OPTIMIZERS
 from gaf.filter import MERGES
-from gaf.models import MODELS
+from gaf.models import MODELS, check_size
 
 
 # train.compile -> FastGAFStep's compile argument.
@@ -109,6 +109,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = setting("resnet18", "choice", choices=tuple(MODELS))
+    # Size keys of gaf.models.SIZED (resnet_cifar: width, blocks; tiny: width); null = the model's default.
+    width: int | None = setting(None, "int", low=1, optional=True)
+    blocks: int | None = setting(None, "int", low=1, optional=True)
 
 
 @dataclass
@@ -246,6 +249,7 @@ def validate(cfg: RunConfig) -> None:
     for key, f, value in settings(cfg):
         f.metadata["rule"].check(key, value)
     o, t = cfg.optim, cfg.train
+    check_size(cfg.model.name, width=cfg.model.width, blocks=cfg.model.blocks)
     if o.name == "sgd" and o.nesterov and not o.momentum > 0:
         raise ValueError(f"optim.nesterov=true needs optim.momentum > 0, got momentum={o.momentum}")
     if t.compile != "none" and not cfg.device.startswith(("cuda", "auto")):

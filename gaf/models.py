@@ -7,13 +7,18 @@
 - ``resnet18_cifar``: the same CIFAR stem on ResNet18 (an option, not the paper's).
 - ``vit_tiny``: a small Vision Transformer, for the labelled small analogue of
   figure 3 (the paper's ViT-L/16 on ImageNet is out of reach here).
-- ``tiny``: a two-conv CNN with BatchNorm, seconds on a CPU.
+- ``resnet_cifar``: a small CIFAR-style ResNet (3x3 stem, three stages of BasicBlocks at
+  widths w, 2w, 4w, the layout of He et al.'s CIFAR ResNets): the tiny scale's network,
+  large enough to memorise a few thousand noisy labels yet minutes on a CPU. ``width``
+  (w) and ``blocks`` (per stage; 1 = ResNet-8, 3 = ResNet-20) set its size.
+- ``tiny``: a two-conv CNN with BatchNorm (8k parameters), seconds on a CPU: unit tests.
 """
 
 from __future__ import annotations
 
 from torch import nn
 from torchvision.models import resnet18, resnet34
+from torchvision.models.resnet import BasicBlock
 from torchvision.models.vision_transformer import VisionTransformer
 
 
@@ -33,6 +38,24 @@ def tiny_cnn(num_classes: int, width: int = 16) -> nn.Module:
     )
 
 
+def resnet_cifar(num_classes: int, width: int = 16, blocks: int = 1) -> nn.Module:
+    """3x3 stem, then stages of ``blocks`` BasicBlocks at widths w, 2w, 4w (strides 1, 2, 2)."""
+    layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                               nn.ReLU(inplace=True)]
+    channels = width
+    for stage, stride in enumerate((1, 2, 2)):
+        out = width * 2 ** stage
+        for b in range(blocks):
+            s = stride if b == 0 else 1
+            # A 1x1 projection where the shape changes (torchvision's own BasicBlock convention).
+            down = (nn.Sequential(nn.Conv2d(channels, out, 1, stride=s, bias=False), nn.BatchNorm2d(out))
+                    if s != 1 or channels != out else None)
+            layers.append(BasicBlock(channels, out, stride=s, downsample=down))
+            channels = out
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)]
+    return nn.Sequential(*layers)
+
+
 def vit_tiny(num_classes: int) -> nn.Module:
     return VisionTransformer(image_size=32, patch_size=4, num_layers=6, num_heads=4,
                              hidden_dim=192, mlp_dim=384, num_classes=num_classes)
@@ -43,14 +66,30 @@ MODELS = {
     "resnet18_cifar": lambda c: _cifar_stem(resnet18(num_classes=c)),
     "resnet34_cifar": lambda c: _cifar_stem(resnet34(num_classes=c)),
     "vit_tiny": vit_tiny,
+    "resnet_cifar": resnet_cifar,
     "tiny": tiny_cnn,
 }
+# Models whose size is set by config keys (``model.width``, ``model.blocks``); the others take none.
+SIZED = {"resnet_cifar": ("width", "blocks"), "tiny": ("width",)}
 
 
-def build_model(name: str, num_classes: int) -> nn.Module:
-    """A freshly initialised network by name (see ``MODELS``)."""
+def check_size(name: str, **size: int | None) -> dict:
+    """The size keys that apply to model ``name`` (None dropped), or ValueError naming the bad one."""
+    size = {k: v for k, v in size.items() if v is not None}
+    for key, value in size.items():
+        if key not in SIZED.get(name, ()):
+            allowed = ", ".join(f"model.{k}" for k in SIZED.get(name, ())) or "no size keys"
+            raise ValueError(f"model.{key} does not apply to model {name!r} (it takes {allowed})")
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise ValueError(f"model.{key} must be an integer >= 1, got {value!r}")
+    return size
+
+
+def build_model(name: str, num_classes: int, **size: int | None) -> nn.Module:
+    """A freshly initialised network by name (see ``MODELS``); ``size`` holds the keys of
+    ``SIZED[name]`` (e.g. width=16, blocks=1); a key left out or None takes the default."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     if not (isinstance(num_classes, int) and num_classes >= 2):
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-    return MODELS[name](num_classes)
+    return MODELS[name](num_classes, **check_size(name, **size))

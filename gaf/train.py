@@ -293,7 +293,8 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
         self.ds = load_data(cfg).to(device)
         self.sampler = make_sampler(cfg, self.ds)
-        self.model = build_model(cfg.model.name, self.ds.num_classes).to(device)
+        self.model = build_model(cfg.model.name, self.ds.num_classes, width=cfg.model.width,
+                                 blocks=cfg.model.blocks).to(device)
         fast = fast_path_on(cfg, device.type)
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters(), masked=fast)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
