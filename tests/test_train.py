@@ -130,8 +130,8 @@ def test_gaf_run_whose_gradients_go_non_finite_ends_diverged(tmp_path, monkeypat
         backward_calls.append(1)
         return grad * float("nan") if len(backward_calls) == 10 else grad
 
-    def build_model(name, num_classes):
-        model = real_build(name, num_classes)
+    def build_model(name, num_classes, **size):
+        model = real_build(name, num_classes, **size)
         list(model.parameters())[-1].register_hook(nan_gradient_in_step_4)
         return model
 
