@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=4 experiments/train.py distributed=true method.n_micro=4
 """
 
+import hashlib
 import sys
 
 import hydra
@@ -14,6 +15,23 @@ from omegaconf import DictConfig, OmegaConf
 from gaf.config import RunConfig
 from gaf.rundir import RunDirError
 from gaf.train import run
+
+NAME_BYTES = 200  # a folder name may hold 255 bytes; leave room for Hydra's and the file system's suffixes
+
+
+def bounded_dirname(name: str) -> str:
+    """Hydra's override_dirname as a folder name: as it is when short enough, else a readable
+    prefix and a hash of the whole (about 15 overrides passed 255 bytes: OSError 36)."""
+    raw = name.encode()
+    if len(raw) <= NAME_BYTES:
+        return name
+    tail = ",...-" + hashlib.sha256(raw).hexdigest()[:12]
+    prefix = raw[: NAME_BYTES - len(tail)].rsplit(b",", 1)[0]  # whole overrides only
+    return prefix.decode(errors="ignore") + tail
+
+
+# Registered at import; Hydra hands registered resolvers on to its joblib and SLURM workers.
+OmegaConf.register_new_resolver("bounded_dirname", bounded_dirname, replace=True)
 
 
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")

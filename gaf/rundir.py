@@ -48,7 +48,13 @@ class CsvLog:
         if not self.path.exists():
             return
         with open(self.path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["iter"]) <= iteration]
+            reader = csv.DictReader(f)
+            try:
+                rows = [r for r in reader if int(r["iter"]) <= iteration]
+            except (ValueError, KeyError, TypeError, csv.Error) as e:  # a hand-edited or foreign file
+                raise RunDirError(f"{self.path} is corrupt (line {reader.line_num}: {type(e).__name__}: {e}); "
+                                  f"delete {self.path.parent}'s csv files and checkpoint.pt to restart this run "
+                                  "from scratch") from None
         tmp = self.path.with_suffix(".tmp")
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=self.columns)
@@ -78,12 +84,31 @@ class CheckpointError(RunDirError):
     """A checkpoint that cannot be read."""
 
 
+# What gaf.train writes into checkpoint.pt, and needs to resume.
+CHECKPOINT_KEYS = ("config", "state", "model", "optimizer", "scheduler", "sampler", "aug_rng", "torch_rng",
+                   "adaptive_tau")
+
+
 def load_checkpoint(path: Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated or foreign file: say which, and what to do
         raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {e}); "
-                           "delete it to restart this run from scratch") from None
+                              "delete it to restart this run from scratch") from None
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(CHECKPOINT_KEYS)
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is not one of this trainer's (it lacks {', '.join(missing)}); "
+                              "delete it to restart this run from scratch")
+    return ckpt
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file of the run directory; a corrupt one is a RunDirError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunDirError(f"{path} is corrupt ({e}); delete it to go on from checkpoint.pt "
+                          "(or to start afresh without one)") from None
 
 
 class RunDirLock:

@@ -16,7 +16,6 @@ path (``gaf.fast``) and the distributed path (``gaf.distributed``) plug in here.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -41,7 +40,7 @@ from gaf.fast import build_optimizer as build_named_optimizer
 from gaf.filter import AdaptiveTau, NonFiniteGradientError
 from gaf.models import build_model
 from gaf.rundir import (CheckpointError, CsvLog, RunDirError, RunDirLock, WandbLogger, environment, load_checkpoint,
-                        save_checkpoint, write_json, write_summary)
+                        read_json, save_checkpoint, write_json, write_summary)
 from gaf.step import gaf_step, unfiltered_stats
 
 __all__ = ["CheckpointError", "RunConfig", "RunDirError", "run", "validate"]
@@ -242,7 +241,9 @@ def _ended_summary(run_dir: Path, config: dict) -> dict | None:
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
         return None
-    previous = json.loads(summary_path.read_text())
+    previous = read_json(summary_path)
+    if not isinstance(previous, dict):
+        raise RunDirError(f"{summary_path} is not a run summary; delete it to go on from checkpoint.pt")
     if previous.get("status") in ("finished", "diverged") and same_run(previous.get("config"), config):
         log.info("%s: already %s; nothing to do", run_dir, previous["status"])
         return previous

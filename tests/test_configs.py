@@ -1,5 +1,6 @@
 """Every config composes into a valid RunConfig; multirun writes one directory per point."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -221,3 +222,28 @@ def test_fast_path_options_on_the_fast_path_are_accepted():
     check_fast_path_options(cuda, "cuda")
     with pytest.raises(ValueError, match="distributed=true runs its own step"):
         check_fast_path_options(RunConfig.from_dict({"train": {"amp": True}, "distributed": True}), "cuda")
+
+
+def test_long_override_lists_make_bounded_readable_folder_names():
+    spec = importlib.util.spec_from_file_location("train_cli_module", ROOT / "experiments/train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    short = "method.tau=0.9,seed=3"
+    assert module.bounded_dirname(short) == short
+    long = ",".join(f"optim.key{i}=value{i}" for i in range(40))
+    name = module.bounded_dirname(long)
+    assert len(name.encode()) <= 200 and name.startswith("optim.key0=value0,optim.key1=value1,")
+    assert name.rsplit(",...-", 1)[0].split(",")[-1].startswith("optim.key")  # whole overrides only
+    assert name != module.bounded_dirname(long + ",seed=1")  # the hash covers the whole list
+
+
+@pytest.mark.slow
+def test_cli_run_with_many_overrides_gets_a_folder(tmp_path):
+    overrides = ["data.num_classes=5", "data.random_test=20", "data.random_train=100", "method.per_class=2",
+                 "optim.lr=0.02", "optim.momentum=0.8", "optim.weight_decay=0.001", "optim.plateau_patience=5",
+                 "optim.plateau_factor=0.5", "method.tau=0.9", "method.merge=mean", "method.adaptive_window=50",
+                 "train.eval_batch_size=100", "seed=3", "train.memorisation_samples=10", "train.val_every=1"]
+    out = train_cli(["data=random", "model=tiny", "device=cpu", "train.iterations=1", *overrides], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (run_dir,) = [p.parent for p in (tmp_path / "outputs").rglob("summary.json")]
+    assert len(run_dir.name.encode()) <= 200 and run_dir.name.startswith("data.num_classes=5,")

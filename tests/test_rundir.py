@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from gaf.rundir import RunDirError, RunDirLock
 from gaf.train import run
@@ -87,3 +88,20 @@ def test_two_launches_at_once_train_once(tmp_path):
     assert said[0] == "finished" and said[1].startswith("refused: run directory"), outs
     assert [int(r["iter"]) for r in read_csv(run_dir / "metrics.csv")] == list(range(1, 21))
     assert [int(r["iter"]) for r in read_csv(run_dir / "eval.csv")] == [5, 10, 15, 20]
+
+
+def test_a_checkpoint_lacking_keys_is_named(tmp_path):
+    run(tiny_config(train={"stop_after": 2}), tmp_path)
+    torch.save({"model": {}}, tmp_path / "checkpoint.pt")
+    with pytest.raises(RunDirError, match=r"checkpoint .*checkpoint.pt is not one of this trainer's \(it lacks "
+                                          r"config, state, optimizer.*delete it"):
+        run(tiny_config(train={"stop_after": 2}), tmp_path)
+
+
+@pytest.mark.parametrize("name, text", [("summary.json", '{"status": "runn'), ("summary.json", "[1, 2]"),
+                                        ("metrics.csv", "iter,loss\nabc,1\n"), ("eval.csv", "nothing here\n1\n")])
+def test_a_corrupt_file_of_a_resumed_run_is_named(tmp_path, name, text):
+    run(tiny_config(train={"stop_after": 3}), tmp_path)
+    (tmp_path / name).write_text(text)
+    with pytest.raises(RunDirError, match=f"{tmp_path / name} (is corrupt|is not a run summary).*delete"):
+        run(tiny_config(), tmp_path)
