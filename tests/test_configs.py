@@ -44,19 +44,32 @@ def test_every_group_option_composes(group, option):
     assert getattr(rc, group).name == option or (group == "data" and rc.data.name == option)
 
 
+def swept_value_reached(point, key: str, value: str) -> bool:
+    """Whether the composed config of one sweep point holds the swept value (a group: its name)."""
+    got = OmegaConf.select(point, key)
+    got = got.name if OmegaConf.is_config(got) else got
+    try:
+        return float(got) == float(value)
+    except (TypeError, ValueError):
+        return str(got) == value
+
+
 @pytest.mark.parametrize("scale", ["tiny", "small", "paper"])
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_composes_at_every_scale(preset, scale):
-    cfg = composed([f"experiment={preset}", f"scale={scale}"], hydra=True)
-    rc = to_run_config(cfg)
-    assert rc.experiment == preset and rc.scale == scale
-    if preset != "smoke":
-        params = cfg.hydra.sweeper.params
-        assert params, f"{preset} has no sweep grid"
-        # Every swept point composes too (first and last value of each swept key).
-        for key, values in params.items():
-            for value in {str(values).split(",")[0], str(values).split(",")[-1]}:
-                to_run_config(composed([f"experiment={preset}", f"scale={scale}", f"{key}={value}"]))
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={preset}", f"scale={scale}"], return_hydra_config=True)
+        rc = to_run_config(cfg)
+        assert rc.experiment == preset and rc.scale == scale
+        if preset != "smoke":
+            params = cfg.hydra.sweeper.params
+            assert params, f"{preset} has no sweep grid"
+            # Every value of every swept key composes, validates, and reaches the config.
+            for key, values in params.items():
+                for value in str(values).split(","):
+                    point = compose("config", overrides=[f"experiment={preset}", f"scale={scale}", f"{key}={value}"])
+                    to_run_config(point)
+                    assert swept_value_reached(point, key, value), (key, value)
     if scale == "tiny":
         assert rc.model.name in ("tiny", "vit_tiny")
 
