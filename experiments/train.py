@@ -30,13 +30,31 @@ def bounded_dirname(name: str) -> str:
     return prefix.decode(errors="ignore") + tail
 
 
+# A scale's row (config.yaml `scales`) -> the settings it fixes. m (per_class) and the model
+# are left out: presets sweep m (figures 4, 8) and pick their own networks (figure 3).
+SCALE_KEYS = {"iterations": ("train", "iterations"), "val_every": ("train", "val_every"),
+              "train_per_class": ("data", "train_per_class"), "test_per_class": ("data", "test_per_class"),
+              "fallback": ("data", "fallback"), "memorisation_samples": ("train", "memorisation_samples")}
+
+
+def settings_scale(cfg) -> str:
+    """The scale a run's settings are: its `scale` when its length and data match that scale's
+    row, else "custom" (an ad-hoc run is not a paper-scale run because `scale` defaults to paper)."""
+    row = cfg["scales"][cfg["scale"]]
+    keys = [k for k in SCALE_KEYS if k in row and not (cfg["data"]["name"] == "random" and SCALE_KEYS[k][0] == "data")]
+    same = all(row[k] == cfg[SCALE_KEYS[k][0]][SCALE_KEYS[k][1]] for k in keys)  # random data: no subsets, no fallback
+    return cfg["scale"] if same else "custom"
+
+
 # Registered at import; Hydra hands registered resolvers on to its joblib and SLURM workers.
 OmegaConf.register_new_resolver("bounded_dirname", bounded_dirname, replace=True)
+OmegaConf.register_new_resolver("settings_scale", lambda *, _root_: settings_scale(_root_), replace=True)
 
 
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     container = OmegaConf.to_container(cfg, resolve=True)
+    container["scale"] = settings_scale(container)
     container.pop("scales", None)  # presets' per-scale tables, already interpolated
     try:
         summary = run(RunConfig.from_dict(container), HydraConfig.get().runtime.output_dir)

@@ -182,7 +182,8 @@ class RunConfig:
     # gram (shards + Gram all-reduce) | allgather (the authors' script)
     dist_mode: str = setting("gram", "choice", choices=DIST_MODES)
     experiment: str = setting("single", "text")
-    scale: str = setting("paper", "choice", choices=("tiny", "small", "paper"))
+    # what the settings are (experiments/train.py): a preset's scale, or custom
+    scale: str = setting("paper", "choice", choices=("tiny", "small", "paper", "custom"))
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":

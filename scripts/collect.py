@@ -2,7 +2,7 @@
 
 A run directory is any folder holding both summary.json and config.json (notes/rundir.md),
 found anywhere under the run roots (default: multirun/ and outputs/). Runs are grouped by
-config.experiment. Every run is collected whatever its status (plots keep the finished
+config.experiment; ad-hoc runs (no preset) only with --ad-hoc. Every run is collected whatever its status (plots keep the finished
 ones). When one sweep point appears more than once (a rerun), the newest finished run is
 kept and the others are listed in provenance.json. Re-running rewrites the same CSVs.
 
@@ -33,6 +33,7 @@ NOT_A_SWEEP_KEY = {"root", "device", "dir", "out_dir", "output_dir", "run_dir", 
                    "download", "num_workers", "wandb", "compile", "log_every", "progress", "stop_after",
                    "eval_batch_size", "hydra"}
 MAX_CURVE_ROWS = 2000
+AD_HOC = "single"  # config.yaml's experiment when no preset is chosen
 
 
 def find_run_dirs(roots):
@@ -166,22 +167,29 @@ def dedupe(runs):
     return kept.drop(columns="_finished"), dropped
 
 
-def collect(run_roots=("multirun", "outputs"), results_dir="results", max_curve_rows=MAX_CURVE_ROWS, command=None):
-    """Collect every run under `run_roots` into `results_dir`. Returns {experiment: runs DataFrame}."""
+def collect(run_roots=("multirun", "outputs"), results_dir="results", max_curve_rows=MAX_CURVE_ROWS, command=None,
+            ad_hoc=False):
+    """Collect every run under `run_roots` into `results_dir`. Returns {experiment: runs DataFrame}.
+    Ad-hoc runs (no preset: experiment "single") only when `ad_hoc`: a try-out is not a result."""
     if not (isinstance(max_curve_rows, int) and max_curve_rows >= 1):
         raise ValueError(f"max_curve_rows must be an integer >= 1, got {max_curve_rows!r}")
     run_roots, results_dir = list(run_roots), Path(results_dir)
-    rows, curves, evals = [], {}, {}
+    rows, curves, evals, skipped = [], {}, {}, 0
     for run_dir in find_run_dirs(run_roots):
         got = read_run(run_dir, run_roots)
         if got is None:
             continue
         row, metrics, ev = got
+        if row["experiment"] == AD_HOC and not ad_hoc:
+            skipped += 1
+            continue
         if row["run_id"] in curves:  # two roots with the same name: fall back to the full path
             row["run_id"] = run_dir.as_posix()
         rows.append(row)
         curves[row["run_id"]] = downsample_curve(metrics, max_curve_rows)
         evals[row["run_id"]] = ev
+    if skipped:
+        print(f"collect: {skipped} ad-hoc run(s) (experiment={AD_HOC}) left out; --ad-hoc collects them")
     if not rows:
         print(f"collect: no run directories (summary.json + config.json) under {', '.join(map(str, run_roots))}")
         return {}
@@ -243,11 +251,13 @@ def main(argv=None):
     p.add_argument("--results", default="results", help="where results/<experiment>/ files go")
     p.add_argument("--max-curve-rows", type=int, default=MAX_CURVE_ROWS, help="per run, in curves.csv")
     p.add_argument("--command", default=None, help="the command to record as provenance (default: this one)")
+    p.add_argument("--ad-hoc", action="store_true",
+                   help=f"also collect ad-hoc runs (no preset: experiment={AD_HOC}), left out by default")
     args = p.parse_args(argv)
     if args.max_curve_rows < 1:
         p.error(f"--max-curve-rows must be >= 1, got {args.max_curve_rows}")
     command = args.command or " ".join(["python scripts/collect.py", *argv])
-    return collect(args.runs, args.results, args.max_curve_rows, command=command)
+    return collect(args.runs, args.results, args.max_curve_rows, command=command, ad_hoc=args.ad_hoc)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def launch(preset: str, overrides: list[str], multirun: bool, scale: str, jobs: 
     cmd += [f"experiment={preset}", f"scale={scale}", *overrides, *extra]
     if out != ROOT:  # keep the layout the presets use, under another folder
         cmd += [f"hydra.sweep.dir={out}/multirun/{preset}/{scale}",
-                f"hydra.run.dir={out}/outputs/{preset}/{scale}/" + "${hydra.job.override_dirname}"]
+                f"hydra.run.dir={out}/outputs/{preset}/{scale}/" + "${bounded_dirname:${hydra.job.override_dirname}}"]
     if multirun and jobs > 1:
         cmd += ["hydra/launcher=shared_gpu", f"hydra.launcher.n_jobs={jobs}"]
     print(f"\n=== {preset} {' '.join(overrides)}\n$ {shlex.join(cmd)}", flush=True)

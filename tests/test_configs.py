@@ -237,10 +237,27 @@ def test_fast_path_options_on_the_fast_path_are_accepted():
         check_fast_path_options(RunConfig.from_dict({"train": {"amp": True}, "distributed": True}), "cuda")
 
 
-def test_long_override_lists_make_bounded_readable_folder_names():
+def cli_module():
     spec = importlib.util.spec_from_file_location("train_cli_module", ROOT / "experiments/train.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_a_runs_scale_is_what_its_settings_are(preset):
+    settings_scale = cli_module().settings_scale
+    for scale in ("tiny", "small", "paper"):
+        container = OmegaConf.to_container(composed([f"experiment={preset}", f"scale={scale}"]), resolve=True)
+        assert settings_scale(container) == (scale if preset != "smoke" else "custom")  # smoke: its own length
+        shorter = composed([f"experiment={preset}", f"scale={scale}", "train.iterations=7"])
+        assert settings_scale(OmegaConf.to_container(shorter, resolve=True)) == "custom"
+    ad_hoc = OmegaConf.to_container(composed(["data.noise=0.4"]), resolve=True)
+    assert ad_hoc["scale"] == "paper" and settings_scale(ad_hoc) == "custom"  # not a paper-scale run
+
+
+def test_long_override_lists_make_bounded_readable_folder_names():
+    module = cli_module()
     short = "method.tau=0.9,seed=3"
     assert module.bounded_dirname(short) == short
     long = ",".join(f"optim.key{i}=value{i}" for i in range(40))
@@ -260,3 +277,6 @@ def test_cli_run_with_many_overrides_gets_a_folder(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     (run_dir,) = [p.parent for p in (tmp_path / "outputs").rglob("summary.json")]
     assert len(run_dir.name.encode()) <= 200 and run_dir.name.startswith("data.num_classes=5,")
+    # an ad-hoc run is filed, and recorded, as what its settings are
+    assert run_dir.parent == tmp_path / "outputs" / "single" / "custom"
+    assert json.loads((run_dir / "summary.json").read_text())["scale"] == "custom"

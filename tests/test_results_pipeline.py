@@ -235,3 +235,14 @@ def test_notebook_executes_headless_on_synthetic_results(pipeline, tmp_path, mon
     markdown = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
     assert any("real (40.2%)" in m for m in markdown) and any("paper GAF" in m for m in markdown)
     assert any(str(pipeline["results"]) in o.get("text", "") for o in outputs if o.output_type == "stream")
+
+
+def test_ad_hoc_runs_are_collected_only_when_asked(tmp_path):
+    synth.write_experiment(tmp_path / "multirun", "fig9")
+    synth.write_run(tmp_path / "outputs" / "single" / "custom" / "seed=1",
+                    synth.run_config("single", scale="custom", noise=0.4))
+    collected = collect.collect([tmp_path / "multirun", tmp_path / "outputs"], tmp_path / "results")
+    assert sorted(collected) == ["fig9"] and not (tmp_path / "results" / "single").exists()
+    collected = collect.main(["--runs", str(tmp_path / "multirun"), str(tmp_path / "outputs"),
+                              "--results", str(tmp_path / "results"), "--ad-hoc"])
+    assert sorted(collected) == ["fig9", "single"] and list(collected["single"]["scale"]) == ["custom"]
