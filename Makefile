@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 SCALE  ?= paper
 ARGS   ?=
 
-.PHONY: venv test test-fast train reproduce figures bench bench-dist gpu-check clean
+.PHONY: venv test test-fast test-without-shared train reproduce figures bench bench-dist gpu-check clean
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -20,6 +20,10 @@ test: $(STAMP)  ## the whole suite, CPU only, no network
 
 test-fast: $(STAMP)  ## skip the end-to-end runs
 	$(PY) -m pytest tests -m "not slow"
+
+test-without-shared: $(STAMP)  ## the data-dependent tests again, as on a clone without ../shared
+	empty=$$(mktemp -d) && GAF_SHARED_DATA=$$empty $(PY) -m pytest tests -m data_sources; \
+	status=$$?; rmdir $$empty; exit $$status
 
 train: $(STAMP)  ## a short real GAF run on the CIFAR-10 JPEG copy, on CPU
 	$(PY) experiments/train.py experiment=smoke $(ARGS)

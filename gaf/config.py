@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from gaf.data import DATASETS, FALLBACKS
+from gaf.data import DATASETS, FALLBACK_WHEN, FALLBACKS
 from gaf.distributed import MODES as DIST_MODES
 from gaf.fast import OPTIMIZERS
 from gaf.filter import MERGES
@@ -91,13 +91,19 @@ def setting(default, kind: str, **rule):
 @dataclass
 class DataConfig:
     name: str = setting("cifar100", "choice", choices=DATASETS)
-    root: str = setting("data", "path")  # a folder (CIFAR) or the .tar.gz of the JPEG copy
-    label_file: str | None = setting(None, "path", optional=True)  # CIFAR-100N: CIFAR-100_human.pt
+    # Where data comes from: gaf.sources (under root, a download, the offline copies, in that order).
+    # root: the folder data sets live in and are downloaded into; null: data/ in the repository
+    root: str | None = setting(None, "path", optional=True)
+    # CIFAR-100N's CIFAR-100_human.pt; null: looked for (gaf.sources)
+    label_file: str | None = setting(None, "path", optional=True)
     noise: float = setting(0.0, "float", low=0, high=1, open_high=True)  # symmetric label noise rate p
-    download: bool = setting(False, "bool")
-    # where CIFAR-100 is missing: cifar10_jpeg | random (said in the note)
+    download: bool = setting(True, "bool")  # fetch a missing data set where the network allows
+    # instead of CIFAR-100: cifar10 | cifar10_jpeg | random (said in the note)
     fallback: str | None = setting(None, "choice", choices=tuple(f for f in FALLBACKS if f), optional=True)
-    jpeg_path: str | None = setting(None, "path", optional=True)  # the JPEG copy, for the cifar10_jpeg fallback
+    # missing: only where CIFAR-100 cannot be had | always
+    fallback_when: str = setting("missing", "choice", choices=FALLBACK_WHEN)
+    # the CIFAR-10 JPEG copy (.tar.gz or folder); null: looked for (gaf.sources)
+    jpeg_path: str | None = setting(None, "path", optional=True)
     # class-balanced subsets, for small scales
     train_per_class: int | None = setting(None, "int", low=1, optional=True)
     test_per_class: int | None = setting(None, "int", low=1, optional=True)

@@ -37,12 +37,16 @@ import pickle
 import stat
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from gaf import sources
+from gaf.sources import DataError, DataNotFound  # the data errors live with the sources; re-exported here
 
 Tensor = torch.Tensor
 
@@ -58,17 +62,9 @@ RANDOM_STD = (math.sqrt((256**2 - 1) / 12) / 255,) * 3
 
 CIFAR100N_NOISE_RATE = 0.402  # fraction of CIFAR-100N fine labels that differ from the clean ones
 DATASETS = ("cifar100", "cifar100n", "cifar10", "cifar10_jpeg", "random")
-FALLBACKS = (None, "cifar10_jpeg", "random")
+FALLBACKS = (None, "cifar10", "cifar10_jpeg", "random")
+FALLBACK_WHEN = ("missing", "always")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-JPEG_NAME = "cifar10-jpeg-q75.tar.gz"
-
-
-class DataError(ValueError):
-    """Any problem with the data: missing or wrong files, impossible sampler settings."""
-
-
-class DataNotFound(DataError):
-    """The data set is not there (as opposed to there but wrong): ``load_dataset`` may substitute."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -134,21 +130,15 @@ def channel_stats(x: Tensor, chunk: int = 2048) -> tuple[tuple[float, ...], tupl
 # CIFAR through torchvision
 
 
-def _torchvision_cifar(cls, what: str, folder: str, root, download: bool):
-    """(train, test) torchvision data sets, with torchvision's errors turned into DataError."""
-    root = Path(root).expanduser()
+def _torchvision_cifar(cls, spec: sources.CifarFolder, root, download: bool):
+    """(train, test, note): torchvision's data sets of the folder ``sources.cifar_root`` found
+    (under root, or downloaded there), with torchvision's md5 errors turned into DataError."""
+    folder_root, note = sources.cifar_root(spec, root, download)
     try:
-        return cls(str(root), train=True, download=download), cls(str(root), train=False, download=download)
+        return cls(str(folder_root), train=True), cls(str(folder_root), train=False), note
     except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
-        if not (root / folder).is_dir():
-            raise DataNotFound(
-                f"{what} not found under {root}: put the extracted `{folder}/` folder there "
-                f"(from {cls.url}), or pass download=true where the network allows") from e
-        raise DataError(f"{what} under {root / folder} is incomplete or corrupted (torchvision's md5 check failed: {e}); "
-                        f"delete it and download it again") from e
-    except OSError as e:  # a failed download (no network) or an unreadable file
-        raise DataNotFound(f"{what} could not be read or downloaded into {root}: {e}. Put the extracted `{folder}/` "
-                           f"folder there by hand where the network is out of reach") from e
+        raise DataError(f"{spec.what} under {folder_root / spec.folder} is incomplete or corrupted (torchvision's md5 "
+                        f"check failed: {e}); delete it (data.download=true then fetches it again)") from e
 
 
 def _from_torchvision(train, test, name: str, mean, std, note: str) -> ImageDataset:
@@ -158,20 +148,22 @@ def _from_torchvision(train, test, name: str, mean, std, note: str) -> ImageData
                         torch.tensor(test.targets, dtype=torch.int64), len(train.classes), mean, std, note)
 
 
-def load_cifar100(root, download: bool = False) -> ImageDataset:
-    """CIFAR-100 (fine labels) from ``<root>/cifar-100-python/``; the paper's normalisation."""
+def load_cifar100(root=None, download: bool = False) -> ImageDataset:
+    """CIFAR-100 (fine labels) from ``<root>/cifar-100-python/`` (root None: the repository's
+    ``data/``), downloaded there first if asked and missing; the paper's normalisation."""
     from torchvision.datasets import CIFAR100
 
-    train, test = _torchvision_cifar(CIFAR100, "CIFAR-100", "cifar-100-python", root, download)
-    return _from_torchvision(train, test, "cifar100", CIFAR100_MEAN, CIFAR100_STD, f"CIFAR-100 from {Path(root)}")
+    train, test, note = _torchvision_cifar(CIFAR100, sources.CIFAR100, root, download)
+    return _from_torchvision(train, test, "cifar100", CIFAR100_MEAN, CIFAR100_STD, note)
 
 
-def load_cifar10(root, download: bool = False) -> ImageDataset:
-    """CIFAR-10 from ``<root>/cifar-10-batches-py/``; the usual CIFAR-10 mean/std constants."""
+def load_cifar10(root=None, download: bool = False) -> ImageDataset:
+    """CIFAR-10 from ``<root>/cifar-10-batches-py/``, downloaded first if asked and missing;
+    the usual CIFAR-10 mean/std constants."""
     from torchvision.datasets import CIFAR10
 
-    train, test = _torchvision_cifar(CIFAR10, "CIFAR-10", "cifar-10-batches-py", root, download)
-    return _from_torchvision(train, test, "cifar10", CIFAR10_MEAN, CIFAR10_STD, f"CIFAR-10 from {Path(root)}")
+    train, test, note = _torchvision_cifar(CIFAR10, sources.CIFAR10, root, download)
+    return _from_torchvision(train, test, "cifar10", CIFAR10_MEAN, CIFAR10_STD, note)
 
 
 # ----------------------------------------------------------------------------------------
@@ -236,10 +228,7 @@ def _safe_load_pickled_dict(path: Path):
 
 def read_cifar100n_labels(label_file) -> dict[str, Tensor]:
     """{"clean_label", "noisy_label"} as int64 tensors from a ``CIFAR-100_human.pt`` file."""
-    path = Path(label_file).expanduser()
-    if not path.is_file():
-        raise DataError(f"CIFAR-100N label file not found: {path} (get CIFAR-100_human.pt from "
-                        f"https://github.com/UCSC-REAL/cifar-10-100n, data/CIFAR-100_human.pt)")
+    path = sources.given_file("data.label_file", label_file, "CIFAR-100N's CIFAR-100_human.pt")
     d = _safe_load_pickled_dict(path)
     if not (isinstance(d, dict) and {"clean_label", "noisy_label"} <= set(d)):
         keys = sorted(d) if isinstance(d, dict) else type(d).__name__
@@ -256,7 +245,18 @@ def read_cifar100n_labels(label_file) -> dict[str, Tensor]:
     return out
 
 
-def _apply_cifar100n_labels(ds: ImageDataset, label_file) -> ImageDataset:
+def check_cifar100n_label_file(label_file) -> dict[str, Tensor]:
+    """The labels of a file that must be the real CIFAR-100N file although no CIFAR-100 is at
+    hand to align it with: 50,000 fine labels of each kind, all in [0, 100)."""
+    labels = read_cifar100n_labels(label_file)
+    for key, a in labels.items():
+        if len(a) != 50_000 or a.min() < 0 or a.max() >= 100:
+            raise DataError(f"data.label_file={label_file}: {key} has {len(a)} labels in [{int(a.min())}, "
+                            f"{int(a.max())}]; CIFAR-100N's CIFAR-100_human.pt has 50,000 in [0, 100): wrong file")
+    return labels
+
+
+def _apply_cifar100n_labels(ds: ImageDataset, label_file, source: str | None = None) -> ImageDataset:
     labels = read_cifar100n_labels(label_file)
     clean, noisy = labels["clean_label"], labels["noisy_label"]
     n = len(ds.train_y)
@@ -271,13 +271,15 @@ def _apply_cifar100n_labels(ds: ImageDataset, label_file) -> ImageDataset:
     if noisy.min() < 0 or noisy.max() >= ds.num_classes:
         raise DataError(f"{label_file}: noisy_label outside [0, {ds.num_classes})")
     rate = float((noisy != clean).double().mean())
-    return replace(ds, name="cifar100n", train_y=noisy.clone(),
-                   note=f"{ds.note}; CIFAR-100N human labels from {Path(label_file)} (noise rate {rate:.3f})")
+    source = source or f"CIFAR-100N human labels from {sources.shown(label_file)}"
+    return replace(ds, name="cifar100n", train_y=noisy.clone(), note=f"{ds.note}; {source} (noise rate {rate:.3f})")
 
 
-def load_cifar100n(root, label_file, download: bool = False) -> ImageDataset:
-    """CIFAR-100 images trained on CIFAR-100N's human ``noisy_label``; test labels stay clean."""
-    return _apply_cifar100n_labels(load_cifar100(root, download), label_file)
+def load_cifar100n(root=None, label_file=None, download: bool = False) -> ImageDataset:
+    """CIFAR-100 images trained on CIFAR-100N's human ``noisy_label``; test labels stay clean.
+    ``label_file`` None: under root, downloaded (if asked), or the offline copy."""
+    ds = load_cifar100(root, download)
+    return _apply_cifar100n_labels(ds, *sources.cifar100n_label_file(label_file, root, download))
 
 
 # ----------------------------------------------------------------------------------------
@@ -316,8 +318,10 @@ def _read_image_source(path: Path) -> dict:
                     parts = _split_parts(m.name)
                     if parts and m.isfile():
                         entries.append((*parts[:2], m.name, tf.extractfile(m).read()))
-        except tarfile.TarError as e:
-            raise DataError(f"{path} is not a readable tar archive: {e}") from e
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as e:  # truncated, empty, not gzip
+            why = "an empty file" if path.stat().st_size == 0 else sources.one_line(e)
+            raise DataError(f"{path} is not a readable tar archive ({why}): truncated or not an image "
+                            f"archive; fetch it again") from None
     classes = sorted({c for s, c, _, _ in entries if s == "train"})
     if not classes:
         raise DataError(f"{path} holds no images as train/<class>/*.jpg (optionally under one top-level folder)")
@@ -379,17 +383,18 @@ def _cache_dirs(path: Path, cache_dir) -> list[Path]:
     return [user_cache_dir()]
 
 
-def load_image_folder(path, cache_dir=None, name: str = "image_folder") -> ImageDataset:
+def load_image_folder(path, cache_dir=None, name: str = "image_folder", source: str | None = None) -> ImageDataset:
     """A folder or tarball of ``train/<class>/*.jpg`` and ``test/<class>/*.jpg`` as a data set.
 
     Classes sorted alphabetically are the label indices; images are in sorted path order.
     The decoded arrays are cached (``<dir of path>/.cache`` where writable, else
     ``$XDG_CACHE_HOME/gaf`` or ``~/.cache/gaf``) under a key of the source's path, size
     and mtime, so later loads skip decoding. mean/std are computed from the training images.
+    ``source`` starts the note (default: the path).
     """
     path = Path(path).expanduser()
     if not path.exists():
-        raise DataNotFound(f"image folder or tarball not found: {path}")
+        raise DataNotFound("image folder or tarball", [f"{path}: absent"], "Give an existing folder or .tar.gz.")
     key = _source_key(path)
     dirs = _cache_dirs(path, cache_dir)
     cache_name = f"{path.name}-{key[:16]}.pt"
@@ -418,27 +423,33 @@ def load_image_folder(path, cache_dir=None, name: str = "image_folder") -> Image
             except OSError:
                 continue
     classes = data["classes"]
-    note = (f"{path}: {len(data['train_y'])} train / {len(data['test_y'])} test images, {len(classes)} classes "
+    note = (f"{source or path}: {len(data['train_y'])} train / {len(data['test_y'])} test images, {len(classes)} classes "
             f"({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}); mean/std of its training images")
     return ImageDataset(name, data["train_x"], data["train_y"], data["train_y"].clone(), data["test_x"],
                         data["test_y"], len(classes), tuple(data["mean"]), tuple(data["std"]), note)
 
 
-def find_cifar10_jpeg(root, jpeg_path=None) -> Path:
-    """The CIFAR-10 JPEG tarball: ``jpeg_path`` if given, else looked for under ``root``."""
-    candidates = [Path(jpeg_path).expanduser()] if jpeg_path else [
-        Path(root).expanduser() / JPEG_NAME, Path(root).expanduser() / "cifar10-jpeg" / JPEG_NAME]
-    for c in candidates:
-        if c.exists():
-            return c
-    raise DataNotFound(f"CIFAR-10 JPEG copy not found (tried {', '.join(map(str, candidates))}); pass jpeg_path")
-
-
 def load_cifar10_jpeg(root=None, jpeg_path=None, cache_dir=None) -> ImageDataset:
-    """The offline CIFAR-10 JPEG copy (quality 75; lossy; the original image order is lost)."""
-    path = find_cifar10_jpeg(root or ".", jpeg_path)
-    ds = load_image_folder(path, cache_dir, name="cifar10_jpeg")
-    return replace(ds, note=f"CIFAR-10 JPEG copy (q75) {ds.note}")
+    """The offline CIFAR-10 JPEG copy (quality 75; lossy; the original image order is lost):
+    ``jpeg_path`` when given (used or refused), else under ``root``, else the offline copy."""
+    path, source = sources.cifar10_jpeg_file(root, jpeg_path)
+    return load_image_folder(path, cache_dir, name="cifar10_jpeg", source=source)
+
+
+def load_cifar10_anywhere(root=None, download: bool = False, jpeg_path=None) -> ImageDataset:
+    """CIFAR-10 from its sources in order: under root, a download, then the offline JPEG
+    copy standing in for it (said in the note)."""
+    try:
+        return load_cifar10(root, download)
+    except DataNotFound as original:
+        try:
+            ds = load_cifar10_jpeg(root, jpeg_path)
+        except DataNotFound as jpeg:
+            raise DataNotFound("CIFAR-10", original.tried + jpeg.tried,
+                               f"{original.by_hand} Or put the CIFAR-10 JPEG copy ({sources.JPEG_NAME}) there, or "
+                               f"pass data.jpeg_path=PATH.") from None
+        return replace(ds, note=f"CIFAR-10 not found ({'; '.join(original.tried)}); substituted the CIFAR-10 JPEG "
+                                f"copy (q75). {ds.note}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -530,29 +541,60 @@ def subsample(ds: ImageDataset, train_per_class: int | None = None, test_per_cla
 # The dispatcher
 
 
-def _substitute(fallback, missing: str, error: DataError, root, *, num_classes: int, seed: int, jpeg_path,
-                random_size) -> ImageDataset:
-    if fallback == "cifar10_jpeg":
-        try:
-            ds = load_cifar10_jpeg(root, jpeg_path)
-        except DataNotFound as e:
-            raise DataNotFound(f"{error}; and the fallback cannot be used either: {e}") from e
-        what = f"the CIFAR-10 JPEG copy (q75, 10 classes instead of {num_classes})"
-    else:
+def _substitute(fallback, missing: str, why: str, tried: list[str], *, root, download: bool, jpeg_path,
+                num_classes: int, seed: int, random_size) -> ImageDataset:
+    """The fallback data set standing in for ``missing``. The note's first sentence (figure
+    titles show it) says what stood in and why; the sources tried follow."""
+    if fallback == "random":
         ds = random_dataset(*random_size, num_classes=num_classes, seed=seed)
         what = f"random images with random labels ({random_size[0]} train / {random_size[1]} test, {num_classes} classes)"
-    return replace(ds, note=f"{missing} not found under {Path(root)}; substituted {what}. {ds.note}")
+    else:
+        ds = load_cifar10_anywhere(root, download, jpeg_path) if fallback == "cifar10" else load_cifar10_jpeg(root, jpeg_path)
+        copy = "the CIFAR-10 JPEG copy (q75" if ds.name == "cifar10_jpeg" else "CIFAR-10 (the original"
+        what = f"{copy}, 10 classes instead of {num_classes})"
+    tried = f" Tried for {missing}: {'; '.join(tried)}." if tried else ""
+    return replace(ds, note=f"{missing} {why}; substituted {what}.{tried} {ds.note}")
 
 
-def load_dataset(name: str, root, *, label_file=None, noise: float = 0.0, seed: int = 0, download: bool = False,
-                 fallback: str | None = None, jpeg_path=None, train_per_class: int | None = None,
-                 test_per_class: int | None = None, random_size=(5000, 1000), num_classes: int | None = None) -> ImageDataset:
+def _load_cifar100_family(name: str, root, label_file, download: bool, fallback, fallback_when: str,
+                          substitute: dict) -> tuple[ImageDataset, bool]:
+    """CIFAR-100 or CIFAR-100N, or their fallback; and whether the fallback stood in."""
+    missing = "CIFAR-100" if name == "cifar100" else "CIFAR-100 (the images of CIFAR-100N)"
+
+    def stand_in(why: str, tried: list[str]) -> ImageDataset:
+        if name == "cifar100n" and label_file is not None:
+            check_cifar100n_label_file(label_file)  # given, so it must be the real file although unused
+        return _substitute(fallback, missing, why, tried, **substitute)
+
+    if fallback is not None and fallback_when == "always":
+        return stand_in("not used (data.fallback_when=always)", []), True
+    try:
+        ds = load_cifar100(root, download)
+    except DataNotFound as e:
+        if fallback is None:
+            raise DataNotFound(e.what, e.tried, f"{e.by_hand} Or run without CIFAR-100: data.fallback=cifar10 "
+                                                f"(CIFAR-10 in its place, said in the results) or data=cifar10_jpeg.") from None
+        return stand_in(f"not found under {sources.shown(sources.resolve_root(root))}", e.tried), True
+    if name == "cifar100n":
+        ds = _apply_cifar100n_labels(ds, *sources.cifar100n_label_file(label_file, root, download))
+    return ds, False
+
+
+def load_dataset(name: str, root=None, *, label_file=None, noise: float = 0.0, seed: int = 0, download: bool = False,
+                 fallback: str | None = None, fallback_when: str = "missing", jpeg_path=None,
+                 train_per_class: int | None = None, test_per_class: int | None = None, random_size=(5000, 1000),
+                 num_classes: int | None = None) -> ImageDataset:
     """One data set for a run: load (or substitute), subsample, then add symmetric label noise.
 
-    name: "cifar100" | "cifar100n" | "cifar10" | "cifar10_jpeg" | "random".
-    fallback: None (missing data is an error) | "cifar10_jpeg" | "random": used when the
-      CIFAR images are missing (not when they are corrupt), and said so in ``note``. A
-      substituted CIFAR-100N gets symmetric noise at CIFAR-100N's rate 0.402.
+    name: "cifar100" | "cifar100n" | "cifar10" | "cifar10_jpeg" | "random". Each is looked
+      for in the order of ``gaf.sources``: under ``root`` (None: the repository's ``data/``),
+      a download (only with ``download=True``), the offline copies; ``cifar10`` ends with
+      the JPEG copy standing in. ``label_file``/``jpeg_path``: used when given, or refused.
+    fallback: None (missing CIFAR-100 is an error) | "cifar10" (CIFAR-10 from its sources)
+      | "cifar10_jpeg" | "random": stands in for CIFAR-100 (and CIFAR-100N), said in
+      ``note``. A substituted CIFAR-100N gets symmetric noise at CIFAR-100N's rate 0.402;
+      a given ``label_file`` must still be the real CIFAR-100N file.
+    fallback_when: "missing" (only where CIFAR-100 cannot be had) | "always".
     noise: symmetric noise rate in [0, 1); CIFAR-100N's noise is human, so noise > 0 is refused there.
     num_classes: the number of classes of "random" (default 100); elsewhere only checked.
     Subsampling is class-balanced on the true labels and happens before the noise.
@@ -560,33 +602,25 @@ def load_dataset(name: str, root, *, label_file=None, noise: float = 0.0, seed: 
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; choose one of {list(DATASETS)}")
     if fallback not in FALLBACKS:
-        raise DataError(f"unknown fallback {fallback!r}; choose one of {list(FALLBACKS)}")
+        raise DataError(f"data.fallback={fallback!r} is unknown; choose one of {list(FALLBACKS)}")
+    if fallback_when not in FALLBACK_WHEN:
+        raise DataError(f"data.fallback_when={fallback_when!r} is unknown; choose one of {list(FALLBACK_WHEN)}")
     _check_noise_rate(noise)
     if name == "cifar100n" and noise > 0:
         raise DataError(f"noise={noise} with cifar100n: CIFAR-100N's noise is its human labels; use noise=0")
-    if name == "cifar100n" and label_file is None:
-        raise DataError("cifar100n needs label_file (the path of CIFAR-100_human.pt)")
-    substitute = dict(seed=seed, jpeg_path=jpeg_path, random_size=random_size)
+    substitute = dict(root=root, download=download, jpeg_path=jpeg_path, seed=seed, random_size=random_size)
     substituted_n = False
     if name in ("cifar100", "cifar100n"):
-        try:
-            ds = load_cifar100(root, download)
-        except DataNotFound as e:
-            if fallback is None:
-                raise
-            ds = _substitute(fallback, "CIFAR-100" if name == "cifar100" else "CIFAR-100 (the images of CIFAR-100N)",
-                             e, root, num_classes=100, **substitute)
-            substituted_n = name == "cifar100n"
-        else:
-            if name == "cifar100n":
-                ds = _apply_cifar100n_labels(ds, label_file)
+        ds, substituted = _load_cifar100_family(name, root, label_file, download, fallback, fallback_when,
+                                                dict(substitute, num_classes=100))
+        substituted_n = substituted and name == "cifar100n"
     elif name == "cifar10":
         try:
-            ds = load_cifar10(root, download)
+            ds = load_cifar10_anywhere(root, download, jpeg_path)
         except DataNotFound as e:
-            if fallback is None:
+            if fallback != "random":
                 raise
-            ds = _substitute(fallback, "CIFAR-10", e, root, num_classes=10, **substitute)
+            ds = _substitute(fallback, "CIFAR-10", "not found", e.tried, **substitute, num_classes=10)
     elif name == "cifar10_jpeg":
         ds = load_cifar10_jpeg(root, jpeg_path)
     else:

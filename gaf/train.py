@@ -122,7 +122,7 @@ def load_data(cfg: RunConfig) -> gdata.ImageDataset:
     d = cfg.data
     return gdata.load_dataset(
         d.name, d.root, label_file=d.label_file, noise=d.noise, seed=cfg.seed, download=d.download,
-        fallback=d.fallback, jpeg_path=d.jpeg_path, train_per_class=d.train_per_class,
+        fallback=d.fallback, fallback_when=d.fallback_when, jpeg_path=d.jpeg_path, train_per_class=d.train_per_class,
         test_per_class=d.test_per_class, random_size=(d.random_train, d.random_test), num_classes=d.num_classes,
     )
 

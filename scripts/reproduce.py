@@ -4,8 +4,11 @@
     python scripts/reproduce.py --scale small --jobs 4  # about one GPU-hour, 4 runs share the GPU
     python scripts/reproduce.py --scale paper           # the paper's lengths (CIFAR-100 required)
 
-Finished runs are skipped (the trainer makes a finished run directory a no-op and
-resumes an interrupted one), so this can be stopped and re-launched at any point.
+Before any run starts, the data every chosen preset needs at this scale is obtained once
+(downloaded where the network allows: gaf.sources's order); where it cannot be had, one
+error names every source tried and nothing is launched. Finished runs are skipped (the
+trainer makes a finished run directory a no-op and resumes an interrupted one), so this
+can be stopped and re-launched at any point.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,6 +58,42 @@ def launch(preset: str, overrides: list[str], multirun: bool, scale: str, jobs: 
     return subprocess.run(cmd, cwd=ROOT).returncode
 
 
+def data_configs(preset: str, scale: str, extra: list[str]) -> list[dict]:
+    """The distinct ``data`` sections of a preset's runs at ``scale`` (its sweep over the data
+    group included), composed as the runs compose them, with the caller's data overrides."""
+    from hydra import compose, initialize_config_dir
+
+    overrides = [f"experiment={preset}", f"scale={scale}", *(o for o in extra if o.startswith("data"))]
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        swept = compose("config", overrides=overrides, return_hydra_config=True).hydra.sweeper.params.get("data")
+        groups = [[f"data={g}"] for g in str(swept).split(",")] if swept else [[]]
+        configs = [OmegaConf.to_container(compose("config", overrides=[*overrides[:2], *g, *overrides[2:]]),
+                                          resolve=True) for g in groups]
+    return [c for i, c in enumerate(configs) if c["data"] not in [d["data"] for d in configs[:i]]]
+
+
+def prepare_data(presets: list[str], scale: str, extra: list[str]) -> str | None:
+    """Load (downloading where allowed) each data set the presets need, once; the one error, or None."""
+    from gaf.config import RunConfig
+    from gaf.train import load_data
+
+    where_from = ("name", "root", "label_file", "download", "fallback", "fallback_when", "jpeg_path")
+    seen = []
+    for preset in presets:
+        for container in data_configs(preset, scale, extra):
+            container.pop("scales", None)
+            source = {k: container["data"][k] for k in where_from}
+            if source in seen:
+                continue
+            seen.append(source)
+            try:
+                note = load_data(RunConfig.from_dict(container)).note
+            except ValueError as e:  # DataError: nothing to run on
+                return f"{preset} at --scale {scale}: {e}"
+            print(f"data for {preset} ({source['name']}): {note}", flush=True)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=["tiny", "small", "paper"], default="paper")
@@ -65,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     started, failed = time.perf_counter(), []
+    presets = list(dict.fromkeys(p for p, _, _ in PLAN if not args.only or p in args.only))
+    error = prepare_data(presets, args.scale, args.overrides)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     for preset, overrides, multirun in PLAN:
         if args.only and preset not in args.only:
             continue

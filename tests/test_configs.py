@@ -140,11 +140,31 @@ def test_cli_reports_a_bad_override_in_one_line(tmp_path, override, message):
 
 
 @pytest.mark.slow
+@pytest.mark.data_sources
 def test_cli_names_missing_data_without_a_traceback(tmp_path):
     out = train_cli(["data=cifar100", f"data.root={tmp_path}/nothing", "model=tiny", "device=cpu",
                      f"hydra.run.dir={tmp_path}/r"], tmp_path)
     assert out.returncode == 2
-    assert "cifar-100-python" in out.stderr and "Traceback" not in out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in out.stderr
+    assert "cifar-100-python" in errors[0] and "download of cifar-100-python.tar.gz" in errors[0]  # each source tried
+    assert "data.fallback=cifar10" in errors[0] and "data=cifar10_jpeg" in errors[0]  # and what to do instead
+
+
+@pytest.mark.slow
+@pytest.mark.data_sources
+def test_cli_from_another_folder_finds_the_default_data(tmp_path, monkeypatch):
+    """Default data paths come from the repository and $GAF_SHARED_DATA, not the working directory."""
+    from cifar_fixtures import write_jpeg_tar
+
+    offline = tmp_path / "offline"
+    write_jpeg_tar(offline / "cifar10-jpeg" / "cifar10-jpeg-q75.tar.gz", [f"c{i}" for i in range(10)], 6, 2)
+    monkeypatch.setenv("GAF_SHARED_DATA", str(offline))
+    out = train_cli(["data=cifar10_jpeg", "model=tiny", "device=cpu", "method.per_class=1", "train.iterations=2",
+                     "train.val_every=2", "train.memorisation_samples=10", f"hydra.run.dir={tmp_path}/r"], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    note = json.loads((tmp_path / "r" / "summary.json").read_text())["data_note"]
+    assert note.startswith(f"CIFAR-10 JPEG copy (q75) from {offline}/cifar10-jpeg/cifar10-jpeg-q75.tar.gz (the offline copy)")
 
 
 @pytest.mark.slow

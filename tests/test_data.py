@@ -20,7 +20,9 @@ from gaf.data import (CIFAR100_MEAN, CIFAR100_STD, BatchSampler, ClassBalancedSa
                       augment, load_cifar10, load_cifar100, load_cifar100n, load_dataset, load_image_folder,
                       normalize, random_dataset, subsample, symmetric_noise)
 
-REAL_LABELS = Path(__file__).resolve().parents[2] / "shared/data/cifar100n/CIFAR-100_human.pt"
+from gaf import sources
+
+REAL_LABELS = sources.shared_dir() / "cifar100n" / "CIFAR-100_human.pt"  # the offline copy, where present
 
 
 # ---------------------------------------------------------------------------------- CIFAR
@@ -126,9 +128,13 @@ def test_numpy_only_unpickler_reads_the_layout(tmp_path):
     assert np.array_equal(d["clean_label"], clean) and np.array_equal(d["noisy_label"], clean[::-1])
 
 
-@pytest.mark.skipif(not REAL_LABELS.is_file(), reason=f"{REAL_LABELS} not present")
-def test_real_cifar100n_label_file():
-    labels = data.read_cifar100n_labels(REAL_LABELS)
+@pytest.mark.data_sources
+@pytest.mark.skipif(not REAL_LABELS.is_file(), reason=f"no offline copy of the CIFAR-100N labels at {REAL_LABELS}")
+def test_real_cifar100n_label_file(tmp_path):
+    found, note = sources.cifar100n_label_file(None, tmp_path / "data", download=False)  # the default order finds it
+    assert found == REAL_LABELS and "(the offline copy)" in note
+    assert sources.md5sum(REAL_LABELS) == sources.CIFAR100N_LABELS.md5  # the file a download would fetch
+    labels = data.check_cifar100n_label_file(REAL_LABELS)
     clean, noisy = labels["clean_label"], labels["noisy_label"]
     assert len(clean) == len(noisy) == 50_000
     assert torch.equal(torch.bincount(clean, minlength=100), torch.full((100,), 500))
@@ -443,10 +449,31 @@ def test_load_dataset_fallback_random_says_so(tmp_path):
 
 def test_load_dataset_cifar100n_substituted_by_jpeg_gets_its_noise_rate(tmp_path):
     tar = write_jpeg_tar(tmp_path / "jpeg" / "c.tar.gz", [f"c{i}" for i in range(10)], n_train=50, n_test=2)
-    ds = load_dataset("cifar100n", tmp_path, label_file=tmp_path / "absent.pt", fallback="cifar10_jpeg", jpeg_path=tar)
+    ds = load_dataset("cifar100n", tmp_path, fallback="cifar10_jpeg", jpeg_path=tar)
     assert ds.name == "cifar10_jpeg" and ds.num_classes == 10
     assert "substituted the CIFAR-10 JPEG copy (q75" in ds.note and "0.402" in ds.note
     assert int(ds.flipped.sum()) == math.floor(0.402 * 500)
+
+
+@pytest.mark.parametrize("when", ["missing", "always"])
+def test_a_given_label_file_is_checked_even_where_the_fallback_stands_in(tmp_path, when):
+    """A label file the user names must be the real CIFAR-100N file although the substitute
+    does not use it: missing, a folder, a text file or the wrong length are refused."""
+    tar = write_jpeg_tar(tmp_path / "jpeg" / "c.tar.gz", [f"c{i}" for i in range(10)], n_train=5, n_test=1)
+    text = tmp_path / "labels.txt"
+    text.write_text("not a label file\n")
+    y = np.arange(49_999) % 100
+    bad = {"does not exist": tmp_path / "absent.pt", "is a folder": tmp_path, "cannot read": text,
+           "49999 labels": write_cifar100n_labels(tmp_path / "short.pt", y, y)}
+    for match, path in bad.items():
+        with pytest.raises(DataError, match=match):
+            load_dataset("cifar100n", tmp_path / "empty", label_file=path, fallback="cifar10_jpeg", jpeg_path=tar,
+                         fallback_when=when)
+    y = np.arange(50_000) % 100
+    good = write_cifar100n_labels(tmp_path / "good.pt", y, y)
+    ds = load_dataset("cifar100n", tmp_path / "empty", label_file=good, fallback="cifar10_jpeg", jpeg_path=tar,
+                      fallback_when=when)
+    assert ds.name == "cifar10_jpeg" and "0.402" in ds.note
 
 
 def test_load_dataset_cifar100n_and_its_errors(tmp_path, no_md5):
@@ -458,7 +485,7 @@ def test_load_dataset_cifar100n_and_its_errors(tmp_path, no_md5):
         load_dataset("cifar100n", tmp_path, label_file=labels, noise=0.2)
     with pytest.raises(DataError, match="unknown data set 'imagenet'"):
         load_dataset("imagenet", tmp_path)
-    with pytest.raises(DataError, match="unknown fallback"):
+    with pytest.raises(DataError, match="data.fallback=.zeros. is unknown"):
         load_dataset("cifar100", tmp_path, fallback="zeros")
     r = load_dataset("random", tmp_path, num_classes=10, random_size=(100, 20), seed=2)
     assert r.num_classes == 10 and len(r.train_y) == 100 and not r.flipped.any()

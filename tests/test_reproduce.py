@@ -1,35 +1,61 @@
-"""A short SCALE=tiny slice of `make reproduce`: a preset's sweep and its baseline, collected and plotted."""
+"""A short SCALE=tiny slice of `make reproduce`: a preset's sweep and its baseline, collected and plotted.
+
+It brings its own data, so it runs the same on a clone without ../shared: a CIFAR-10 JPEG
+copy in the official layout (10 classes, the tiny scale's 500 + 100 images per class)
+as the offline copy ($GAF_SHARED_DATA), an empty data.root, and downloads that fail (no
+network: conftest points them at a closed loopback port). The tiny scale must find its
+data in that order and say where it came from."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from cifar_fixtures import write_jpeg_tar
 
 ROOT = Path(__file__).resolve().parents[1]
-JPEG = ROOT.parent / "shared/data/cifar10-jpeg/cifar10-jpeg-q75.tar.gz"
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 @pytest.mark.slow
 def test_tiny_slice_of_reproduce_end_to_end(tmp_path):
-    data = [f"data.jpeg_path={JPEG}"] if JPEG.exists() else ["data.fallback=random"]
+    offline = tmp_path / "offline"
+    write_jpeg_tar(offline / "cifar10-jpeg" / "cifar10-jpeg-q75.tar.gz", CLASSES, n_train=500, n_test=100)
+    env = {**os.environ, "CI": "true", "MPLBACKEND": "Agg", "GAF_SHARED_DATA": str(offline)}
     cmd = [sys.executable, str(ROOT / "scripts/reproduce.py"), "--scale", "tiny", "--only", "fig9",
-           "--out", str(tmp_path), "train.iterations=4", "train.val_every=2", "train.progress=false", *data]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
-                         env={"CI": "true", "PATH": "/usr/bin:/bin", "MPLBACKEND": "Agg"})
+           "--out", str(tmp_path), "train.iterations=4", "train.val_every=2", "train.progress=false",
+           f"data.root={tmp_path / 'data'}"]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     runs = pd.read_csv(tmp_path / "results/fig9/runs.csv")
     assert sorted(runs.loc[runs["method.name"] == "gaf", "method.n_micro"]) == [2, 4, 10]
     assert (runs["method.name"] == "baseline").sum() == 1
     assert set(runs["status"]) == {"finished"} and set(runs["scale"]) == {"tiny"}
-    assert runs["data_note"].str.contains("substituted").all()  # CIFAR-100 is absent here, and says so
+    # Every result names what stood in and where it came from: the offline copy, after
+    # data.root and a download were tried.
+    assert runs["data_note"].str.contains("substituted the CIFAR-10 JPEG copy").all()
+    assert runs["data_note"].str.contains(f"from {offline}/cifar10-jpeg/cifar10-jpeg-q75.tar.gz (the offline copy)",
+                                          regex=False).all()
     for suffix in ("png", "pdf"):
         assert (tmp_path / f"results/fig9/fig9.{suffix}").stat().st_size > 0
     provenance = json.loads((tmp_path / "results/fig9/provenance.json").read_text())
     assert "reproduce.py --scale tiny" in provenance["command"]
     # Re-launching skips every finished run.
-    again = subprocess.run(cmd + ["--no-plot"], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                           env={"CI": "true", "PATH": "/usr/bin:/bin", "MPLBACKEND": "Agg"})
+    again = subprocess.run(cmd + ["--no-plot"], cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
     assert again.returncode == 0 and again.stdout.count("nothing to do") == 4, again.stdout[-3000:]
+
+
+@pytest.mark.data_sources
+def test_reproduce_without_any_data_source_stops_at_once_with_one_error(tmp_path):
+    env = {**os.environ, "CI": "true", "GAF_SHARED_DATA": str(tmp_path / "empty")}
+    cmd = [sys.executable, str(ROOT / "scripts/reproduce.py"), "--scale", "tiny", "--out", str(tmp_path),
+           f"data.root={tmp_path / 'data'}"]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "CIFAR-10 not found" in errors[0] and "download of cifar-10-python.tar.gz" in errors[0]
+    assert "offline copy" in errors[0] and "Traceback" not in out.stderr
+    assert not (tmp_path / "multirun").exists() and not (tmp_path / "outputs").exists()  # nothing launched
