@@ -99,8 +99,7 @@ def context(args) -> SimpleNamespace:
 def real_data(args, device):
     """The CIFAR-10 JPEG copy on the device (bench.DeviceImages), or None and why not."""
     try:
-        ds = gdata.load_cifar10_jpeg(".", jpeg_path=args.jpeg) if args.jpeg else gdata.load_cifar10_jpeg(
-            ROOT / "data", jpeg_path=ROOT.parent / "shared/data/cifar10-jpeg/cifar10-jpeg-q75.tar.gz")
+        ds = gdata.load_cifar10_jpeg(ROOT / "data", jpeg_path=args.jpeg)  # the data sources' usual order
     except gdata.DataError as e:
         return None, f"random images (no CIFAR-10 JPEG copy: {e})"
     images = bench.DeviceImages(ds.train_x, ds.train_y, device, args.seed, ds.mean, ds.std)
@@ -432,9 +431,7 @@ def check_trainer(ctx) -> dict:
 def small_scale_config(ctx, base: dict) -> dict:
     """The small scale's loop (2,000 iterations, validation every 250) on the real data if any."""
     its, every = (40, 20) if ctx.quick else (2000, 250)
-    data = ({"name": "cifar10_jpeg", "jpeg_path": str(ctx.args.jpeg or ROOT.parent /
-                                                      "shared/data/cifar10-jpeg/cifar10-jpeg-q75.tar.gz")}
-            if ctx.real is not None else base["data"])
+    data = {"name": "cifar10_jpeg", "jpeg_path": ctx.args.jpeg} if ctx.real is not None else base["data"]
     if ctx.quick and ctx.real is not None:
         data |= {"train_per_class": 20, "test_per_class": 10}
     return merge(base, {"data": data, "train": {"iterations": its, "val_every": every,
