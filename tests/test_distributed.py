@@ -1,6 +1,7 @@
 """GAF across ranks (gloo on CPU, processes spawned here): a K-rank run is the
 single-process run with n = K * n_local microbatches, in both reduction modes."""
 
+import copy
 import os
 import socket
 import time
@@ -180,18 +181,25 @@ def make_mlp():
 
 def mean_worker(rank, world_size, port, outdir):
     join(rank, world_size, port)
-    model = make_mlp()
-    optimizer = make_optimizer(model)
-    stepper = DistributedMeanStep(model, optimizer, nn.CrossEntropyLoss())
     xs, ys = global_batches(world_size, 5)
-    losses = [float(stepper(local_slice(xs[s], rank, world_size), local_slice(ys[s], rank, world_size))["loss"])
-              for s in range(STEPS)]
-    torch.save((state(model, optimizer), losses), f"{outdir}/rank{rank}.pt")
+    for name, model in (("mlp", make_mlp()), ("batchnorm", make_model())):
+        optimizer = make_optimizer(model)
+        stepper = DistributedMeanStep(model, optimizer, nn.CrossEntropyLoss())
+        losses = [float(stepper(local_slice(xs[s], rank, world_size), local_slice(ys[s], rank, world_size))["loss"])
+                  for s in range(STEPS)]
+        torch.save((state(model, optimizer), losses), f"{outdir}/{name}_rank{rank}.pt")
     shutdown()
 
 
-def test_mean_step_equals_one_process_on_the_whole_batch(tmp_path):
-    spawn(mean_worker, 2, str(tmp_path))
+@pytest.fixture(scope="module")
+def mean_run(tmp_path_factory):
+    """Two ranks of the baseline stepper, on an MLP and on the BatchNorm CNN (one spawn)."""
+    outdir = tmp_path_factory.mktemp("mean")
+    spawn(mean_worker, 2, str(outdir))
+    return {name: [torch.load(outdir / f"{name}_rank{r}.pt") for r in range(2)] for name in ("mlp", "batchnorm")}
+
+
+def test_mean_step_equals_one_process_on_the_whole_batch(mean_run):
     model = make_mlp()
     optimizer = make_optimizer(model)
     xs, ys = global_batches(2, 5)
@@ -203,11 +211,48 @@ def test_mean_step_equals_one_process_on_the_whole_batch(tmp_path):
         optimizer.step()
         losses.append(float(loss.detach()))
     expected = state(model, optimizer)
-    for r in range(2):
-        got, got_losses = torch.load(tmp_path / f"rank{r}.pt")
+    for got, got_losses in mean_run["mlp"]:
         assert got_losses == pytest.approx(losses, abs=1e-5)
         for key, ref in expected.items():
             assert torch.allclose(got[key], ref, atol=1e-5), key
+
+
+def test_mean_step_batchnorm_is_ddp_the_ranks_running_statistics_averaged(mean_run):
+    """DDP, emulated in one process: each rank's replica normalises its own half with its
+    own batch statistics; the gradients are averaged, and so (the README's promise) are
+    the running statistics the ranks' replicas would hold. A merge that is wrong the same
+    way on every rank (rank 0's statistics, their sum, the sequential merge of the GAF
+    stepper) keeps the replicas identical, so only this comparison catches it."""
+    model = make_model()
+    optimizer = make_optimizer(model)
+    xs, ys = global_batches(2, 5)
+    running = [k for k in model.state_dict() if k.endswith(("running_mean", "running_var"))]
+    for s in range(STEPS):
+        replicas = [copy.deepcopy(model) for _ in range(2)]
+        for k, replica in enumerate(replicas):  # rank k's rows of the global step
+            nn.functional.cross_entropy(replica(xs[s, k]), ys[s, k]).backward()
+        optimizer.zero_grad()
+        for p, *per_rank in zip(model.parameters(), *(r.parameters() for r in replicas)):
+            p.grad = sum(q.grad for q in per_rank) / 2
+        optimizer.step()
+        with torch.no_grad():
+            for key in running:
+                model.state_dict()[key].copy_(sum(r.state_dict()[key] for r in replicas) / 2)
+            for m in model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.num_batches_tracked += 1
+    expected = state(model, optimizer)
+    for got, _ in mean_run["batchnorm"]:
+        for key, ref in expected.items():
+            if key.endswith("num_batches_tracked"):
+                assert int(got[key]) == STEPS, key
+            else:
+                assert torch.allclose(got[key], ref, atol=1e-5, rtol=1e-5), (key, (got[key] - ref).abs().max())
+    # not vacuous: the per-rank statistics differ, so averaging them is not the same as taking either
+    halves = [copy.deepcopy(make_model()) for _ in range(2)]
+    for k, half in enumerate(halves):
+        half(xs[0, k])
+    assert (halves[0][1].running_var - halves[1][1].running_var).abs().max() > 1e-3
 
 
 # --- the reductions themselves ------------------------------------------------------
