@@ -34,7 +34,8 @@ def bounded_dirname(name: str) -> str:
 # are left out: presets sweep m (figures 4, 8) and pick their own networks (figure 3).
 SCALE_KEYS = {"iterations": ("train", "iterations"), "val_every": ("train", "val_every"),
               "train_per_class": ("data", "train_per_class"), "test_per_class": ("data", "test_per_class"),
-              "fallback": ("data", "fallback"), "memorisation_samples": ("train", "memorisation_samples")}
+              "fallback": ("data", "fallback"), "fallback_when": ("data", "fallback_when"),
+              "memorisation_samples": ("train", "memorisation_samples")}
 
 
 def settings_scale(cfg) -> str:

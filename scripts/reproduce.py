@@ -49,13 +49,12 @@ def launch(preset: str, overrides: list[str], multirun: bool, scale: str, jobs: 
     cmd = [sys.executable, str(ROOT / "experiments/train.py")]
     cmd += ["-m"] if multirun else []
     cmd += [f"experiment={preset}", f"scale={scale}", *overrides, *extra]
-    if out != ROOT:  # keep the layout the presets use, under another folder
-        cmd += [f"hydra.sweep.dir={out}/multirun/{preset}/{scale}",
-                f"hydra.run.dir={out}/outputs/{preset}/{scale}/" + "${bounded_dirname:${hydra.job.override_dirname}}"]
     if multirun and jobs > 1:
         cmd += ["hydra/launcher=shared_gpu", f"hydra.launcher.n_jobs={jobs}"]
-    print(f"\n=== {preset} {' '.join(overrides)}\n$ {shlex.join(cmd)}", flush=True)
-    return subprocess.run(cmd, cwd=ROOT).returncode
+    print(f"\n=== {preset} {' '.join(overrides)}\n$ (cd {shlex.quote(str(out))}; {shlex.join(cmd)})", flush=True)
+    # Run directories are relative to the working directory (config.yaml's hydra.run/sweep.dir),
+    # data paths to the repository: running in `out` keeps the presets' layout under it.
+    return subprocess.run(cmd, cwd=out).returncode
 
 
 def data_configs(preset: str, scale: str, extra: list[str]) -> list[dict]:
@@ -106,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     started, failed = time.perf_counter(), []
+    args.out.mkdir(parents=True, exist_ok=True)
     presets = list(dict.fromkeys(p for p, _, _ in PLAN if not args.only or p in args.only))
     error = prepare_data(presets, args.scale, args.overrides)
     if error:
