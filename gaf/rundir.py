@@ -208,7 +208,8 @@ def write_summary(path: Path, cfg: RunConfig, state: dict, env: dict, ds, status
         "images_per_s": state["images_seen"] / state["train_time"] if state["train_time"] > 0 else 0.0,
         "train_time_s": round(state["train_time"], 3),  # the loop's wall time, validation excluded
         "device": env["device"], "device_name": env["device_name"], "versions": env,
-        "data_note": ds.note, "scale": cfg.scale, "experiment": cfg.experiment,
+        "data_note": ds.note, "data_used": ds.name, "num_classes": ds.num_classes,  # what ran (may be a substitute)
+        "scale": cfg.scale, "experiment": cfg.experiment,
         "started_at": started,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds") if status != "running" else None,
         "config": cfg.to_dict(),

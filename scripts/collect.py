@@ -25,7 +25,7 @@ import pandas as pd
 SWEPT = ["data.name", "data.noise", "model.name", "method.name", "method.tau", "method.n_micro",
          "method.per_class", "method.merge", "method.batch_size", "seed"]
 SUMMARY = ["status", "final_val_acc", "best_val_acc", "iterations", "images_seen", "steps_taken", "wall_time_s",
-           "images_per_s", "device", "device_name", "data_note", "started_at", "finished_at"]
+           "images_per_s", "device", "device_name", "data_note", "data_used", "started_at", "finished_at"]
 CURVE = ["iter", "images_seen", "loss", "acc", "d_mean", "accepted", "stepped", "lr", "tau"]
 WINDOW_MEANS = ["d_mean", "loss", "acc", "stepped"]  # kept as <name>_win: honest means over downsampled windows
 # Config leaves that say where or how a run ran, not which sweep point it is.

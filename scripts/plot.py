@@ -25,6 +25,7 @@ import pandas as pd
 from matplotlib.figure import Figure  # figures made without pyplot: no global state, any backend
 
 PAPER_FIG6 = Path(__file__).resolve().parent / "paper_facts" / "figure6.csv"
+PAPER_FIG6_SETUP = ("cifar100", "resnet18")  # the data set and network of the paper's figure 6
 SCALES = ["tiny", "small", "paper"]  # smallest to largest; unknown scales rank lowest
 COLOR = {"gaf": "#1f4fb4", "baseline": "#d62728"}
 MARKER = {"gaf": "s", "baseline": "^"}
@@ -74,9 +75,34 @@ def models_of(runs):
     return ", ".join(MODEL.get(m, m) for m in _unique(runs["model.name"]))
 
 
+def data_used(runs):
+    """The data set each run trained on: summary.json's data_used where collected, else read off
+    its data note (a substitution says what it substituted), else the data set asked for."""
+    notes = runs["data_note"].fillna("").astype(str) if "data_note" in runs else pd.Series("", index=runs.index)
+    from_note = notes.map(lambda n: "cifar10_jpeg" if "substituted the CIFAR-10 JPEG copy" in n
+                          else "random" if "substituted random images" in n else None)
+    used = runs["data_used"] if "data_used" in runs else pd.Series(np.nan, index=runs.index, dtype=object)
+    return used.where(used.notna() & (used != ""), from_note.where(from_note.notna(), runs["data.name"]))
+
+
+def ran_on(asked, used):
+    """What a run trained on, named first, and what it stood in for."""
+    if pd.isna(used) or used == asked:
+        return data_label(asked)
+    if asked == "cifar100n":  # human labels cannot apply to other images: symmetric noise at their rate
+        return f"{data_label(used)} with symmetric 40.2% noise, standing in for CIFAR-100N-Fine"
+    return f"{data_label(used)} standing in for {data_label(asked)}"
+
+
+def ran_labels(runs):
+    """ran_on for every run, as a Series."""
+    return pd.Series([ran_on(a, u) for a, u in zip(runs["data.name"], data_used(runs))], index=runs.index,
+                     dtype=object)
+
+
 def datasets_of(runs):
-    """The runs' data sets, by their display names."""
-    return ", ".join(data_label(d) for d in _unique(runs["data.name"]))
+    """The data sets the runs trained on, by their display names (a substitute first)."""
+    return ", ".join(_unique(ran_labels(runs)))
 
 
 def title_suffix(runs):
@@ -113,12 +139,22 @@ def titled(fig, title, r=None):
     return fig
 
 
+def freeze_layout(fig):
+    """Constrained layout settles the axes with last-digit float noise from one run to the next;
+    fixing its result, rounded, makes unchanged results give byte-identical files."""
+    fig.draw_without_rendering()
+    for ax in fig.axes:
+        ax.set_position([round(v, 6) for v in ax.get_position().bounds])
+    fig.set_layout_engine("none")
+
+
 def save(fig, path):
-    """path/to/figN -> figN.png and figN.pdf."""
+    """path/to/figN -> figN.png and figN.pdf, the same bytes for the same results."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for ext in ("png", "pdf"):
-        fig.savefig(path.with_suffix(f".{ext}"))
+    freeze_layout(fig)
+    fig.savefig(path.with_suffix(".png"))
+    fig.savefig(path.with_suffix(".pdf"), metadata={"CreationDate": None})  # no date: unchanged results, same bytes
     return [path.with_suffix(".png"), path.with_suffix(".pdf")]
 
 
@@ -189,6 +225,13 @@ def acc_stats(runs, by, value="best_val_acc"):
     return g.agg(["mean", "std", "count"]).reset_index()
 
 
+def spread(s):
+    """Error bars: the std over seeds where a point has two or more, none where it has one;
+    None when no point has two (one seed draws no error bars)."""
+    yerr = s["std"].where(s["count"] >= 2)
+    return yerr if yerr.notna().any() else None
+
+
 def noise_pct(runs):
     return 100 * runs["data.noise"].fillna(0.0)
 
@@ -210,16 +253,19 @@ def fig1(results_dir, scale=None):
         for k, rid in enumerate(runs["run_id"]):
             tag = f" (seed {runs['seed'].iloc[k]})" if len(runs) > 1 else ""
             e = evals(r, rid)
-            ax[0, j].plot(e["iter"], 100 * e["train_acc"], color="C0", label="train" + tag)
+            ax[0, j].plot(e["iter"], 100 * e["train_acc"], color="C0",
+                          label="train: noisy labels, augmented batches" + tag)
             ax[0, j].plot(e["iter"], 100 * e["val_acc"], color="C1", label="validation" + tag)
             plot_distance(ax[1, j], curve(r, rid), "C2", "rolling average" + tag)
         ax[1, j].plot([], [], color="C2", alpha=0.25, lw=0.7, label="raw")
-        ax[0, j].set_title(data_label(name))
+        ran = ran_on(name, data_used(runs).iloc[0]) if len(runs) else data_label(name)
+        ax[0, j].set_title("\n".join(textwrap.wrap(ran, 56)), fontsize=8)
         ax[0, j].set_ylabel("accuracy (%)")
         ax[1, j].set_xlabel("iteration")
         legend(ax[0, j], loc="lower right")
         legend(ax[1, j], loc="lower right")
-    return titled(fig, "Figure 1: baseline accuracy and cosine distance between micro-gradients", r)
+    return titled(fig, f"Figure 1: baseline accuracy and cosine distance between micro-gradients, "
+                       f"{models_of(r.runs)} (data: column titles)", r)
 
 
 def fig2(results_dir=None, scale=None):
@@ -271,9 +317,10 @@ def fig3(results_dir, scale=None, late=0.25):
 
 
 def batch_label(row):
-    if pd.notna(row.get("method.batch_size")):
+    """(sort key, label): a baseline's batch size, or GAF's microbatch size m (images per class)."""
+    if row["method.name"] == "baseline" and pd.notna(row.get("method.batch_size")):
         return int(row["method.batch_size"]), f"batch {int(row['method.batch_size'])}"
-    return int(row["method.per_class"]), f"{int(row['method.per_class'])} per class"
+    return int(row["method.per_class"]), f"m = {int(row['method.per_class'])}"
 
 
 def fig4(results_dir, scale=None):
@@ -283,14 +330,17 @@ def fig4(results_dir, scale=None):
         return None
     runs = r.runs[r.runs.apply(role, axis=1) == "baseline"]
     runs = runs if len(runs) else r.runs
-    sized = sorted((batch_label(row) + (row["run_id"],) for _, row in runs.iterrows()))
+    sized = sorted((batch_label(row) + (row["run_id"],) for _, row in runs.iterrows()), key=lambda t: (t[0], t[2]))
     fig, ax = new_figure(1, 1, (6.4, 4.2))
     cmap = matplotlib.colormaps["viridis"]
     for k, (_, label, rid) in enumerate(sized):
         plot_distance(ax[0, 0], curve(r, rid), cmap(k / max(1, len(sized) - 1) * 0.9), label, raw=False)
     ax[0, 0].set_xlabel("iteration")
-    legend(ax[0, 0], title="images per step", loc="lower right", ncol=2)
-    return titled(fig, "Figure 4: rolling average of the micro-gradient cosine distance, baseline, by batch size", r)
+    plain = (runs["method.name"] != "baseline").any()
+    legend(ax[0, 0], title="microbatch: m images per class" if plain else "batch size", loc="lower right", ncol=2)
+    what = "plain averaging (tau = 2), by microbatch size m" if plain else "baseline, by batch size"
+    return titled(fig, f"Figure 4: rolling average of the micro-gradient cosine distance, {what}, "
+                       f"{models_of(runs)} on {datasets_of(runs)}", r)
 
 
 def fig5(results_dir, scale=None):
@@ -333,7 +383,7 @@ def fig6(results_dir, scale=None):
     a = ax[0, 0]
     for (label, method), group in runs.groupby(["label", "method.name"]):
         s = acc_stats(group, "noise")
-        a.errorbar(s["noise"], s["mean"], yerr=s["std"].fillna(0), color=COLOR.get(method), marker=MARKER.get(method),
+        a.errorbar(s["noise"], s["mean"], yerr=spread(s), color=COLOR.get(method), marker=MARKER.get(method),
                    mfc="none", capsize=3, label=f"{label} (this reproduction)")
     paper = read_paper_fig6()
     for method, col in (("gaf", "gaf_val_acc_pct"), ("baseline", "baseline_val_acc_pct")):
@@ -341,8 +391,8 @@ def fig6(results_dir, scale=None):
                marker=MARKER[method], ms=3, label=f"{NAME[method]} (paper)")
     a.set(xlabel="label noise (%)", ylabel="best validation accuracy over the run (%)", ylim=(0, None))
     legend(a)
-    return titled(fig, "Figure 6: validation accuracy vs. symmetric label noise (dashed: the paper's values, "
-                       "read off its plot)", r)
+    return titled(fig, f"Figure 6: validation accuracy vs. symmetric label noise, {models_of(runs)} on "
+                       f"{datasets_of(runs)} (dashed: the paper's values, ResNet18 on CIFAR-100, read off its plot)", r)
 
 
 def _sweep_vs_baseline(r, key, xlabel, title, categorical=False, tick=_fmt):
@@ -358,7 +408,7 @@ def _sweep_vs_baseline(r, key, xlabel, title, categorical=False, tick=_fmt):
         one = len(levels) == 1
         tag = "" if one else f", {p:g}% noise"
         s = acc_stats(gaf[gaf["noise"] == p], key)
-        a.errorbar(s[key].map(pos), s["mean"], yerr=s["std"].fillna(0), marker="s", mfc="none", capsize=3,
+        a.errorbar(s[key].map(pos), s["mean"], yerr=spread(s), marker="s", mfc="none", capsize=3,
                    color=COLOR["gaf"] if one else f"C{k}", label="GAF" + tag)
         b = base[base["noise"] == p]
         if len(b):
@@ -392,7 +442,7 @@ def fig8(results_dir, scale=None):
     a = ax[0, 0]
     for method, group in runs.groupby("method.name"):
         s = acc_stats(group, "per_step")
-        a.errorbar(s["per_step"], s["mean"], yerr=s["std"].fillna(0), color=COLOR.get(method),
+        a.errorbar(s["per_step"], s["mean"], yerr=spread(s), color=COLOR.get(method),
                    marker=MARKER.get(method), mfc="none", capsize=3, label=NAME.get(method, method))
         for _, row in group.drop_duplicates("per_step").iterrows():
             note = (f"m={int(row['method.per_class'])}, n={int(row['method.n_micro'])}" if method == "gaf"
@@ -439,8 +489,9 @@ def _compare(runs, source):
     rows = []
     for (data, p, setting), g in gaf.groupby(["data.name", "noise", "setting"]):
         b = base[(base["data.name"] == data) & (base["noise"] == p)]
-        noise = "real (40.2%)" if data == "cifar100n" else f"{p:g}"
-        rows.append({"dataset": data_label(data), "label noise (%)": noise,
+        used = data_used(g).iloc[0]
+        noise = f"{p:g}" if data != "cifar100n" else "real (40.2%)" if used == data else "symmetric 40.2"
+        rows.append({"dataset": ran_on(data, used), "label noise (%)": noise,
                      "GAF setting": setting, "baseline (%)": 100 * b["best_val_acc"].mean() if len(b) else np.nan,
                      "GAF (%)": 100 * g["best_val_acc"].mean(), "runs": len(g) + len(b), "source": source,
                      "_order": (data == "cifar100n", p)})
@@ -488,18 +539,24 @@ def _provenance_lines(sources):
     return lines
 
 
-def write_table1(df, results_dir):
-    results_dir = Path(results_dir)
-    df.to_csv(results_dir / "table1.csv", index=False, float_format="%.2f")
+def table1_markdown(df):
+    """Table 1 with its caveat (scale, substitutions) and sources: the file and the notebook show this."""
     runs = pd.concat([s.runs for s in df.attrs["sources"]])
     suffix = title_suffix(runs)
     text = ["# Table 1: best validation accuracy (%), baseline vs. GAF", "",
             (suffix + "\n\n" if suffix else "") + "Best validation accuracy over each run (not the final one), "
             "mean over seeds; difference = GAF - baseline in percentage points. Baseline = the run(s) with the "
-            "same data and noise (batch size nearest the paper's 128); '—' = not run.", "",
+            "same data and noise (batch size nearest the paper's 128); '—' = not run. The dataset column names "
+            "what the runs trained on, and what it stood in for.", "",
             markdown_table(df), "",
             "Sources (regenerate: `make figures`):", *_provenance_lines(df.attrs["sources"]), ""]
-    (results_dir / "table1.md").write_text("\n".join(text))
+    return "\n".join(text)
+
+
+def write_table1(df, results_dir):
+    results_dir = Path(results_dir)
+    df.to_csv(results_dir / "table1.csv", index=False, float_format="%.2f")
+    (results_dir / "table1.md").write_text(table1_markdown(df))
     return [results_dir / "table1.csv", results_dir / "table1.md"]
 
 
@@ -522,12 +579,14 @@ def paper_vs_repro(results_dir, scale=None):
                        "paper GAF": paper["gaf_val_acc_pct"], "repro GAF": np.nan})
     for method, col in (("baseline", "repro baseline"), ("gaf", "repro GAF")):
         df[col] = df["label noise (%)"].map(lambda p: repro[method].get(float(p), np.nan))
-    df["repro - paper, baseline"] = df["repro baseline"] - df["paper baseline"]
-    df["repro - paper, GAF"] = df["repro GAF"] - df["paper GAF"]
+    comparable = set(data_used(runs)) == {PAPER_FIG6_SETUP[0]} and set(runs["model.name"]) == {PAPER_FIG6_SETUP[1]}
+    if comparable:  # the same data set and network as the paper's figure 6: differences mean something
+        df["repro - paper, baseline"] = df["repro baseline"] - df["paper baseline"]
+        df["repro - paper, GAF"] = df["repro GAF"] - df["paper GAF"]
     df["GAF gain, paper"] = df["paper GAF"] - df["paper baseline"]
     df["GAF gain, repro"] = df["repro GAF"] - df["repro baseline"]
     extra = sorted((set(repro["gaf"]) | set(repro["baseline"])) - set(map(float, paper["label_noise_pct"])))
-    df.attrs.update(source=r, extra_levels=extra, setting=_unique(gaf["setting"]))
+    df.attrs.update(source=r, extra_levels=extra, setting=_unique(gaf["setting"]), comparable=comparable)
     return df
 
 
@@ -536,7 +595,7 @@ def write_paper_vs_repro(df, results_dir):
     scales = _unique(r.runs["scale"])
     setting = ", ".join(df.attrs["setting"]) or "none"
     text = ["# Figure 6: the paper's values beside this reproduction", "",
-            "Best validation accuracy (%) vs. symmetric label noise, CIFAR-100. Paper: read off the published "
+            "Best validation accuracy (%) vs. symmetric label noise. Paper: ResNet18 on CIFAR-100, read off the published "
             "figure 6 by eye (+-1 point; `scripts/paper_facts/figure6.csv`, Chaubard et al. 2024, arXiv:2412.18052). "
             f"Reproduction: experiment `{r.experiment}`, best validation accuracy over each run, mean over seeds; "
             f"GAF setting: {setting}. '—' = this noise level was not in the sweep.", "",
@@ -544,6 +603,10 @@ def write_paper_vs_repro(df, results_dir):
             f"models: {models_of(r.runs)}; data: {datasets_of(r.runs)}"
             + "".join(f"; {n}" for n in data_notes(r.runs)) + ".", "",
             markdown_table(df), ""]
+    if not df.attrs["comparable"]:
+        text += [f"No 'repro - paper' differences: these runs trained {models_of(r.runs)} on {datasets_of(r.runs)}, "
+                 "the paper a ResNet18 on CIFAR-100, so their accuracies are not the same quantity. The GAF gains "
+                 "(GAF - baseline) are shown side by side.", ""]
     if df.attrs["extra_levels"]:
         text += [f"Reproduced noise levels the paper's figure does not show: "
                  f"{', '.join(f'{p:g}%' for p in df.attrs['extra_levels'])} (see `{r.experiment}/runs.csv`).", ""]

@@ -5,6 +5,8 @@ No training: tests/synthetic_runs.py writes run directories that follow notes/ru
 
 import datetime as dt
 import json
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -133,11 +135,17 @@ def test_plot_writes_every_figure_and_table(pipeline):
     for name in ("table1.md", "table1.csv", "paper_vs_repro.md"):
         assert (results / name).is_file(), name
     table = pd.read_csv(results / "table1.csv")
-    assert list(table["label noise (%)"]) == ["0", "40", "real (40.2%)"]
+    # CIFAR-100N's human labels cannot apply to the substituted CIFAR-10 images: the row says so
+    assert list(table["label noise (%)"]) == ["0", "40", "symmetric 40.2"]
+    assert list(table["dataset"]) == ["CIFAR-10 (JPEG copy) standing in for CIFAR-100"] * 2 + [
+        "CIFAR-10 (JPEG copy) with symmetric 40.2% noise, standing in for CIFAR-100N-Fine"]
     assert (table["difference (points)"] - (table["GAF (%)"] - table["baseline (%)"])).abs().max() < 0.02
     text = (results / "paper_vs_repro.md").read_text()
     assert "not expected to match the paper" in text and "tiny" in text and synth.DATA_NOTE in text
+    assert "No 'repro - paper' differences: these runs trained tiny CNN on CIFAR-10 (JPEG copy)" in text
+    assert table1_text_has_its_caveat(results)
     comparison = made["paper_vs_repro"]
+    assert not any(c.startswith("repro - paper") for c in comparison.columns)
     assert len(comparison) == 11  # every noise level of the paper's figure 6
     assert comparison["repro GAF"].notna().sum() == 4 and comparison["repro baseline"].notna().sum() == 4
     row = comparison.set_index("label noise (%)").loc[60]
@@ -162,6 +170,79 @@ def test_titles_name_the_scale_and_the_data_substitution(pipeline):
     # the paper's figure-6 values are drawn, labelled as the paper's
     labels = made["fig6"].axes[0].get_legend_handles_labels()[1]
     assert "GAF (paper)" in labels and "baseline (paper)" in labels
+
+
+def table1_text_has_its_caveat(results):
+    """The notebook shows table1_markdown, the same text as table1.md: caveat included."""
+    head = plot.table1_markdown(plot.table1(results)).split("Sources")[0]
+    return "[tiny scale" in head and (results / "table1.md").read_text().startswith(head)
+
+
+def test_titles_name_what_ran_first(pipeline):
+    made = pipeline["made"]
+    for name in ("fig3", "fig4", "fig6", "fig7", "fig8", "fig9"):
+        title = " ".join(made[name].get_suptitle().split()).split("[")[0]  # before the scale/data note
+        assert "CIFAR-10 (JPEG copy)" in title, (name, title)
+        assert title.index("CIFAR-10 (JPEG copy)") < title.replace("ResNet18 on CIFAR-100,", "").find("CIFAR-100")
+    fig1 = made["fig1"]
+    assert [" ".join(a.get_title().split()) for a in fig1.axes[:2]] == [
+        "CIFAR-10 (JPEG copy) standing in for CIFAR-100",
+        "CIFAR-10 (JPEG copy) with symmetric 40.2% noise, standing in for CIFAR-100N-Fine"]
+    assert "train: noisy labels, augmented batches" in fig1.axes[0].get_legend_handles_labels()[1]
+
+
+def write_fig4_as_published(root):
+    """Figure 4 as the preset runs it: plain averaging (GAF at tau 2) over m, batch_size left at 128."""
+    for m in (1, 10, 2, 4):
+        cfg = synth.run_config("fig4", tau=2.0, merge="mean", per_class=m)
+        cfg["method"]["batch_size"] = 128  # the config default, recorded though unused
+        synth.write_run(root / f"method.per_class={m}", cfg)
+
+
+def test_fig4_labels_runs_by_m_in_numeric_order(tmp_path):
+    write_fig4_as_published(tmp_path / "multirun")
+    collect.collect([tmp_path / "multirun"], tmp_path / "results")
+    fig = plot.fig4(tmp_path / "results")
+    assert fig.axes[0].get_legend_handles_labels()[1] == ["m = 1", "m = 2", "m = 4", "m = 10"]
+    assert "plain averaging (tau = 2), by microbatch size m" in " ".join(fig.get_suptitle().split())
+
+
+def errorbar_has_yerr(fig):
+    return [c.has_yerr for c in fig.axes[0].containers]
+
+
+def test_error_bars_only_with_two_seeds_or_more(tmp_path):
+    synth.write_experiment(tmp_path / "one", "fig6")
+    synth.write_experiment(tmp_path / "two", "fig6", seeds=(0, 1))
+    for name in ("one", "two"):
+        collect.collect([tmp_path / name], tmp_path / f"results-{name}")
+    assert errorbar_has_yerr(plot.fig6(tmp_path / "results-one")) == [False, False]
+    assert errorbar_has_yerr(plot.fig6(tmp_path / "results-two")) == [True, True]
+
+
+def test_paper_vs_repro_differences_only_for_the_papers_data_and_model(tmp_path):
+    synth.write_experiment(tmp_path / "multirun", "fig6", scale="paper", model="resnet18")
+    for run_dir in (tmp_path / "multirun").rglob("summary.json"):  # CIFAR-100 itself, no substitution
+        summary = json.loads(run_dir.read_text())
+        run_dir.write_text(json.dumps({**summary, "data_note": "CIFAR-100 (torchvision)", "data_used": "cifar100"}))
+    collect.collect([tmp_path / "multirun"], tmp_path / "results")
+    df = plot.paper_vs_repro(tmp_path / "results")
+    assert df.attrs["comparable"] and df["repro - paper, GAF"].notna().sum() == 4
+
+
+def test_committed_figures_regenerate_byte_identical(tmp_path):
+    """`make figures` on unchanged results changes nothing: plot.py redraws the committed
+    results twice into copies, and every figure and table matches the committed file."""
+    committed = ROOT / "results"
+    if not (committed / "fig6" / "runs.csv").is_file():
+        pytest.skip("no committed results in this checkout")
+    for k in (1, 2):
+        copy = tmp_path / f"copy{k}"
+        shutil.copytree(committed, copy)
+        plot.main(["--results", str(copy)])
+        changed = [p.relative_to(copy).as_posix() for p in sorted(copy.rglob("*")) if p.is_file()
+                   and p.read_bytes() != (committed / p.relative_to(copy)).read_bytes()]
+        assert changed == [], f"regeneration {k} changed {changed}: run `make figures` and commit the result"
 
 
 def test_paper_scale_titles_carry_no_scale_tag(tmp_path):
@@ -233,7 +314,9 @@ def test_notebook_executes_headless_on_synthetic_results(pipeline, tmp_path, mon
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) == len(plot.FIGURES)  # every figure drawn
     markdown = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
-    assert any("real (40.2%)" in m for m in markdown) and any("paper GAF" in m for m in markdown)
+    # the table with its caveat (the synthetic runs substituted CIFAR-10 for CIFAR-100)
+    assert any("symmetric 40.2" in m and "[tiny scale" in m for m in markdown)
+    assert any("paper GAF" in m for m in markdown)
     assert any(str(pipeline["results"]) in o.get("text", "") for o in outputs if o.output_type == "stream")
 
 
@@ -246,3 +329,12 @@ def test_ad_hoc_runs_are_collected_only_when_asked(tmp_path):
     collected = collect.main(["--runs", str(tmp_path / "multirun"), str(tmp_path / "outputs"),
                               "--results", str(tmp_path / "results"), "--ad-hoc"])
     assert sorted(collected) == ["fig9", "single"] and list(collected["single"]["scale"]) == ["custom"]
+
+
+def test_results_readme_counts_the_runs_the_provenance_files_hold():
+    readme = ROOT / "results" / "README.md"
+    provenance = list((ROOT / "results").glob("*/provenance.json"))
+    if not (readme.is_file() and provenance):
+        pytest.skip("no committed results in this checkout")
+    stated = [int(n) for n in re.findall(r"all (\d+) runs", readme.read_text())]
+    assert stated == [sum(json.loads(p.read_text())["n_runs"] for p in provenance)]
