@@ -216,12 +216,15 @@ def _stack(frames, run_ids):
     return df[["run_id"] + [c for c in df.columns if c != "run_id"]]
 
 
+# Provenance that says when and how collect ran, not what was collected.
+WHEN_AND_HOW = ("collected_at", "command", "run_roots")
+
+
 def _write_experiment(out_dir, runs, curves, evals, dropped, command, run_roots):
     out_dir.mkdir(parents=True, exist_ok=True)
     ids = list(runs["run_id"])
-    runs.to_csv(out_dir / "runs.csv", index=False)
-    _stack(curves, ids).to_csv(out_dir / "curves.csv", index=False)
-    _stack(evals, ids).to_csv(out_dir / "evals.csv", index=False)
+    tables = {"runs.csv": runs.to_csv(index=False), "curves.csv": _stack(curves, ids).to_csv(index=False),
+              "evals.csv": _stack(evals, ids).to_csv(index=False)}
     status = runs["status"].fillna("unknown").value_counts().sort_index()
     provenance = {
         "experiment": runs["experiment"].iloc[0],
@@ -241,6 +244,15 @@ def _write_experiment(out_dir, runs, curves, evals, dropped, command, run_roots)
         "note": "Plots use finished runs only. Where one sweep point was run more than once, "
                 "the newest finished run is kept; the others are listed in duplicates_dropped.",
     }
+    old = _read_json(out_dir / "provenance.json")
+    unchanged = (old is not None and all((out_dir / name).is_file() and (out_dir / name).read_text() == text
+                                         for name, text in tables.items())
+                 and {k: v for k, v in old.items() if k not in WHEN_AND_HOW}
+                 == {k: v for k, v in provenance.items() if k not in WHEN_AND_HOW})
+    if unchanged:  # the same results: leave the files, and when and how they were made, as they are
+        return
+    for name, text in tables.items():
+        (out_dir / name).write_text(text)
     (out_dir / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
 
 
