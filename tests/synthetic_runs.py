@@ -17,12 +17,18 @@ import numpy as np
 
 DATA_NOTE = "CIFAR-100 not found under data/; substituted the CIFAR-10 JPEG copy (synthetic test note)"
 
+# Figures 1, 3, 4 and 5 run their baseline as the presets do: plain averaging, GAF at
+# tau = 2 with the mean merge (it measures distances). Figures 3 and 4 also hold a GAF run
+# (tau 0.97) that plot.py must leave out: a trainer-side "baseline" is not enough.
+PLAIN = dict(method="gaf", tau=2.0, merge="mean")
+
 # experiment -> list of sweep points (overrides of the defaults in `run_config`)
 SWEEPS = {
-    "fig1": [dict(method="baseline", data="cifar100"), dict(method="baseline", data="cifar100n")],
-    "fig3": [dict(method="baseline", model="vit_tiny")],
-    "fig4": [dict(method="baseline", batch_size=b) for b in (100, 200, 400)],
-    "fig5": [dict(method=m, data="random", weight_decay=0.0) for m in ("baseline", "gaf")],
+    "fig1": [dict(PLAIN, data="cifar100"), dict(PLAIN, data="cifar100n")],
+    "fig3": [dict(PLAIN, model="vit_tiny"), dict(method="gaf", model="vit_tiny", merge="mean")],
+    "fig4": [dict(PLAIN, per_class=m) for m in (1, 2, 4)] + [dict(method="gaf", per_class=1, merge="mean")],
+    "fig5": [dict(PLAIN, data="random", weight_decay=0.0), dict(method="gaf", merge="mean", data="random",
+                                                                weight_decay=0.0)],
     "fig6": [dict(method=m, noise=p) for p in (0.0, 0.2, 0.4, 0.6) for m in ("baseline", "gaf")],
     "fig7": [dict(method="baseline", noise=0.4)]
     + [dict(method="gaf", noise=0.4, tau=t) for t in (0.95, 0.97, 0.99, 1.0, 1.05, 2.0)],
@@ -96,9 +102,14 @@ def _metrics_and_evals(cfg, rng, with_distances):
 
     evals = [["iter", "epoch", "images_seen", "lr", "train_loss", "train_acc", "val_loss", "val_acc",
               "mem_clean_acc", "mem_flipped_noisy_acc", "mem_flipped_true_acc", "time_s"]]
+    # A baseline memorising noisy labels peaks and then declines (the paper's figure 1), so
+    # its best validation accuracy is not its final one: figures drawn from the final one show.
+    p = 0.402 if d["name"] == "cifar100n" else d["noise"]
+    decline = p if m["name"] == "baseline" else 0.0
     for it in range(every, T + 1, every):
         f = it / T
-        val = final * (1 - np.exp(-4 * f)) / (1 - np.exp(-4)) + rng.normal(0, 0.005)
+        val = (final * (1 - np.exp(-4 * f)) / (1 - np.exp(-4)) * (1 - decline * max(0.0, f - 0.6))
+               + rng.normal(0, 0.005))
         tr = acc[max(0, it - every):it].mean()
         evals.append([_cell(x) for x in (it, it * per_step / 1000, it * per_step, cfg["optim"]["lr"], loss[it - 1], tr,
                                          -np.log(max(val, 0.01)), val, tr, (0.0 if gaf else 0.6) * f,
