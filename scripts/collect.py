@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 # Columns every runs.csv has, in this order (missing config keys are left empty).
-SWEPT = ["data.name", "data.noise", "model.name", "method.name", "method.tau", "method.n_micro",
+SWEPT = ["data.name", "data.noise", "model.name", "model.width", "method.name", "method.tau", "method.n_micro",
          "method.per_class", "method.merge", "method.batch_size", "seed"]
 SUMMARY = ["status", "final_val_acc", "best_val_acc", "iterations", "images_seen", "steps_taken", "wall_time_s",
            "images_per_s", "device", "device_name", "data_note", "data_used", "started_at", "finished_at"]

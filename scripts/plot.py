@@ -32,7 +32,7 @@ MARKER = {"gaf": "s", "baseline": "^"}
 NAME = {"gaf": "GAF", "baseline": "baseline"}
 DATA = {"cifar100": "CIFAR-100", "cifar100n": "CIFAR-100N-Fine", "cifar10": "CIFAR-10",
         "cifar10_jpeg": "CIFAR-10 (JPEG copy)", "random": "random images and labels"}
-MODEL = {"tiny": "tiny CNN", "resnet18": "ResNet18", "resnet18_cifar": "ResNet18 (CIFAR stem)",
+MODEL = {"tiny": "tiny CNN", "resnet_cifar": "small CIFAR ResNet", "resnet18": "ResNet18", "resnet18_cifar": "ResNet18 (CIFAR stem)",
          "resnet34_cifar": "ResNet34 (CIFAR stem)", "vit_tiny": "small ViT (vit_tiny)"}
 CURVE_COLUMNS = ["run_id", "iter", "d_mean", "d_mean_win", "stride", "acc", "loss"]
 EVAL_COLUMNS = ["run_id", "iter", "train_acc", "val_acc"]
@@ -71,8 +71,12 @@ def _unique(series):
 
 
 def models_of(runs):
-    """The runs' models, by their display names."""
-    return ", ".join(MODEL.get(m, m) for m in _unique(runs["model.name"]))
+    """The runs' models, by their display names (with their widths where a model has one)."""
+    names = []
+    for m in _unique(runs["model.name"]):
+        widths = _unique(runs.loc[runs["model.name"] == m, "model.width"]) if "model.width" in runs else []
+        names.append(MODEL.get(m, m) + (f" (width {', '.join(f'{w:g}' for w in widths)})" if widths else ""))
+    return ", ".join(names)
 
 
 def data_used(runs):
@@ -479,7 +483,8 @@ def read_paper_fig6():
 
 
 def _compare(runs, source):
-    """Rows of (dataset, noise, GAF setting): baseline, GAF and GAF - baseline, best val acc in %, mean over seeds."""
+    """Rows of (dataset, noise, GAF setting): baseline, GAF and GAF - baseline, best val acc in %: mean, s.d. and
+    number of seeds of each (s.d. NaN for one seed), and the runs' length in iterations."""
     runs = runs.assign(noise=noise_pct(runs))
     gaf, base = runs[runs["method.name"] == "gaf"], runs[runs["method.name"] == "baseline"]
     if "method.batch_size" in base and base["method.batch_size"].nunique() > 1:  # the paper's baseline batch: 128
@@ -491,10 +496,12 @@ def _compare(runs, source):
         b = base[(base["data.name"] == data) & (base["noise"] == p)]
         used = data_used(g).iloc[0]
         noise = f"{p:g}" if data != "cifar100n" else "real (40.2%)" if used == data else "symmetric 40.2"
-        rows.append({"dataset": ran_on(data, used), "label noise (%)": noise,
-                     "GAF setting": setting, "baseline (%)": 100 * b["best_val_acc"].mean() if len(b) else np.nan,
-                     "GAF (%)": 100 * g["best_val_acc"].mean(), "runs": len(g) + len(b), "source": source,
-                     "_order": (data == "cifar100n", p)})
+        bv, gv = 100 * b["best_val_acc"], 100 * g["best_val_acc"]
+        rows.append({"dataset": ran_on(data, used), "label noise (%)": noise, "GAF setting": setting,
+                     "baseline (%)": bv.mean() if len(b) else np.nan, "baseline s.d.": bv.std(),
+                     "GAF (%)": gv.mean(), "GAF s.d.": gv.std(), "seeds": f"{len(b)} / {len(g)}",
+                     "iterations": "/".join(f"{i:g}" for i in _unique(pd.concat([b, g])["iterations"])),
+                     "runs": len(g) + len(b), "source": source, "_order": (data == "cifar100n", p)})
     return rows
 
 
@@ -539,16 +546,27 @@ def _provenance_lines(sources):
     return lines
 
 
+def with_spread(df, columns=("baseline", "GAF")):
+    """'mean ± s.d.' cells for the markdown table (mean alone where one seed gives no s.d.)."""
+    df = df.copy()
+    for c in columns:
+        mean, sd = df.pop(f"{c} (%)"), df.pop(f"{c} s.d.")
+        cells = [("—" if np.isnan(m) else f"{m:.1f}" + ("" if np.isnan(d) else f" ± {d:.1f}")) for m, d in zip(mean, sd)]
+        df.insert(3 if c == "baseline" else 4, f"{c} (%)", cells)
+    return df
+
+
 def table1_markdown(df):
     """Table 1 with its caveat (scale, substitutions) and sources: the file and the notebook show this."""
     runs = pd.concat([s.runs for s in df.attrs["sources"]])
     suffix = title_suffix(runs)
     text = ["# Table 1: best validation accuracy (%), baseline vs. GAF", "",
             (suffix + "\n\n" if suffix else "") + "Best validation accuracy over each run (not the final one), "
-            "mean over seeds; difference = GAF - baseline in percentage points. Baseline = the run(s) with the "
+            "mean ± standard deviation over seeds (no ± where one seed ran); seeds = baseline / GAF runs; "
+            "difference = GAF - baseline in percentage points, of the means. Baseline = the run(s) with the "
             "same data and noise (batch size nearest the paper's 128); '—' = not run. The dataset column names "
             "what the runs trained on, and what it stood in for.", "",
-            markdown_table(df), "",
+            markdown_table(with_spread(df)), "",
             "Sources (regenerate: `make figures`):", *_provenance_lines(df.attrs["sources"]), ""]
     return "\n".join(text)
 
@@ -623,25 +641,148 @@ def write_paper_vs_repro(df, results_dir):
     return [path]
 
 
+# ---------------------------------------------------------------- premise (issue 9)
+def _phase_mean(c, column, start):
+    """Mean of a per-window column over the iterations after `start`, windows weighted by their length."""
+    c = c[c["iter"] > start]
+    col = f"{column}_win" if f"{column}_win" in c else column
+    w = c["stride"] if "stride" in c else pd.Series(1.0, index=c.index)
+    ok = c[col].notna()
+    return float((c.loc[ok, col] * w[ok]).sum() / w[ok].sum()) if ok.any() else np.nan
+
+
+def _premise_baselines(r, results_dir):
+    """The baseline runs at the premise's noise: its own, plus figure 6's at the same scale (the tiny scale's
+    width-16 baseline is figure 6's seed-0 run at 40% noise, not run twice). Returns (runs, evals)."""
+    runs, evs = [r.runs[r.runs["method.name"] == "baseline"]], [r.evals]
+    f6 = load(results_dir, "fig6", r.scale)
+    if f6 is not None:
+        noise = r.runs["data.noise"].dropna().unique()
+        b = f6.runs[(f6.runs["method.name"] == "baseline") & f6.runs["data.noise"].isin(noise)]
+        runs.append(b)
+        evs.append(f6.evals[f6.evals["run_id"].isin(b["run_id"])])
+    return pd.concat(runs, ignore_index=True), pd.concat(evs, ignore_index=True)
+
+
+def premise_table(results_dir, scale=None):
+    """One row per (width, m) point of the premise preset: the unfiltered mean distance in the memorisation
+    phase (tau = 2 run), GAF's share of steps taken there (tau = 0.97 run), the baseline's peak and
+    memorisation, and GAF - baseline / GAF - averaging in best and final val acc (points). None if no runs."""
+    r = load(results_dir, "premise", scale)
+    if r is None:
+        return None
+    base, base_evals = _premise_baselines(r, results_dir)
+    width = lambda df: df["model.width"] if "model.width" in df else pd.Series(np.nan, index=df.index)  # noqa: E731
+    runs = r.runs.assign(width=width(r.runs))
+    base = base.assign(width=width(base))
+    rows = []
+    for (w, m, seed), g in runs[runs["method.name"] == "gaf"].groupby(["width", "method.per_class", "seed"],
+                                                                        dropna=False):
+        avg, gaf = g[g["method.tau"] >= 2], g[g["method.tau"] < 2]
+        b = base[(base["width"] == w) | (pd.isna(w) & base["width"].isna())]
+        b = b[b["seed"] == seed] if (b["seed"] == seed).any() else b.head(0)
+        row = {"width": w, "m": m, "seed": seed, "phase from": np.nan}
+        if len(b):
+            e = base_evals[base_evals["run_id"] == b["run_id"].iloc[0]].sort_values("iter")
+            row.update({"phase from": int(e.loc[e["val_acc"].idxmax(), "iter"]),
+                        "baseline best": 100 * b["best_val_acc"].iloc[0], "baseline final": 100 * b["final_val_acc"].iloc[0],
+                        "baseline fitted flipped": 100 * e["mem_flipped_noisy_acc"].iloc[-1]})
+        start = row["phase from"] if not np.isnan(row["phase from"]) else g["iterations"].max() / 2
+        for name, one in (("averaging", avg), ("GAF", gaf)):
+            if len(one):
+                c = curve(r, one["run_id"].iloc[0])
+                row[f"{name} distance"] = _phase_mean(c, "d_mean", start)
+                row[f"{name} steps taken"] = _phase_mean(c, "stepped", start)
+                row[f"{name} best"], row[f"{name} final"] = 100 * one["best_val_acc"].iloc[0], 100 * one["final_val_acc"].iloc[0]
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    for other in ("baseline", "averaging"):
+        for k in ("best", "final"):
+            if f"GAF {k}" in df and f"{other} {k}" in df:
+                df[f"GAF - {other}, {k}"] = df[f"GAF {k}"] - df[f"{other} {k}"]
+    df.attrs["source"] = r
+    return df
+
+
+def premise(results_dir, scale=None):
+    """Distance and gain against each swept axis: model width (at the smallest m) and m (at the largest width)."""
+    df = premise_table(results_dir, scale)
+    if df is None:
+        return None
+    r = df.attrs["source"]
+    m0, w0 = df["m"].min(), df["width"].max()
+    axes = [("width", df[df["m"] == m0], f"model width (m = {m0:g})"), ("m", df[df["width"] == w0],
+            f"images per class per microbatch m (width {w0:g})")]
+    axes = [(k, d.groupby(k).mean(numeric_only=True).reset_index(), label) for k, d, label in axes if d[k].nunique() > 1]
+    if not axes:
+        return None
+    fig, ax = new_figure(2, len(axes), (4.2 * len(axes), 6.4), sharey="row")
+    for j, (key, d, label) in enumerate(axes):
+        top, bottom = ax[0, j], ax[1, j]
+        for col, style, color, text in (("averaging distance", "o-", COLOR["baseline"], "distance, averaging (tau = 2)"),
+                                        ("GAF steps taken", "s--", COLOR["gaf"], "GAF's share of steps taken")):
+            if col in d:
+                top.plot(d[key], d[col], style, color=color, label=text)
+        top.axhline(1.0, color="0.3", ls=":", lw=1)
+        top.set(ylim=(0, 1.1), xscale="log", title="memorisation phase (after the baseline's peak)")
+        for col, style, color in (("GAF - baseline, best", "^-", COLOR["baseline"]),
+                                  ("GAF - baseline, final", "^:", COLOR["baseline"]),
+                                  ("GAF - averaging, best", "o-", "0.4"), ("GAF - averaging, final", "o:", "0.4")):
+            if col in d:
+                bottom.plot(d[key], d[col], style, color=color, mfc="none", label=col)
+        bottom.axhline(0, color="0.3", lw=0.8)
+        bottom.set(xscale="log", xlabel=label, ylabel="validation accuracy difference (points)" if j == 0 else None)
+        for a in (top, bottom):
+            a.set_xticks(sorted(d[key]), [f"{x:g}" for x in sorted(d[key])])
+            a.minorticks_off()
+    ax[0, 0].set_ylabel("cosine distance / share of steps")
+    legend(ax[0, -1], fontsize=7)
+    legend(ax[1, -1], fontsize=7)
+    noise = ", ".join(f"{p:g}%" for p in _unique(noise_pct(r.runs)))
+    return titled(fig, f"When does GAF's premise hold? Micro-gradient distance and GAF's gain at {noise} label noise", r)
+
+
+def write_premise(df, results_dir):
+    path = Path(results_dir) / "premise" / "premise.md"
+    r = df.attrs["source"]
+    cols = [c for c in df.columns if c not in ("seed",)]
+    text = ["# When does GAF's premise hold? (experiment `premise`)", "", title_suffix(r.runs), "",
+            "Per point (model width, m): 'phase from' = the iteration of the same-width baseline's best validation "
+            "accuracy; after it the baseline memorises. Distance = mean cosine distance between micro-gradients there "
+            "in the plain-averaging run (tau = 2, mean merge: every micro-gradient measured, every step taken); steps "
+            "taken = share of iterations there on which the run stepped (GAF: tau = 0.97, same microbatches). "
+            "Accuracies in %, differences in points; best = best validation accuracy over the run, final = at its end.",
+            "", markdown_table(df[cols], digits=2), "", "Provenance:", *_provenance_lines([r]), ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(text))
+    df.to_csv(path.with_suffix(".csv"), index=False, float_format="%.4f")
+    return [path, path.with_suffix(".csv")]
+
+
 # ---------------------------------------------------------------- main
+FIGURES["premise"] = premise
+TABLES = {"table1": (table1, write_table1), "paper_vs_repro": (paper_vs_repro, write_paper_vs_repro),
+          "premise_table": (premise_table, write_premise)}
+
+
 def main(argv=None):
     """Draw every figure and write the tables. Returns {name: Figure or DataFrame} of what was made."""
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results", default="results", help="the folder scripts/collect.py wrote")
     p.add_argument("--scale", default=None, help="plot this scale only (default: the largest one present)")
-    p.add_argument("--only", nargs="+", choices=[*FIGURES, "table1", "paper_vs_repro"], default=None)
+    p.add_argument("--only", nargs="+", choices=[*FIGURES, *TABLES], default=None)
     args = p.parse_args(argv)
     results = Path(args.results)
     made = {}
-    for name in args.only or [*FIGURES, "table1", "paper_vs_repro"]:
+    for name in args.only or [*FIGURES, *TABLES]:
         if name in FIGURES:
             obj = FIGURES[name](results, args.scale)
             paths = save(obj, results / name / name) if obj is not None else []
         else:
-            obj = (table1 if name == "table1" else paper_vs_repro)(results, args.scale)
-            paths = ((write_table1 if name == "table1" else write_paper_vs_repro)(obj, results)
-                     if obj is not None else [])
+            make, write = TABLES[name]
+            obj = make(results, args.scale)
+            paths = write(obj, results) if obj is not None else []
         if obj is None:
             print(f"plot: {name}: no finished runs in {results} yet, skipped")
             continue

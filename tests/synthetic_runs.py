@@ -37,10 +37,13 @@ SWEEPS = {
     "fig9": [dict(method="baseline", noise=0.4)] + [dict(method="gaf", noise=0.4, n_micro=n) for n in (2, 4, 10)],
     "table1": [dict(method=m, noise=p) for p in (0.0, 0.4) for m in ("baseline", "gaf")]
     + [dict(method=m, data="cifar100n") for m in ("baseline", "gaf")],
+    "premise": [dict(method="gaf", noise=0.4, model="resnet_cifar", width=w, per_class=m, tau=t, merge="mean")
+                for w, m in ((4, 1), (16, 1), (16, 2)) for t in (2.0, 0.97)]
+    + [dict(method="baseline", noise=0.4, model="resnet_cifar", width=w) for w in (4, 16)],
 }
 
 
-def run_config(experiment, *, scale="tiny", seed=0, data="cifar100", noise=0.0, model="tiny", method="gaf",
+def run_config(experiment, *, scale="tiny", seed=0, data="cifar100", noise=0.0, model="tiny", width=None, method="gaf",
                tau=0.97, n_micro=2, per_class=1, batch_size=128, merge="halving", lr=0.01, weight_decay=1e-2,
                iterations=60, val_every=20):
     """The nested config.json of one run (notes/rundir.md)."""
@@ -49,7 +52,7 @@ def run_config(experiment, *, scale="tiny", seed=0, data="cifar100", noise=0.0, 
         "experiment": experiment, "scale": scale, "seed": seed, "device": "cpu",
         "data": {"name": data, "root": "data", "noise": noise, "train_per_class": 20, "test_per_class": 10,
                  "fallback": "cifar10_jpeg"},
-        "model": {"name": model},
+        "model": {"name": model, "width": width},
         "method": {"name": method, "tau": tau if gaf else None, "n_micro": n_micro, "per_class": per_class,
                    "merge": merge, "batch_size": None if gaf else batch_size, "adaptive_k": None},
         "optim": {"name": "sgd", "lr": lr, "momentum": 0.9, "nesterov": True, "weight_decay": weight_decay},
