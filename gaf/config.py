@@ -188,8 +188,8 @@ class RunConfig:
     # gram (shards + Gram all-reduce) | allgather (the authors' script)
     dist_mode: str = setting("gram", "choice", choices=DIST_MODES)
     experiment: str = setting("single", "text")
-    # what the settings are (experiments/train.py): a preset's scale, or custom
-    scale: str = setting("paper", "choice", choices=("tiny", "small", "paper", "custom"))
+    # what the settings are: a preset's scale, else custom (experiments/train.py decides from config.yaml's rows)
+    scale: str = setting("custom", "choice", choices=("tiny", "small", "paper", "custom"))
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
