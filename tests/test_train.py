@@ -1,6 +1,5 @@
 """One run end to end on tiny data: files, resume, no-op re-launch, bad input."""
 
-import csv
 import importlib.util
 import json
 
@@ -10,33 +9,10 @@ import torch
 import gaf.train
 
 from cifar_fixtures import md5_checks_disabled, write_cifar100
-from gaf.config import RunConfig
 from gaf.data import DataError
 from gaf.rundir import CheckpointError
 from gaf.train import run
-
-
-def tiny_config(**sections) -> RunConfig:
-    base = {
-        "data": {"name": "random", "random_train": 200, "random_test": 50, "num_classes": 5},
-        "model": {"name": "tiny"},
-        "method": {"name": "gaf", "tau": 0.97, "n_micro": 3, "per_class": 2},
-        "optim": {"lr": 0.05},
-        "train": {"iterations": 6, "val_every": 2, "memorisation_samples": 100, "progress": False},
-        "device": "cpu",
-    }
-    for key, value in sections.items():
-        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
-    return RunConfig.from_dict(base)
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def without_times(rows):
-    return [{k: v for k, v in r.items() if k != "time_s"} for r in rows]
+from run_files import read_csv, tiny_config, without_times  # noqa: F401 (test_rundir imports them from here)
 
 
 def test_run_writes_metrics_eval_summary_and_checkpoint(tmp_path):

@@ -8,7 +8,6 @@ run), ``method.merge`` on every path, and which labels the microbatches balance 
 Everything goes through ``gaf.train.run`` and the files it writes.
 """
 
-import csv
 import json
 import socket
 
@@ -17,34 +16,16 @@ import torch
 
 from cifar_fixtures import no_md5, write_cifar100, write_cifar100n_labels  # noqa: F401 (no_md5: a fixture)
 from gaf import data as gdata
-from gaf.config import RunConfig
 from gaf.models import build_model
 from gaf.train import run
+from run_files import read_csv, tiny_config, without_times
 
 CLASSES = 5
 
 
-def config(**sections) -> RunConfig:
-    base = {
-        "data": {"name": "random", "random_train": 200, "random_test": 60, "num_classes": CLASSES},
-        "model": {"name": "tiny"},
-        "method": {"name": "gaf", "tau": 0.97, "n_micro": 3, "per_class": 2},
-        "optim": {"lr": 0.05},
-        "train": {"iterations": 6, "val_every": 2, "memorisation_samples": 100, "progress": False},
-        "device": "cpu",
-    }
-    for key, value in sections.items():
-        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
-    return RunConfig.from_dict(base)
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def without_times(rows):
-    return [{k: v for k, v in r.items() if k != "time_s"} for r in rows]
+def config(**sections):
+    """run_files.tiny_config with 60 test images (the seeds below were chosen with them)."""
+    return tiny_config(**{**sections, "data": {"random_test": 60, **sections.get("data", {})}})
 
 
 def checkpoint(run_dir):
