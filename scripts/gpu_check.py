@@ -255,10 +255,7 @@ def check_fp32_equal(ctx) -> dict:
 
 def check_bf16(ctx) -> dict:
     """bf16 + channels_last (graphed) against the fp32 reference along the fast model's trajectory."""
-    if ctx.device.type != "cuda":
-        options = dict(amp_dtype=torch.bfloat16, channels_last=True, compile=False)
-    else:
-        options = dict(amp_dtype=torch.bfloat16, channels_last=True, compile="graph")
+    options = dict(amp_dtype=torch.bfloat16, channels_last=True, compile="graph" if ctx.device.type == "cuda" else False)
     data, classes = (ctx.real, 10) if ctx.real is not None else (None, ctx.classes)
     if data is None:
         gen = torch.Generator().manual_seed(ctx.seed)
