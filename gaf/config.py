@@ -115,7 +115,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = setting("resnet18", "choice", choices=tuple(MODELS))
-    # Size keys of gaf.models.SIZED (resnet_cifar: width, blocks; tiny: width); null = the model's default.
+    # Size keys of gaf.models.SIZED (resnet_cifar: width, blocks; cnn4, tiny: width); null = the model's default.
     width: int | None = setting(None, "int", low=1, optional=True)
     blocks: int | None = setting(None, "int", low=1, optional=True)
 

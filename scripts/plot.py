@@ -32,7 +32,7 @@ MARKER = {"gaf": "s", "baseline": "^"}
 NAME = {"gaf": "GAF", "baseline": "baseline"}
 DATA = {"cifar100": "CIFAR-100", "cifar100n": "CIFAR-100N-Fine", "cifar10": "CIFAR-10",
         "cifar10_jpeg": "CIFAR-10 (JPEG copy)", "random": "random images and labels"}
-MODEL = {"tiny": "tiny CNN", "resnet_cifar": "small CIFAR ResNet", "resnet18": "ResNet18", "resnet18_cifar": "ResNet18 (CIFAR stem)",
+MODEL = {"tiny": "tiny CNN", "cnn4": "4-conv CNN", "resnet_cifar": "small CIFAR ResNet", "resnet18": "ResNet18", "resnet18_cifar": "ResNet18 (CIFAR stem)",
          "resnet34_cifar": "ResNet34 (CIFAR stem)", "vit_tiny": "small ViT (vit_tiny)"}
 CURVE_COLUMNS = ["run_id", "iter", "d_mean", "d_mean_win", "stride", "acc", "loss"]
 EVAL_COLUMNS = ["run_id", "iter", "train_acc", "val_acc"]

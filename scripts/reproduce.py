@@ -14,6 +14,7 @@ can be stopped and re-launched at any point.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import shlex
 import subprocess
@@ -57,13 +58,32 @@ def launch(preset: str, overrides: list[str], multirun: bool, scale: str, jobs: 
            out: Path) -> int:
     cmd = [sys.executable, str(ROOT / "experiments/train.py")]
     cmd += ["-m"] if multirun else []
-    cmd += [f"experiment={preset}", f"scale={scale}", *overrides, *extra]
+    cmd += [f"experiment={preset}", f"scale={scale}", *overrides]
+    env = None
     if multirun and jobs > 1:
-        cmd += ["hydra/launcher=shared_gpu", f"hydra.launcher.n_jobs={jobs}"]
+        # Several runs at once, each with its share of the cores: on a CPU, single-threaded
+        # runs side by side do more work per second than one run on every core.
+        cmd += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"]
+        if not any(o.startswith("train.progress=") for o in extra):
+            cmd += ["train.progress=false"]  # side-by-side bars would interleave
+        threads = str(max(1, (os.cpu_count() or 1) // jobs))
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    cmd += extra
     print(f"\n=== {preset} {' '.join(overrides)}\n$ (cd {shlex.quote(str(out))}; {shlex.join(cmd)})", flush=True)
     # Run directories are relative to the working directory (config.yaml's hydra.run/sweep.dir),
     # data paths to the repository: running in `out` keeps the presets' layout under it.
-    return subprocess.run(cmd, cwd=out).returncode
+    return subprocess.run(cmd, cwd=out, env=env).returncode
+
+
+def default_jobs(overrides: list[str]) -> int:
+    """Runs at once when --jobs is not given: one per core on a CPU (measured on 2 cores: two
+    single-threaded runs side by side train 1.1-1.4x the images per second of one run on both),
+    one on a GPU, where a run's own step is what to speed up."""
+    import torch
+
+    device = next((o.split("=", 1)[1] for o in overrides if o.startswith("device=")), "auto")
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    return max(1, os.cpu_count() or 1) if on_cpu else 1
 
 
 def data_configs(preset: str, scale: str, extra: list[str]) -> list[dict]:
@@ -105,7 +125,8 @@ def prepare_data(presets: list[str], scale: str, extra: list[str]) -> str | None
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=["tiny", "small", "paper"], default="paper")
-    p.add_argument("--jobs", type=int, default=1, help="runs sharing the device at once (joblib launcher)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs of a sweep at once (joblib launcher); default: one per core on a CPU, 1 on a GPU")
     p.add_argument("--only", nargs="*", default=None, help="presets to run (default: all)")
     p.add_argument("--no-plot", action="store_true", help="run only; skip collect and plot")
     p.add_argument("--out", type=Path, default=ROOT,
@@ -114,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     started, failed = time.perf_counter(), []
+    jobs = args.jobs if args.jobs is not None else default_jobs(args.overrides)
+    if jobs < 1:
+        p.error(f"--jobs must be at least 1, got {jobs}")
     args.out.mkdir(parents=True, exist_ok=True)
     presets = list(dict.fromkeys(p for p, _, _, sc in PLAN if (not args.only or p in args.only)
                                   and (not sc or args.scale in sc)))
@@ -124,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     for preset, overrides, multirun, scales in PLAN:
         if (args.only and preset not in args.only) or (scales and args.scale not in scales):
             continue
-        if launch(preset, overrides, multirun, args.scale, args.jobs, args.overrides, args.out.resolve()) != 0:
+        if launch(preset, overrides, multirun, args.scale, jobs, args.overrides, args.out.resolve()) != 0:
             failed.append(" ".join([preset, *overrides]))
     if not args.no_plot:
         command = shlex.join(["python", "scripts/reproduce.py", "--scale", args.scale, *args.overrides])

@@ -37,9 +37,9 @@ SWEEPS = {
     "fig9": [dict(method="baseline", noise=0.4)] + [dict(method="gaf", noise=0.4, n_micro=n) for n in (2, 4, 10)],
     "table1": [dict(method=m, noise=p) for p in (0.0, 0.4) for m in ("baseline", "gaf")]
     + [dict(method=m, data="cifar100n") for m in ("baseline", "gaf")],
-    "premise": [dict(method="gaf", noise=0.4, model="resnet_cifar", width=w, per_class=m, tau=t, merge="mean")
+    "premise": [dict(method="gaf", noise=0.4, model="cnn4", width=w, per_class=m, tau=t, merge="mean")
                 for w, m in ((4, 1), (16, 1), (16, 2)) for t in (2.0, 0.97)]
-    + [dict(method="baseline", noise=0.4, model="resnet_cifar", width=w) for w in (4, 16)],
+    + [dict(method="baseline", noise=0.4, model="cnn4", width=w) for w in (4, 16)],
 }
 
 

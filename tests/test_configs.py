@@ -71,7 +71,7 @@ def test_every_preset_composes_at_every_scale(preset, scale):
                     to_run_config(point)
                     assert swept_value_reached(point, key, value), (key, value)
     if scale == "tiny":
-        assert rc.model.name in ("resnet_cifar", "tiny", "vit_tiny")
+        assert rc.model.name in ("cnn4", "tiny", "vit_tiny")
 
 
 def test_paper_scale_uses_the_papers_settings():

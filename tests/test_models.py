@@ -10,7 +10,7 @@ def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", ["tiny", "resnet_cifar", "resnet18_cifar"])
+@pytest.mark.parametrize("name", ["tiny", "cnn4", "resnet_cifar", "resnet18_cifar"])
 def test_models_map_cifar_images_to_class_logits(name):
     model = build_model(name, 10).eval()
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
@@ -26,6 +26,16 @@ def test_resnet_cifar_size_keys():
     assert n_params(deep) > 3 * w16
     x = torch.randn(3, 3, 32, 32)
     assert deep(x).shape == (3, 10)
+
+
+def test_cnn4_is_four_convs_whose_width_sets_its_size():
+    model = build_model("cnn4", 10)
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) == 4
+    assert n_params(model) == 98_970  # w = 16: convs 3-16-32-64-128, BatchNorms, a 128 -> 10 head
+    w8, w32 = (n_params(build_model("cnn4", 10, width=w)) for w in (8, 32))
+    assert 3.5 < n_params(model) / w8 < 4.1 and 3.5 < w32 / n_params(model) < 4.1
+    with pytest.raises(ValueError, match="model.blocks does not apply to model 'cnn4'"):
+        build_model("cnn4", 10, blocks=2)
 
 
 def test_unset_size_keys_take_the_default():
