@@ -681,10 +681,12 @@ def premise_table(results_dir, scale=None):
         avg, gaf = g[g["method.tau"] >= 2], g[g["method.tau"] < 2]
         b = base[(base["width"] == w) | (pd.isna(w) & base["width"].isna())]
         b = b[b["seed"] == seed] if (b["seed"] == seed).any() else b.head(0)
-        row = {"width": w, "m": m, "seed": seed, "phase from": np.nan}
+        row = {"width": w, "m": m, "seed": seed, "phase from": np.nan, "baseline memorises": "—"}
         if len(b):
             e = base_evals[base_evals["run_id"] == b["run_id"].iloc[0]].sort_values("iter")
-            row.update({"phase from": int(e.loc[e["val_acc"].idxmax(), "iter"]),
+            peak = int(e.loc[e["val_acc"].idxmax(), "iter"])
+            memorises = peak < e["iter"].max()  # peaking at its last evaluation: no phase after the peak
+            row.update({"phase from": peak if memorises else np.nan, "baseline memorises": "yes" if memorises else "no",
                         "baseline best": 100 * b["best_val_acc"].iloc[0], "baseline final": 100 * b["final_val_acc"].iloc[0],
                         "baseline fitted flipped": 100 * e["mem_flipped_noisy_acc"].iloc[-1]})
         start = row["phase from"] if not np.isnan(row["phase from"]) else g["iterations"].max() / 2
@@ -748,7 +750,9 @@ def write_premise(df, results_dir):
     cols = [c for c in df.columns if c not in ("seed",)]
     text = ["# When does GAF's premise hold? (experiment `premise`)", "", title_suffix(r.runs), "",
             "Per point (model width, m): 'phase from' = the iteration of the same-width baseline's best validation "
-            "accuracy; after it the baseline memorises. Distance = mean cosine distance between micro-gradients there "
+            "accuracy; after it the baseline memorises. Where the baseline peaks at its last evaluation (it never "
+            "memorises: 'baseline memorises' = no) there is no such phase, and the second half of the run is measured "
+            "instead. Distance = mean cosine distance between micro-gradients there "
             "in the plain-averaging run (tau = 2, mean merge: every micro-gradient measured, every step taken); steps "
             "taken = share of iterations there on which the run stepped (GAF: tau = 0.97, same microbatches). "
             "Accuracies in %, differences in points; best = best validation accuracy over the run, final = at its end.",

@@ -126,3 +126,16 @@ def test_premise_table_measures_the_phase_after_the_baselines_peak(tmp_path):
     md, csv = plot.write_premise(plot.premise_table(tmp_path, "tiny"), tmp_path)
     assert "| phase from |" in md.read_text().replace("| width | m | phase from |", "| phase from |")
     assert len(pd.read_csv(csv)) == 3
+
+
+def test_premise_table_measures_the_second_half_where_the_baseline_never_memorises(tmp_path):
+    fig6_results(tmp_path)
+    runs = [run_row("b4", "baseline", 0.4, best=0.30, final=0.30, width=4, iterations=400)]
+    evals = eval_rows("b4", [0.25, 0.28, 0.29, 0.30], [0.1] * 4)  # still rising at its last evaluation
+    runs += [run_row("avg", "gaf", 0.4, width=4, tau=2.0, iterations=400)]
+    curves = [{"run_id": "avg", "iter": i, "d_mean": 0.9, "d_mean_win": 0.9 if i <= 200 else 0.95, "stride": 1,
+               "acc": 0.5, "loss": 1.0, "stepped_win": 1.0} for i in range(1, 401)]
+    write(tmp_path, "premise", runs, evals, curves)
+    row = plot.premise_table(tmp_path, "tiny").set_index(["width", "m"]).loc[(4, 1)]
+    assert row["baseline memorises"] == "no" and np.isnan(row["phase from"])
+    assert row["averaging distance"] == pytest.approx(0.95)  # iterations 201..400
