@@ -195,6 +195,8 @@ def environment(device: torch.device) -> dict:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "host": socket.gethostname(),
+        # On a CPU the numbers depend on it (the convolutions' summation order): reproducing a run needs it.
+        "cpu_threads": torch.get_num_threads(),
         "argv": sys.argv,
     }
 

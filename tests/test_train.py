@@ -31,6 +31,7 @@ def test_run_writes_metrics_eval_summary_and_checkpoint(tmp_path):
     assert on_disk["final_val_acc"] == pytest.approx(float(evals[-1]["val_acc"]))
     assert on_disk["steps_taken"] == sum(int(r["stepped"]) for r in metrics)
     assert on_disk["versions"]["torch"] == torch.__version__
+    assert on_disk["versions"]["cpu_threads"] == torch.get_num_threads()  # CPU numbers depend on it
     assert on_disk["config"] == json.loads((tmp_path / "config.json").read_text())
     assert (tmp_path / "checkpoint.pt").exists()
 
