@@ -82,7 +82,7 @@ def models_of(runs):
 def data_used(runs):
     """The data set each run trained on: summary.json's data_used where collected, else read off
     its data note (a substitution says what it substituted), else the data set asked for."""
-    notes = runs["data_note"].fillna("").astype(str) if "data_note" in runs else pd.Series("", index=runs.index)
+    notes = runs["data_note"].astype(object).fillna("").astype(str) if "data_note" in runs else pd.Series("", index=runs.index)
     from_note = notes.map(lambda n: "cifar10_jpeg" if "substituted the CIFAR-10 JPEG copy" in n
                           else "random" if "substituted random images" in n else None)
     used = runs["data_used"] if "data_used" in runs else pd.Series(np.nan, index=runs.index, dtype=object)
@@ -121,7 +121,7 @@ def title_suffix(runs):
 
 def data_notes(runs):
     """The first sentence of each distinct data note (the substitution); full notes stay in provenance.json."""
-    notes = runs["data_note"].fillna("").astype(str) if "data_note" in runs else pd.Series([], dtype=str)
+    notes = runs["data_note"].astype(object).fillna("").astype(str) if "data_note" in runs else pd.Series([], dtype=str)
     return _unique(notes.map(lambda n: n.split(". ")[0].strip().rstrip(".")))
 
 
