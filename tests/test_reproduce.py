@@ -59,3 +59,31 @@ def test_reproduce_without_any_data_source_stops_at_once_with_one_error(tmp_path
     assert len(errors) == 1 and "CIFAR-10 not found" in errors[0] and "download of cifar-10-python.tar.gz" in errors[0]
     assert "offline copy" in errors[0] and "Traceback" not in out.stderr
     assert not (tmp_path / "multirun").exists() and not (tmp_path / "outputs").exists()  # nothing launched
+
+
+def load_reproduce():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import reproduce
+    finally:
+        sys.path.pop(0)
+    return reproduce
+
+
+def test_sweeps_run_one_point_per_core_on_a_cpu_each_single_threaded(tmp_path, monkeypatch):
+    reproduce = load_reproduce()
+    calls = []
+    monkeypatch.setattr(reproduce.subprocess, "run",
+                        lambda cmd, cwd, env: calls.append((cmd, env)) or subprocess.CompletedProcess(cmd, 0))
+    monkeypatch.setattr(reproduce.os, "cpu_count", lambda: 8)
+    assert reproduce.default_jobs(["device=cpu"]) == 8
+    assert reproduce.default_jobs(["device=cuda"]) == 1  # a GPU run speeds up its own step instead
+    reproduce.launch("fig6", [], True, "tiny", 4, ["train.progress=true"], tmp_path)
+    reproduce.launch("fig7", ["method=baseline"], False, "tiny", 4, [], tmp_path)
+    reproduce.launch("fig9", [], True, "tiny", 1, [], tmp_path)
+    (sweep, sweep_env), (single, single_env), (serial, serial_env) = calls
+    assert "hydra/launcher=joblib" in sweep and "hydra.launcher.n_jobs=4" in sweep
+    assert sweep_env["OMP_NUM_THREADS"] == "2"  # 8 cores shared by 4 runs
+    assert [a for a in sweep if a.startswith("train.progress=")] == ["train.progress=true"]  # the caller's, once
+    assert single_env is None and not any("launcher" in a for a in single)  # a single run takes every core
+    assert serial_env is None and not any("launcher" in a for a in serial)
