@@ -60,14 +60,17 @@ def launch(preset: str, overrides: list[str], multirun: bool, scale: str, jobs: 
     cmd += ["-m"] if multirun else []
     cmd += [f"experiment={preset}", f"scale={scale}", *overrides]
     env = None
-    if multirun and jobs > 1:
+    if jobs > 1:
         # Several runs at once, each with its share of the cores: on a CPU, single-threaded
-        # runs side by side do more work per second than one run on every core.
+        # runs side by side do more work per second than one run on every core. Single runs
+        # get the same share, so that no number depends on the machine's core count (on a
+        # CPU the thread count changes the summation order, and a run's numbers with it).
+        threads = str(max(1, (os.cpu_count() or 1) // jobs))
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    if multirun and jobs > 1:
         cmd += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"]
         if not any(o.startswith("train.progress=") for o in extra):
             cmd += ["train.progress=false"]  # side-by-side bars would interleave
-        threads = str(max(1, (os.cpu_count() or 1) // jobs))
-        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     cmd += extra
     print(f"\n=== {preset} {' '.join(overrides)}\n$ (cd {shlex.quote(str(out))}; {shlex.join(cmd)})", flush=True)
     # Run directories are relative to the working directory (config.yaml's hydra.run/sweep.dir),

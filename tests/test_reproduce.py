@@ -70,7 +70,7 @@ def load_reproduce():
     return reproduce
 
 
-def test_sweeps_run_one_point_per_core_on_a_cpu_each_single_threaded(tmp_path, monkeypatch):
+def test_runs_on_a_cpu_take_one_core_each_and_sweeps_one_point_per_core(tmp_path, monkeypatch):
     reproduce = load_reproduce()
     calls = []
     monkeypatch.setattr(reproduce.subprocess, "run",
@@ -85,5 +85,5 @@ def test_sweeps_run_one_point_per_core_on_a_cpu_each_single_threaded(tmp_path, m
     assert "hydra/launcher=joblib" in sweep and "hydra.launcher.n_jobs=4" in sweep
     assert sweep_env["OMP_NUM_THREADS"] == "2"  # 8 cores shared by 4 runs
     assert [a for a in sweep if a.startswith("train.progress=")] == ["train.progress=true"]  # the caller's, once
-    assert single_env is None and not any("launcher" in a for a in single)  # a single run takes every core
-    assert serial_env is None and not any("launcher" in a for a in serial)
+    assert single_env["OMP_NUM_THREADS"] == "2" and not any("launcher" in a for a in single)  # the same share
+    assert serial_env is None and not any("launcher" in a for a in serial)  # jobs = 1: torch's own default
