@@ -32,8 +32,9 @@ MARKER = {"gaf": "s", "baseline": "^"}
 NAME = {"gaf": "GAF", "baseline": "baseline"}
 DATA = {"cifar100": "CIFAR-100", "cifar100n": "CIFAR-100N-Fine", "cifar10": "CIFAR-10",
         "cifar10_jpeg": "CIFAR-10 (JPEG copy)", "random": "random images and labels"}
-MODEL = {"tiny": "tiny CNN", "cnn4": "4-conv CNN", "resnet_cifar": "small CIFAR ResNet", "resnet18": "ResNet18", "resnet18_cifar": "ResNet18 (CIFAR stem)",
-         "resnet34_cifar": "ResNet34 (CIFAR stem)", "vit_tiny": "small ViT (vit_tiny)"}
+MODEL = {"tiny": "tiny CNN", "cnn4": "4-conv CNN", "resnet_cifar": "small CIFAR ResNet", "resnet18": "ResNet18",
+         "resnet18_cifar": "ResNet18 (CIFAR stem)", "resnet34_cifar": "ResNet34 (CIFAR stem)",
+         "vit_tiny": "small ViT (vit_tiny)"}
 CURVE_COLUMNS = ["run_id", "iter", "d_mean", "d_mean_win", "stride", "acc", "loss"]
 EVAL_COLUMNS = ["run_id", "iter", "train_acc", "val_acc"]
 STYLE = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
@@ -79,11 +80,17 @@ def models_of(runs):
     return ", ".join(names)
 
 
+def note_texts(runs):
+    """Each run's data note as text ('' where it has none)."""
+    if "data_note" not in runs:
+        return pd.Series("", index=runs.index, dtype=object)
+    return runs["data_note"].astype(object).fillna("").astype(str)
+
+
 def data_used(runs):
     """The data set each run trained on: summary.json's data_used where collected, else read off
     its data note (a substitution says what it substituted), else the data set asked for."""
-    notes = runs["data_note"].astype(object).fillna("").astype(str) if "data_note" in runs else pd.Series("", index=runs.index)
-    from_note = notes.map(lambda n: "cifar10_jpeg" if "substituted the CIFAR-10 JPEG copy" in n
+    from_note = note_texts(runs).map(lambda n: "cifar10_jpeg" if "substituted the CIFAR-10 JPEG copy" in n
                           else "random" if "substituted random images" in n else None)
     used = runs["data_used"] if "data_used" in runs else pd.Series(np.nan, index=runs.index, dtype=object)
     return used.where(used.notna() & (used != ""), from_note.where(from_note.notna(), runs["data.name"]))
@@ -121,8 +128,7 @@ def title_suffix(runs):
 
 def data_notes(runs):
     """The first sentence of each distinct data note (the substitution); full notes stay in provenance.json."""
-    notes = runs["data_note"].astype(object).fillna("").astype(str) if "data_note" in runs else pd.Series([], dtype=str)
-    return _unique(notes.map(lambda n: n.split(". ")[0].strip().rstrip(".")))
+    return _unique(note_texts(runs).map(lambda n: n.split(". ")[0].strip().rstrip(".")))
 
 
 def titled(fig, title, r=None):
@@ -551,7 +557,8 @@ def with_spread(df, columns=("baseline", "GAF")):
     df = df.copy()
     for c in columns:
         mean, sd = df.pop(f"{c} (%)"), df.pop(f"{c} s.d.")
-        cells = [("—" if np.isnan(m) else f"{m:.1f}" + ("" if np.isnan(d) else f" ± {d:.1f}")) for m, d in zip(mean, sd)]
+        cells = [("—" if np.isnan(m) else f"{m:.1f}" + ("" if np.isnan(d) else f" ± {d:.1f}"))
+                 for m, d in zip(mean, sd)]
         df.insert(3 if c == "baseline" else 4, f"{c} (%)", cells)
     return df
 
@@ -613,8 +620,9 @@ def write_paper_vs_repro(df, results_dir):
     scales = _unique(r.runs["scale"])
     setting = ", ".join(df.attrs["setting"]) or "none"
     text = ["# Figure 6: the paper's values beside this reproduction", "",
-            "Best validation accuracy (%) vs. symmetric label noise. Paper: ResNet18 on CIFAR-100, read off the published "
-            "figure 6 by eye (+-1 point; `scripts/paper_facts/figure6.csv`, Chaubard et al. 2024, arXiv:2412.18052). "
+            "Best validation accuracy (%) vs. symmetric label noise. Paper: ResNet18 on CIFAR-100, read off the "
+            "published figure 6 by eye (+-1 point; `scripts/paper_facts/figure6.csv`, Chaubard et al. 2024, "
+            "arXiv:2412.18052). "
             f"Reproduction: experiment `{r.experiment}`, best validation accuracy over each run, mean over seeds; "
             f"GAF setting: {setting}. '—' = this noise level was not in the sweep.", "",
             f"Scale: **{', '.join(scales)}**; "
@@ -687,7 +695,8 @@ def premise_table(results_dir, scale=None):
             peak = int(e.loc[e["val_acc"].idxmax(), "iter"])
             memorises = peak < e["iter"].max()  # peaking at its last evaluation: no phase after the peak
             row.update({"phase from": peak if memorises else np.nan, "baseline memorises": "yes" if memorises else "no",
-                        "baseline best": 100 * b["best_val_acc"].iloc[0], "baseline final": 100 * b["final_val_acc"].iloc[0],
+                        "baseline best": 100 * b["best_val_acc"].iloc[0],
+                        "baseline final": 100 * b["final_val_acc"].iloc[0],
                         "baseline fitted flipped": 100 * e["mem_flipped_noisy_acc"].iloc[-1]})
         start = row["phase from"] if not np.isnan(row["phase from"]) else g["iterations"].max() / 2
         for name, one in (("averaging", avg), ("GAF", gaf)):
@@ -695,7 +704,8 @@ def premise_table(results_dir, scale=None):
                 c = curve(r, one["run_id"].iloc[0])
                 row[f"{name} distance"] = _phase_mean(c, "d_mean", start)
                 row[f"{name} steps taken"] = _phase_mean(c, "stepped", start)
-                row[f"{name} best"], row[f"{name} final"] = 100 * one["best_val_acc"].iloc[0], 100 * one["final_val_acc"].iloc[0]
+                row[f"{name} best"] = 100 * one["best_val_acc"].iloc[0]
+                row[f"{name} final"] = 100 * one["final_val_acc"].iloc[0]
         rows.append(row)
     df = pd.DataFrame(rows)
     for other in ("baseline", "averaging"):
@@ -715,14 +725,16 @@ def premise(results_dir, scale=None):
     m0, w0 = df["m"].min(), df["width"].max()
     axes = [("width", df[df["m"] == m0], f"model width (m = {m0:g})"), ("m", df[df["width"] == w0],
             f"images per class per microbatch m (width {w0:g})")]
-    axes = [(k, d.groupby(k).mean(numeric_only=True).reset_index(), label) for k, d, label in axes if d[k].nunique() > 1]
+    axes = [(k, d.groupby(k).mean(numeric_only=True).reset_index(), label)
+            for k, d, label in axes if d[k].nunique() > 1]
     if not axes:
         return None
     fig, ax = new_figure(2, len(axes), (4.2 * len(axes), 6.4), sharey="row")
     for j, (key, d, label) in enumerate(axes):
         top, bottom = ax[0, j], ax[1, j]
-        for col, style, color, text in (("averaging distance", "o-", COLOR["baseline"], "distance, averaging (tau = 2)"),
-                                        ("GAF steps taken", "s--", COLOR["gaf"], "GAF's share of steps taken")):
+        for col, style, color, text in (
+                ("averaging distance", "o-", COLOR["baseline"], "distance, averaging (tau = 2)"),
+                ("GAF steps taken", "s--", COLOR["gaf"], "GAF's share of steps taken")):
             if col in d:
                 top.plot(d[key], d[col], style, color=color, label=text)
         top.axhline(1.0, color="0.3", ls=":", lw=1)
@@ -741,7 +753,8 @@ def premise(results_dir, scale=None):
     legend(ax[0, -1], fontsize=7)
     legend(ax[1, -1], fontsize=7)
     noise = ", ".join(f"{p:g}%" for p in _unique(noise_pct(r.runs)))
-    return titled(fig, f"When does GAF's premise hold? Micro-gradient distance and GAF's gain at {noise} label noise", r)
+    return titled(fig, f"When does GAF's premise hold? Micro-gradient distance and GAF's gain at {noise} "
+                       "label noise", r)
 
 
 def write_premise(df, results_dir):

@@ -67,10 +67,10 @@ def launch(preset: str, overrides: list[str], multirun: bool, scale: str, jobs: 
         # CPU the thread count changes the summation order, and a run's numbers with it).
         threads = str(max(1, (os.cpu_count() or 1) // jobs))
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    if multirun and jobs > 1:
-        cmd += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"]
-        if not any(o.startswith("train.progress=") for o in extra):
-            cmd += ["train.progress=false"]  # side-by-side bars would interleave
+        if multirun:
+            cmd += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"]
+            if not any(o.startswith("train.progress=") for o in extra):
+                cmd += ["train.progress=false"]  # side-by-side bars would interleave
     cmd += extra
     print(f"\n=== {preset} {' '.join(overrides)}\n$ (cd {shlex.quote(str(out))}; {shlex.join(cmd)})", flush=True)
     # Run directories are relative to the working directory (config.yaml's hydra.run/sweep.dir),

@@ -22,7 +22,8 @@ def test_resnet_cifar_size_keys():
     assert 3.5 < w16 / w8 < 4.1 and 3.5 < w32 / w16 < 4.1
     assert n_params(build_model("resnet_cifar", 10)) == w16  # the default is width 16, one block per stage
     deep = build_model("resnet_cifar", 10, width=16, blocks=3)
-    assert sum(isinstance(m, torch.nn.Conv2d) for m in deep.modules()) == 1 + 3 * 3 * 2 + 2  # stem, blocks, 2 projections
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in deep.modules())
+    assert convs == 1 + 3 * 3 * 2 + 2  # stem, blocks, 2 projections
     assert n_params(deep) > 3 * w16
     x = torch.randn(3, 3, 32, 32)
     assert deep(x).shape == (3, 10)
