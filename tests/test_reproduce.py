@@ -87,3 +87,10 @@ def test_runs_on_a_cpu_take_one_core_each_and_sweeps_one_point_per_core(tmp_path
     assert [a for a in sweep if a.startswith("train.progress=")] == ["train.progress=true"]  # the caller's, once
     assert single_env["OMP_NUM_THREADS"] == "2" and not any("launcher" in a for a in single)  # the same share
     assert serial_env is None and not any("launcher" in a for a in serial)  # jobs = 1: torch's own default
+
+
+def test_a_job_count_below_one_is_refused_naming_it(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        load_reproduce().main(["--scale", "tiny", "--jobs", "0", "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2 and "--jobs must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything is made
