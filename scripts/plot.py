@@ -7,11 +7,18 @@ unless --scale says otherwise). A figure whose experiment has no results yet is 
 with a note. Every figure's title names its scale (when not "paper") and any data
 substitution, taken from runs.csv.
 
+Figures are redrawn only when what they show may have changed: each figN.png/pdf has a
+sidecar figN.inputs.json with the hash of this file, of every result file the figure read
+and of what it drew (each line's data and every text; no font or layout enters it). When
+this file and every input are unchanged, the figure is kept as it is: an unchanged
+checkout stays unchanged on any machine, whatever its fonts. --force redraws everything.
+
     python scripts/plot.py                    # results/ -> results/<experiment>/figN.{png,pdf}, results/table1.{md,csv}
     python scripts/plot.py --results R --scale tiny --only fig6 table1
 """
 
 import argparse
+import hashlib
 import json
 import sys
 import textwrap
@@ -19,10 +26,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import matplotlib
+import matplotlib.font_manager
 import matplotlib.ticker
 import numpy as np
 import pandas as pd
+from matplotlib.collections import Collection
 from matplotlib.figure import Figure  # figures made without pyplot: no global state, any backend
+from matplotlib.patches import Rectangle
 
 PAPER_FIG6 = Path(__file__).resolve().parent / "paper_facts" / "figure6.csv"
 PAPER_FIG6_SETUP = ("cifar100", "resnet18")  # the data set and network of the paper's figure 6
@@ -39,14 +49,30 @@ CURVE_COLUMNS = ["run_id", "iter", "d_mean", "d_mean_win", "stride", "acc", "los
 EVAL_COLUMNS = ["run_id", "iter", "train_acc", "val_acc"]
 STYLE = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
          "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
-         "legend.frameon": False, "lines.linewidth": 1.5, "figure.dpi": 110, "savefig.dpi": 150}
+         "legend.frameon": False, "lines.linewidth": 1.5, "figure.dpi": 110, "savefig.dpi": 150,
+         "font.family": "DejaVu Sans", "mathtext.fontset": "dejavusans"}
 matplotlib.rcParams.update(STYLE)
+
+
+def pin_fonts():
+    """Glyphs come from matplotlib's own font files only. A system may hold other versions of the
+    same fonts (DejaVu under /usr/share/fonts), and which of two equal matches wins depends on the
+    order of a machine's font cache: the drawn bytes would depend on the machine."""
+    own = Path(matplotlib.get_data_path(), "fonts", "ttf").resolve()
+    manager = matplotlib.font_manager.fontManager
+    manager.ttflist = [f for f in manager.ttflist if Path(f.fname).resolve().parent == own]
+    manager._findfont_cached.cache_clear()  # nothing may keep a match found before the pin
+
+
+pin_fonts()
 
 
 # ---------------------------------------------------------------- loading
 def load(results_dir, experiment, scale=None):
     """Finished runs of one experiment at one scale, with their curves and evals; None if there are none."""
     d = Path(results_dir) / experiment
+    for name in ("runs.csv", "curves.csv", "evals.csv", "provenance.json"):
+        note_read(d / name, results_dir)
     if not (d / "runs.csv").is_file():
         return None
     runs = pd.read_csv(d / "runs.csv")
@@ -166,6 +192,94 @@ def save(fig, path):
     fig.savefig(path.with_suffix(".png"))
     fig.savefig(path.with_suffix(".pdf"), metadata={"CreationDate": None})  # no date: unchanged results, same bytes
     return [path.with_suffix(".png"), path.with_suffix(".pdf")]
+
+
+def write_sidecar(fig, path, reads, scale):
+    path = sidecar_path(path)
+    path.write_text(json.dumps(sidecar(fig, reads, scale), indent=1) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------- sidecars: redraw only what changed
+HERE = Path(__file__).resolve().parent
+_reads: dict | None = None  # while a figure is drawn: {input key: sha256 of the file, or None if absent}
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def input_key(path, results_dir):
+    """A file a figure reads, named portably: scripts/<path> for this folder's files, else relative
+    to the results folder."""
+    path = Path(path).resolve()
+    if HERE in path.parents:
+        return "scripts/" + path.relative_to(HERE).as_posix()
+    return path.relative_to(Path(results_dir).resolve()).as_posix()
+
+
+def input_path(key, results_dir):
+    return HERE / key.removeprefix("scripts/") if key.startswith("scripts/") else Path(results_dir) / key
+
+
+def file_hash(path):
+    return sha256(path.read_bytes()) if path.is_file() else None
+
+
+def note_read(path, results_dir):
+    """Record that the figure being drawn reads ``path`` (absent files too: their arrival changes it)."""
+    if _reads is not None:
+        _reads[input_key(path, results_dir)] = file_hash(Path(path))
+
+
+def drawn_content(fig):
+    """What a figure shows, free of fonts and layout: every line's, bar's and marker's data and every
+    text, in drawing order (numbers to 6 significant digits: library versions may move the last bits)."""
+    def numbers(values):
+        return " ".join(f"{v:.6g}" for v in np.ma.filled(np.ma.asarray(values, dtype=float), np.nan).ravel())
+
+    parts = [t.get_text() for t in fig.texts]
+    for ax in fig.axes:
+        parts += [ax.get_title(), ax.get_xlabel(), ax.get_ylabel(), *(t.get_text() for t in ax.texts)]
+        parts += [f"line {ln.get_label()}: {numbers(ln.get_xydata())}" for ln in ax.get_lines()]
+        parts += [f"bar {numbers([p.get_x(), p.get_y(), p.get_width(), p.get_height()])}"
+                  for p in ax.patches if isinstance(p, Rectangle)]
+        parts += [f"markers {numbers(c.get_offsets())}" for c in ax.collections if isinstance(c, Collection)]
+        if ax.get_legend() is not None:
+            parts += [f"legend {t.get_text()}" for t in ax.get_legend().get_texts()]
+    return "\n".join(parts)
+
+
+def sidecar_path(path):
+    return Path(path).with_suffix(".inputs.json")
+
+
+def sidecar(fig, reads, scale):
+    """The record that tells whether a figure must be redrawn: the code, the scale asked for, each
+    input's hash, and a hash of what was drawn (the regeneration test compares it on any machine)."""
+    return {"plot.py": file_hash(Path(__file__)), "scale": scale, "inputs": dict(sorted(reads.items())),
+            "drawn": sha256(drawn_content(fig).encode())}
+
+
+def is_current(path, results_dir, scale):
+    """Whether the figure at ``path`` was drawn by this code, at this scale, from the inputs as they are now."""
+    try:
+        side = json.loads(sidecar_path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return (all(path.with_suffix(s).is_file() for s in (".png", ".pdf"))
+            and side.get("plot.py") == file_hash(Path(__file__)) and side.get("scale") == scale
+            and all(file_hash(input_path(k, results_dir)) == h for k, h in side.get("inputs", {}).items()))
+
+
+def draw(name, results_dir, scale):
+    """Draw one figure, recording the files it reads: (Figure or None, {input key: hash})."""
+    global _reads
+    _reads = {}
+    try:
+        return FIGURES[name](results_dir, scale), _reads
+    finally:
+        _reads = None
 
 
 def legend(ax, **kw):
@@ -485,6 +599,7 @@ FIGURES = {"fig1": fig1, "fig2": fig2, "fig3": fig3, "fig4": fig4, "fig5": fig5,
 
 # ---------------------------------------------------------------- tables
 def read_paper_fig6():
+    note_read(PAPER_FIG6, None)
     return pd.read_csv(PAPER_FIG6, comment="#")
 
 
@@ -789,13 +904,18 @@ def main(argv=None):
     p.add_argument("--results", default="results", help="the folder scripts/collect.py wrote")
     p.add_argument("--scale", default=None, help="plot this scale only (default: the largest one present)")
     p.add_argument("--only", nargs="+", choices=[*FIGURES, *TABLES], default=None)
+    p.add_argument("--force", action="store_true", help="redraw every figure, even those whose inputs are unchanged")
     args = p.parse_args(argv)
     results = Path(args.results)
     made = {}
     for name in args.only or [*FIGURES, *TABLES]:
         if name in FIGURES:
-            obj = FIGURES[name](results, args.scale)
-            paths = save(obj, results / name / name) if obj is not None else []
+            path = results / name / name
+            if not args.force and is_current(path, results, args.scale):
+                print(f"plot: {name}: this code and its inputs are unchanged; kept {path}.png, .pdf")
+                continue
+            obj, reads = draw(name, results, args.scale)
+            paths = [*save(obj, path), write_sidecar(obj, path, reads, args.scale)] if obj is not None else []
         else:
             make, write = TABLES[name]
             obj = make(results, args.scale)

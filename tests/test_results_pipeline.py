@@ -235,19 +235,72 @@ def test_paper_vs_repro_differences_only_for_the_papers_data_and_model(tmp_path)
     assert df.attrs["comparable"] and df["repro - paper, GAF"].notna().sum() == 4
 
 
-def test_committed_figures_regenerate_byte_identical(tmp_path):
-    """`make figures` on unchanged results changes nothing: plot.py redraws the committed
-    results twice into copies, and every figure and table matches the committed file."""
+def committed_results(tmp_path, name="copy"):
+    """A copy of the committed results/ to redraw into (skip where this checkout has none)."""
     committed = ROOT / "results"
     if not (committed / "fig6" / "runs.csv").is_file():
         pytest.skip("no committed results in this checkout")
-    for k in (1, 2):
-        copy = tmp_path / f"copy{k}"
-        shutil.copytree(committed, copy)
-        plot.main(["--results", str(copy)])
-        changed = [p.relative_to(copy).as_posix() for p in sorted(copy.rglob("*")) if p.is_file()
-                   and p.read_bytes() != (committed / p.relative_to(copy)).read_bytes()]
-        assert changed == [], f"regeneration {k} changed {changed}: run `make figures` and commit the result"
+    shutil.copytree(committed, tmp_path / name)
+    return tmp_path / name
+
+
+def test_committed_results_regenerate_portably(tmp_path):
+    """Redrawing every figure from the committed CSVs (on any machine, whatever its fonts) gives the
+    committed tables and CSVs byte for byte, and each figure's sidecar: the same code, the same inputs
+    and the same drawn content (every line's data and every text)."""
+    copy = committed_results(tmp_path)
+    plot.main(["--results", str(copy), "--force"])
+    portable = [p for p in sorted(copy.rglob("*")) if p.is_file() and p.suffix not in (".png", ".pdf")]
+    changed = [p.relative_to(copy).as_posix() for p in portable
+               if p.read_bytes() != (ROOT / "results" / p.relative_to(copy)).read_bytes()]
+    assert changed == [], f"regeneration changed {changed}: run `make figures` and commit the result"
+    assert sorted(p.relative_to(copy).as_posix() for p in copy.rglob("*.inputs.json")) == \
+        sorted(f"{name}/{name}.inputs.json" for name in plot.FIGURES)
+
+
+def test_committed_figures_are_current_so_make_figures_keeps_them(tmp_path):
+    """Every committed figure was drawn by this plot.py from the committed inputs, so `make figures` on
+    an unchanged checkout rewrites nothing (a figure's bytes differ between machines' renderers)."""
+    copy = committed_results(tmp_path)
+    stale = [name for name in plot.FIGURES if not plot.is_current(copy / name / name, copy, None)]
+    assert stale == [], f"{stale} are stale: run `make figures` and commit the result"
+    (copy / "fig6" / "fig6.png").write_bytes(b"left alone")
+    made = plot.main(["--results", str(copy)])
+    assert not set(made) & set(plot.FIGURES)  # only the tables were written
+    assert (copy / "fig6" / "fig6.png").read_bytes() == b"left alone"
+
+
+def test_changed_inputs_redraw_exactly_the_figures_that_read_them(tmp_path):
+    copy = committed_results(tmp_path)
+    runs = pd.read_csv(copy / "fig6" / "runs.csv")
+    runs.loc[0, "best_val_acc"] = 0.99
+    runs.to_csv(copy / "fig6" / "runs.csv", index=False)
+    made = plot.main(["--results", str(copy)])
+    figures = sorted(set(made) & set(plot.FIGURES))
+    assert figures == ["fig6", "premise"]  # the premise figure reads figure 6's baselines
+    assert plot.is_current(copy / "fig6" / "fig6", copy, None)
+    side = json.loads((copy / "fig6" / "fig6.inputs.json").read_text())
+    assert side["inputs"]["fig6/runs.csv"] == plot.sha256((copy / "fig6" / "runs.csv").read_bytes())
+    assert side["drawn"] != json.loads((ROOT / "results/fig6/fig6.inputs.json").read_text())["drawn"]
+    assert plot.main(["--results", str(copy), "--scale", "tiny", "--only", "fig1"])  # another scale: redrawn
+
+
+def test_two_redraws_on_one_machine_are_byte_identical(tmp_path):
+    copies = [committed_results(tmp_path, f"copy{k}") for k in (1, 2)]
+    for copy in copies:
+        plot.main(["--results", str(copy), "--force"])
+    drawn = sorted(p.relative_to(copies[0]) for p in copies[0].rglob("*") if p.suffix in (".png", ".pdf"))
+    assert len(drawn) == 2 * len(plot.FIGURES)
+    assert [p.as_posix() for p in drawn if (copies[0] / p).read_bytes() != (copies[1] / p).read_bytes()] == []
+
+
+def test_figures_use_matplotlibs_own_font_files_only():
+    """System copies of the same fonts (another version, found first on some machines) never draw."""
+    own = Path(plot.matplotlib.get_data_path(), "fonts", "ttf").resolve()
+    import matplotlib.font_manager as fm
+    for style in ("normal", "italic"):
+        assert Path(fm.findfont(fm.FontProperties(family="DejaVu Sans", style=style))).resolve().parent == own
+    assert plot.matplotlib.rcParams["mathtext.fontset"] == "dejavusans"
 
 
 def test_paper_scale_titles_carry_no_scale_tag(tmp_path):
