@@ -226,18 +226,30 @@ def _from_dict(cls, d: dict, prefix: str):
 OPERATIONAL_KEYS = {"train": ("stop_after", "progress"), "wandb": ("mode", "project")}
 
 
+def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two config dicts (operational keys aside),
+    each as 'key: A here, B there'-ready pairs: [(key, a_value, b_value)]."""
+    out = []
+    for k in sorted(set(a) | set(b), key=str):
+        key, x, y = f"{prefix}{k}", a.get(k), b.get(k)
+        section, _, name = key.partition(".")
+        if name and name in OPERATIONAL_KEYS.get(section, ()):
+            continue
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += differences(x, y, key + ".")
+        elif x != y:
+            out.append((key, x, y))
+    return out
+
+
 def same_run(a: dict | None, b: dict) -> bool:
     """Whether two config dicts describe the same computation (operational keys aside)."""
-    if a is None:
-        return False
+    return a is not None and not differences(a, b)
 
-    def strip(c: dict) -> dict:
-        c = dict(c)
-        for section, keys in OPERATIONAL_KEYS.items():
-            c[section] = {k: v for k, v in c.get(section, {}).items() if k not in keys}
-        return c
 
-    return strip(a) == strip(b)
+def describe_differences(here: dict, there: dict) -> str:
+    """'method.tau=0.5 (it has 0.97), seed=1 (it has 0)' for an error message."""
+    return ", ".join(f"{k}={json.dumps(x)} (it has {json.dumps(y)})" for k, x, y in differences(here, there))
 
 
 def settings(obj, prefix: str = ""):

@@ -168,11 +168,42 @@ class RunDirLock:
         except FileNotFoundError:
             return False
 
+    def held(self) -> bool:
+        """Whether a live process on this host holds the lock (a lock file left by a killed process is
+        not held: the kernel dropped its flock). A lock written on another host counts as held."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            owner = self._owner(fd)
+            if owner and not owner.endswith(f" on {socket.gethostname()}"):
+                return True
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
     @staticmethod
     def _owner(fd: int) -> str:
         """'pid P on HOST' from the lock file, or '' when it is empty (just created)."""
         text = os.pread(fd, 256, 0).decode(errors="replace").split()
         return f"pid {text[0]} on {text[1]}" if len(text) == 2 else ("an unknown process" if text else "")
+
+
+# The files a run directory of this trainer holds; any of them without a summary.json is not ours.
+RUN_FILES = ("config.json", "metrics.csv", "eval.csv", "summary.json", "checkpoint.pt")
+
+
+def run_status(run_dir: Path, summary: dict) -> str:
+    """A run's status from its summary, where "running" is checked against its lock: a run whose
+    process died (SIGKILL, a lost node) is "interrupted" (relaunching it resumes it)."""
+    status = summary.get("status", "unknown")
+    if status == "running" and not RunDirLock(run_dir).held():
+        return "interrupted"
+    return status
 
 
 def environment(device: torch.device) -> dict:
@@ -201,7 +232,8 @@ def environment(device: torch.device) -> dict:
     }
 
 
-def write_summary(path: Path, cfg: RunConfig, state: dict, env: dict, ds, status: str, started: str) -> dict:
+def write_summary(path: Path, cfg: RunConfig, state: dict, env: dict, ds, status: str, started: str,
+                  **extra) -> dict:
     summary = {
         "status": status,
         "final_val_acc": state["final_val_acc"], "best_val_acc": state["best_val_acc"],
@@ -214,6 +246,7 @@ def write_summary(path: Path, cfg: RunConfig, state: dict, env: dict, ds, status
         "scale": cfg.scale, "experiment": cfg.experiment,
         "started_at": started,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds") if status != "running" else None,
+        **extra,
         "config": cfg.to_dict(),
     }
     write_json(path, summary)

@@ -31,16 +31,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from gaf import data as gdata
-from gaf.config import (COMPILE_MODES, OptimConfig, RunConfig, check_fast_path_options, fast_path_on, same_run,
-                        validate)
+from gaf.config import (COMPILE_MODES, OptimConfig, RunConfig, check_fast_path_options, describe_differences,
+                        fast_path_on, same_run, validate)
 from gaf.distributed import (DistributedGAFStep, DistributedMeanStep, check_replicas, init_from_env,
                              local_slice, shutdown)
 from gaf.fast import FastGAFStep, FastPlainStep
 from gaf.fast import build_optimizer as build_named_optimizer
 from gaf.filter import AdaptiveTau, NonFiniteGradientError
 from gaf.models import build_model
-from gaf.rundir import (CheckpointError, CsvLog, RunDirError, RunDirLock, WandbLogger, environment, load_checkpoint,
-                        read_json, save_checkpoint, write_json, write_summary)
+from gaf.rundir import (RUN_FILES, CheckpointError, CsvLog, RunDirError, RunDirLock, WandbLogger, environment,
+                        load_checkpoint, read_json, save_checkpoint, write_json, write_summary)
 from gaf.step import gaf_step, unfiltered_stats
 
 __all__ = ["CheckpointError", "RunConfig", "RunDirError", "run", "validate"]
@@ -223,10 +223,10 @@ def _run(cfg: RunConfig, run_dir: Path, rank: int, world: int, device: torch.dev
 
 def _run_owned(cfg: RunConfig, run_dir: Path, rank: int, world: int, device: torch.device) -> dict:
     config = cfg.to_dict()
-    previous = _ended_summary(run_dir, config)
-    if previous is not None:
-        return previous
-    ckpt = _matching_checkpoint(run_dir, config)
+    summary, ckpt = prior_run(run_dir, config)
+    if summary is not None and summary.get("status") in ("finished", "diverged"):
+        log.info("%s: already %s; nothing to do", run_dir, summary["status"])
+        return summary
     trainer = Trainer(cfg, run_dir, rank, world, device, config)
     if ckpt is not None:
         trainer.restore(ckpt)
@@ -236,28 +236,31 @@ def _run_owned(cfg: RunConfig, run_dir: Path, rank: int, world: int, device: tor
     return trainer.train()
 
 
-def _ended_summary(run_dir: Path, config: dict) -> dict | None:
-    """The summary of this very run if it already finished or diverged (a re-launch is a no-op)."""
-    summary_path = run_dir / "summary.json"
-    if not summary_path.exists():
-        return None
-    previous = read_json(summary_path)
-    if not isinstance(previous, dict):
+def prior_run(run_dir: Path, config: dict) -> tuple[dict | None, dict | None]:
+    """(summary, checkpoint) of this very run in ``run_dir``, either None where absent. A run of
+    another config, or files that are not this trainer's, are errors: a run directory's results
+    are never replaced by another run's."""
+    summary_path, ckpt_path = run_dir / "summary.json", run_dir / "checkpoint.pt"
+    summary = read_json(summary_path) if summary_path.exists() else None
+    if summary is not None and not (isinstance(summary, dict) and isinstance(summary.get("config"), dict)):
         raise RunDirError(f"{summary_path} is not a run summary; delete it to go on from checkpoint.pt")
-    if previous.get("status") in ("finished", "diverged") and same_run(previous.get("config"), config):
-        log.info("%s: already %s; nothing to do", run_dir, previous["status"])
-        return previous
-    return None
-
-
-def _matching_checkpoint(run_dir: Path, config: dict) -> dict | None:
-    """The run directory's checkpoint, if any; one of another config is an error."""
-    ckpt_path = run_dir / "checkpoint.pt"
     ckpt = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
+    theirs = summary["config"] if summary is not None else ckpt["config"] if ckpt is not None else None
+    if theirs is not None and not same_run(theirs, config):
+        status = summary.get("status") if summary is not None else None
+        what = ("the checkpoint of a run" if summary is None else
+                f"a {status} run" if status in ("finished", "diverged", "stopped") else "an unfinished run")
+        raise RunDirError(f"run directory {run_dir} holds {what} of another config: "
+                          f"{describe_differences(config, theirs)}; launch this one in another run directory "
+                          "(hydra.run.dir=...) to keep both")
     if ckpt is not None and not same_run(ckpt["config"], config):
-        raise ValueError(f"run directory {run_dir} holds a checkpoint of a different config; "
-                         "use a fresh directory or delete checkpoint.pt")
-    return ckpt
+        raise RunDirError(f"{ckpt_path} belongs to another config than {summary_path}: "
+                          f"{describe_differences(config, ckpt['config'])}; delete it to restart this run")
+    foreign = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if theirs is None and foreign:
+        raise RunDirError(f"run directory {run_dir} holds {', '.join(foreign)} but no run summary: not a run of "
+                          "this trainer; launch in another run directory (hydra.run.dir=...), or move them away")
+    return summary, ckpt
 
 
 @dataclass
@@ -335,22 +338,26 @@ class Trainer:
             log.info("%s: resuming at iteration %d", self.run_dir, self.state["iter"])
 
     def train(self) -> dict:
-        """The loop, then the summary; ``{"status": "stopped", ...}`` under train.stop_after."""
+        """The loop, then the summary: finished, diverged, or stopped (train.stop_after)."""
         env = environment(self.device)
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        if self.is_main:
-            write_json(self.run_dir / "config.json", self.config)
+        if self.is_main:  # the summary first: a run directory with files but no summary is not a run's
             write_summary(self.summary_path, self.cfg, self.state, env, self.ds, "running", started)
+            write_json(self.run_dir / "config.json", self.config)
         self.logger = WandbLogger(self.cfg, self.run_dir, self.config) if self.is_main else None
         status, last = self._loop()
-        if status == "stopped":
-            log.info("%s: stopped after iteration %d (train.stop_after)", self.run_dir, last)
-            return {"status": "stopped", "iter": last}
         self.state["elapsed"] += time.perf_counter() - self.t_start
         if self.logger:
             self.logger.finish()
         if not self.is_main:
             return {"status": status}
+        if status == "stopped":  # what ran, and where a relaunch goes on from
+            resume = self.state["iter"]
+            summary = write_summary(self.summary_path, self.cfg, {**self.state, "iter": last}, env, self.ds, status,
+                                    started, resumes_from=resume)
+            log.info("%s: stopped after iteration %d (train.stop_after); a relaunch resumes from the checkpoint at "
+                     "iteration %d", self.run_dir, last, resume)
+            return summary
         summary = write_summary(self.summary_path, self.cfg, self.state, env, self.ds, status, started)
         log.info("%s: %s; best val acc %.4f, %.0f images/s", self.run_dir, status, self.state["best_val_acc"],
                  summary.get("images_per_s", 0))

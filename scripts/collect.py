@@ -2,9 +2,13 @@
 
 A run directory is any folder holding both summary.json and config.json (notes/rundir.md),
 found anywhere under the run roots (default: multirun/ and outputs/). Runs are grouped by
-config.experiment; ad-hoc runs (no preset) only with --ad-hoc. Every run is collected whatever its status (plots keep the finished
-ones). When one sweep point appears more than once (a rerun), the newest finished run is
-kept and the others are listed in provenance.json. Re-running rewrites the same CSVs.
+config.experiment, and results are collected per scale: the runs found for one scale replace
+that scale's rows in results/<experiment>/ and leave every other scale's rows as they are, so
+a run at another scale never replaces the committed results. Ad-hoc runs (no preset, or
+settings that match no scale: scale "custom") only with --ad-hoc. Every run is collected
+whatever its status (plots keep the finished ones; a run whose process died says
+"interrupted"). When one sweep point appears more than once (a rerun), the newest finished
+run is kept and the others are listed in provenance.json. Re-running rewrites the same CSVs.
 
     python scripts/collect.py                         # multirun/ outputs/ -> results/
     python scripts/collect.py --runs runs/a runs/b --results results
@@ -17,9 +21,12 @@ import math
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
+
+from gaf.rundir import run_status
 
 # Columns every runs.csv has, in this order (missing config keys are left empty).
 SWEPT = ["data.name", "data.noise", "model.name", "model.width", "method.name", "method.tau", "method.n_micro",
@@ -34,6 +41,8 @@ NOT_A_SWEEP_KEY = {"root", "device", "dir", "out_dir", "output_dir", "run_dir", 
                    "eval_batch_size", "hydra"}
 MAX_CURVE_ROWS = 2000
 AD_HOC = "single"  # config.yaml's experiment when no preset is chosen
+CUSTOM = "custom"  # the scale of a run whose settings match no scale's row
+COUNTS = ("iter", "images_seen", "accepted")  # integer columns of curves.csv (empty where unknown)
 
 
 def find_run_dirs(roots):
@@ -116,6 +125,7 @@ def read_run(run_dir, roots):
            "scale": config.get("scale") or summary.get("scale") or "unknown"}
     row.update({k: flat.get(k) for k in SWEPT})
     row.update({k: summary.get(k) for k in SUMMARY})
+    row["status"] = run_status(run_dir, summary)
     row["data_note"] = row["data_note"] or ""
     row.update({k: v for k, v in flat.items() if k not in row and k.split(".")[-1] not in NOT_A_SWEEP_KEY
                 and k.split(".")[0] in ("data", "model", "method", "optim", "train")})
@@ -149,7 +159,7 @@ def downsample_curve(metrics, max_rows=MAX_CURVE_ROWS):
     for c in WINDOW_MEANS:
         out[f"{c}_win"] = means[c]
     out["stride"] = groups.size().reset_index(drop=True)
-    for c in ("iter", "images_seen", "accepted"):  # counts stay integers (empty where unknown)
+    for c in COUNTS:  # counts stay integers (empty where unknown)
         out[c] = out[c].round().astype("Int64")
     return out
 
@@ -169,8 +179,8 @@ def dedupe(runs):
 
 def collect(run_roots=("multirun", "outputs"), results_dir="results", max_curve_rows=MAX_CURVE_ROWS, command=None,
             ad_hoc=False):
-    """Collect every run under `run_roots` into `results_dir`. Returns {experiment: runs DataFrame}.
-    Ad-hoc runs (no preset: experiment "single") only when `ad_hoc`: a try-out is not a result."""
+    """Collect every run under `run_roots` into `results_dir`, scale by scale. Returns {experiment: runs
+    DataFrame}. Ad-hoc runs (no preset, or scale "custom") only when `ad_hoc`: a try-out is not a result."""
     if not (isinstance(max_curve_rows, int) and max_curve_rows >= 1):
         raise ValueError(f"max_curve_rows must be an integer >= 1, got {max_curve_rows!r}")
     run_roots, results_dir = list(run_roots), Path(results_dir)
@@ -180,7 +190,7 @@ def collect(run_roots=("multirun", "outputs"), results_dir="results", max_curve_
         if got is None:
             continue
         row, metrics, ev = got
-        if row["experiment"] == AD_HOC and not ad_hoc:
+        if (row["experiment"] == AD_HOC or row["scale"] == CUSTOM) and not ad_hoc:
             skipped += 1
             continue
         if row["run_id"] in curves:  # two roots with the same name: fall back to the full path
@@ -189,7 +199,8 @@ def collect(run_roots=("multirun", "outputs"), results_dir="results", max_curve_
         curves[row["run_id"]] = downsample_curve(metrics, max_curve_rows)
         evals[row["run_id"]] = ev
     if skipped:
-        print(f"collect: {skipped} ad-hoc run(s) (experiment={AD_HOC}) left out; --ad-hoc collects them")
+        print(f"collect: {skipped} ad-hoc run(s) (experiment={AD_HOC} or scale={CUSTOM}) left out; "
+              "--ad-hoc collects them")
     if not rows:
         print(f"collect: no run directories (summary.json + config.json) under {', '.join(map(str, run_roots))}")
         return {}
@@ -197,7 +208,14 @@ def collect(run_roots=("multirun", "outputs"), results_dir="results", max_curve_
     out = {}
     for experiment, runs in pd.DataFrame(rows).groupby("experiment", sort=True):
         runs, dropped = dedupe(runs)
-        runs = runs.sort_values("run_id").drop(columns=["_point", "_time"]).dropna(axis=1, how="all")
+        runs = runs.drop(columns=["_point", "_time"])
+        other = other_scales(results_dir / experiment, set(runs["scale"]))
+        if other is not None:
+            runs = pd.concat([runs, other.runs], ignore_index=True)
+            dropped += other.dropped
+            for frames, old in ((curves, other.curves), (evals, other.evals)):
+                frames.update({rid: old.get(rid, pd.DataFrame()) for rid in other.runs["run_id"]})
+        runs = runs.sort_values("run_id").dropna(axis=1, how="all")
         runs = runs.reindex(columns=list(dict.fromkeys(["run_id", "experiment", "scale", *SWEPT, *SUMMARY,
                                                         *runs.columns])))
         _write_experiment(results_dir / experiment, runs, curves, evals, dropped, command, run_roots)
@@ -206,6 +224,31 @@ def collect(run_roots=("multirun", "outputs"), results_dir="results", max_curve_
         print(f"collect: {experiment}: {len(runs)} runs ({n_unfinished} unfinished, {len(dropped)} duplicates "
               f"dropped) -> {results_dir / experiment}")
     return out
+
+
+def other_scales(out_dir, scales):
+    """What results/<experiment>/ already holds at scales other than ``scales``: its runs, their
+    curves and evals by run id, and their dropped duplicates; None when there is nothing to keep."""
+    try:
+        old = pd.read_csv(out_dir / "runs.csv")
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        return None
+    old = old[~old["scale"].isin(scales)]
+    if old.empty:
+        return None
+    ids = set(old["run_id"])
+    frames = {}
+    for name in ("curves", "evals"):
+        f = _read_csv(out_dir / f"{name}.csv")
+        f = f[f["run_id"].isin(ids)] if "run_id" in f else pd.DataFrame(columns=["run_id"])
+        for c in COUNTS if name == "curves" else ():
+            if c in f:
+                f[c] = f[c].round().astype("Int64")
+        frames[name] = {rid: g.drop(columns="run_id").reset_index(drop=True)
+                        for rid, g in f.groupby("run_id")}
+    provenance = _read_json(out_dir / "provenance.json") or {}
+    dropped = [d for d in provenance.get("duplicates_dropped", []) if d.get("kept") in ids]
+    return SimpleNamespace(runs=old, curves=frames["curves"], evals=frames["evals"], dropped=dropped)
 
 
 def _stack(frames, run_ids):

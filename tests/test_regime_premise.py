@@ -51,7 +51,7 @@ def fig6_results(results, mem=0.6, clean_best=0.47, drop=0.08):
 
 def test_regime_check_passes_when_every_condition_holds(tmp_path, capsys):
     fig6_results(tmp_path)
-    assert regime_check.main(["--results", str(tmp_path), "--strict"]) == 0
+    assert regime_check.main(["--results", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert out.count("PASS") == 2 + 2 * 2 + 2 and "FAIL" not in out
     assert "baseline fits 60.0% of the flipped samples" in out and "down 8.0 points" in out
@@ -64,8 +64,7 @@ def test_regime_check_passes_when_every_condition_holds(tmp_path, capsys):
 ])
 def test_regime_check_names_each_failing_condition(tmp_path, capsys, kwargs, failing):
     fig6_results(tmp_path, **kwargs)
-    assert regime_check.main(["--results", str(tmp_path)]) == 0  # reports, does not fail without --strict
-    assert regime_check.main(["--results", str(tmp_path), "--strict"]) == 1
+    assert regime_check.main(["--results", str(tmp_path)]) == 1  # a failing condition is a failing exit status
     out = capsys.readouterr().out
     assert any(line.strip().startswith("FAIL") and failing in line for line in out.splitlines()), out
     assert "NOT in the regime" in out
@@ -76,7 +75,7 @@ def test_regime_check_refuses_another_optimizer(tmp_path, capsys):
     runs = pd.read_csv(tmp_path / "fig6/runs.csv")
     runs.loc[0, "optim.weight_decay"] = 0.0005
     runs.to_csv(tmp_path / "fig6/runs.csv", index=False)
-    assert regime_check.main(["--results", str(tmp_path), "--strict"]) == 1
+    assert regime_check.main(["--results", str(tmp_path)]) == 1
     assert "FAIL  optimizer: name=sgd, nesterov=True, momentum=0.9, lr=0.01, weight_decay=0.0005/0.01" in \
         capsys.readouterr().out
 

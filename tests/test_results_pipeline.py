@@ -4,6 +4,7 @@ No training: tests/synthetic_runs.py writes run directories that follow notes/ru
 """
 
 import datetime as dt
+import io
 import json
 import re
 import shutil
@@ -120,7 +121,8 @@ def test_duplicate_sweep_point_keeps_the_newest_finished_run(tmp_path):
     assert f"multirun/{first[5].relative_to(runs_root)}" in ids  # finished beats a newer unfinished rerun
     kept = runs.set_index("run_id").loc["multirun/2025-01-02/09-00-00/0"]
     assert kept["best_val_acc"] == pytest.approx(json.loads((rerun / "summary.json").read_text())["best_val_acc"])
-    assert runs.set_index("run_id").loc["multirun/2025-01-03/10-00-00/0", "status"] == "running"
+    # its summary says "running" but no live process holds its lock: the run was killed
+    assert runs.set_index("run_id").loc["multirun/2025-01-03/10-00-00/0", "status"] == "interrupted"
     prov = json.loads((tmp_path / "results" / "fig6" / "provenance.json").read_text())
     assert prov["n_unfinished"] == 1 and prov["unfinished_runs"] == ["multirun/2025-01-03/10-00-00/0"]
     assert sorted(d["dropped"] for d in prov["duplicates_dropped"]) == sorted(
@@ -129,6 +131,35 @@ def test_duplicate_sweep_point_keeps_the_newest_finished_run(tmp_path):
     assert set(curves["run_id"]) == ids  # dropped duplicates leave no curves behind
     # plots use finished runs only: the running run adds no point at 80% noise
     assert 80 not in set(plot.noise_pct(plot.load(tmp_path / "results", "fig6").runs))
+
+
+def test_results_are_collected_per_scale_and_custom_runs_only_when_asked(tmp_path):
+    """A run of another scale adds its own rows and never replaces another scale's; a custom-scale
+    run (settings that match no scale, e.g. train.iterations=4) is a try-out, left out by default."""
+    results = tmp_path / "results"
+    synth.write_experiment(tmp_path / "tiny_runs", "fig6", scale="tiny")
+    collect.collect([tmp_path / "tiny_runs"], results)
+    committed = {name: (results / "fig6" / name).read_bytes() for name in ("runs.csv", "curves.csv", "evals.csv")}
+    custom = synth.run_config("fig6", scale="custom", method="gaf", noise=0.4, iterations=4)
+    synth.write_run(tmp_path / "outputs" / "fig6" / "custom" / "train.iterations=4", custom)
+    assert collect.collect([tmp_path / "outputs"], results) == {}
+    assert {name: (results / "fig6" / name).read_bytes() for name in committed} == committed
+    synth.write_experiment(tmp_path / "small_runs", "fig6", scale="small")
+    runs = collect.collect([tmp_path / "small_runs"], results)["fig6"]
+    assert runs["scale"].value_counts().to_dict() == {"tiny": len(synth.SWEEPS["fig6"]),
+                                                      "small": len(synth.SWEEPS["fig6"])}
+    # collecting the tiny runs again leaves the small ones, and gives back the tiny-only files' rows
+    collect.collect([tmp_path / "tiny_runs"], results)
+    again = pd.read_csv(results / "fig6" / "runs.csv")
+    assert sorted(again["scale"].unique()) == ["small", "tiny"]
+    curves = pd.read_csv(results / "fig6" / "curves.csv")
+    assert set(curves["run_id"]) == set(again["run_id"])
+    tiny_only = pd.read_csv(io.BytesIO(committed["curves.csv"]))
+    mine = curves[curves["run_id"].isin(tiny_only["run_id"])].reset_index(drop=True)
+    pd.testing.assert_frame_equal(mine[tiny_only.columns], tiny_only)
+    assert plot.load(results, "fig6", "tiny").runs["scale"].eq("tiny").all()
+    ad_hoc = collect.collect([tmp_path / "outputs"], results, ad_hoc=True)["fig6"]
+    assert "custom" in set(ad_hoc["scale"]) and {"tiny", "small"} <= set(ad_hoc["scale"])
 
 
 def test_plot_writes_every_figure_and_table(pipeline):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gaf.rundir import RunDirError, RunDirLock
+from gaf.rundir import RunDirError, RunDirLock, run_status
 from gaf.train import run
 from test_train import read_csv, tiny_config
 
@@ -105,3 +105,21 @@ def test_a_corrupt_file_of_a_resumed_run_is_named(tmp_path, name, text):
     (tmp_path / name).write_text(text)
     with pytest.raises(RunDirError, match=f"{tmp_path / name} (is corrupt|is not a run summary).*delete"):
         run(tiny_config(), tmp_path)
+
+
+def test_a_running_summary_whose_owner_died_reads_as_interrupted(tmp_path):
+    """SIGKILL leaves summary.json at "running" and run.lock unheld: collect and show_run say "interrupted";
+    while the owner lives it is "running"; a lock written on another host cannot be checked: "running"."""
+    summary = {"status": "running"}
+    assert run_status(tmp_path, summary) == "interrupted"  # no lock file at all
+    owner = python(HOLD, tmp_path)
+    try:
+        assert owner.stdout.readline().strip() == "locked", owner.stderr.read()
+        assert run_status(tmp_path, summary) == "running"
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+    assert (tmp_path / "run.lock").exists() and run_status(tmp_path, summary) == "interrupted"
+    (tmp_path / "run.lock").write_text("4242 some-other-host\n")
+    assert run_status(tmp_path, summary) == "running"
+    assert run_status(tmp_path, {"status": "finished"}) == "finished"

@@ -10,7 +10,7 @@ import gaf.train
 
 from cifar_fixtures import md5_checks_disabled, write_cifar100
 from gaf.data import DataError
-from gaf.rundir import CheckpointError
+from gaf.rundir import CheckpointError, RunDirError
 from gaf.train import run
 from run_files import read_csv, tiny_config, without_times  # noqa: F401 (test_rundir imports them from here)
 
@@ -78,10 +78,40 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         run(tiny_config(train={"stop_after": 2}), tmp_path)
 
 
-def test_checkpoint_of_another_config_is_refused(tmp_path):
+def test_checkpoint_of_another_config_is_refused_naming_the_keys(tmp_path):
     run(tiny_config(train={"stop_after": 2}), tmp_path)
-    with pytest.raises(ValueError, match="different config"):
+    with pytest.raises(RunDirError, match=r"a stopped run of another config: method.tau=0.5 \(it has 0.97\)"):
         run(tiny_config(method={"tau": 0.5}, train={"stop_after": 2}), tmp_path)
+    (tmp_path / "summary.json").unlink()  # the checkpoint alone says the same
+    with pytest.raises(RunDirError, match=r"checkpoint of a run of another config: method.tau=0.5"):
+        run(tiny_config(method={"tau": 0.5}), tmp_path)
+
+
+def test_finished_run_relaunched_with_another_setting_keeps_its_files(tmp_path):
+    run(tiny_config(), tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(RunDirError, match=r"a finished run of another config: seed=1 \(it has 0\).*another run dir"):
+        run(tiny_config(seed=1), tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("files", [("metrics.csv",), ("config.json", "eval.csv"), ("checkpoint.pt",)])
+def test_a_folder_holding_someone_elses_run_files_is_refused_and_left_alone(tmp_path, files):
+    for name in files:
+        (tmp_path / name).write_text("a user's own file\n")
+    with pytest.raises((RunDirError, CheckpointError), match=str(tmp_path)):
+        run(tiny_config(), tmp_path)
+    assert all((tmp_path / name).read_text() == "a user's own file\n" for name in files)
+
+
+def test_stopped_run_says_so_in_its_summary(tmp_path, caplog):
+    caplog.set_level("INFO")
+    stopped = run(tiny_config(train={"stop_after": 5}), tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert stopped == summary
+    assert (summary["status"], summary["iterations"], summary["resumes_from"]) == ("stopped", 5, 4)
+    assert summary["images_seen"] == 5 * 3 * 2 * 5  # 5 steps of n = 3 microbatches of m = 2 x 5 classes
+    assert "stopped after iteration 5" in caplog.text and "resumes from the checkpoint at iteration 4" in caplog.text
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_checkpoint(tmp_path, caplog):
