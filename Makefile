@@ -22,7 +22,7 @@ test-fast: $(STAMP)  ## skip the end-to-end runs
 	$(PY) -m pytest tests -m "not slow"
 
 test-without-shared: $(STAMP)  ## the data-dependent tests again, as on a clone without ../shared
-	empty=$$(mktemp -d) && GAF_SHARED_DATA=$$empty $(PY) -m pytest tests -m data_sources; \
+	empty=$$(mktemp -d) && GAF_OFFLINE_DATA=$$empty $(PY) -m pytest tests -m data_sources; \
 	status=$$?; rmdir $$empty; exit $$status
 
 train: $(STAMP)  ## a short real GAF run on the CIFAR-10 JPEG copy, on CPU

@@ -8,13 +8,14 @@ composes; ``validate`` rejects bad settings up front with one message each.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
 import re
 from dataclasses import dataclass, field
 
-from gaf.data import DATASETS, FALLBACK_WHEN, FALLBACKS
+from gaf.data import CLASSES, DATASETS, FALLBACK_WHEN, FALLBACKS, TRAIN_PER_CLASS
 from gaf.distributed import MODES as DIST_MODES
 from gaf.fast import OPTIMIZERS
 from gaf.filter import MERGES
@@ -29,7 +30,8 @@ COMPILE_MODES = {"none": False, "graph": "graph", "full": True}
 class Rule:
     """What one setting may hold. ``kind``: int | float | bool | choice | path | text | pair
     | device; ``low``/``high`` bound numbers (``open_low``/``open_high`` exclude the bound);
-    ``optional``: None (null) is allowed too."""
+    ``optional``: None (null) is allowed too; ``applies``: the condition (a key of ``APPLIES``)
+    under which the setting has any effect: set where it has none, it is an error."""
 
     kind: str
     low: float | None = None
@@ -38,6 +40,7 @@ class Rule:
     open_high: bool = False
     choices: tuple = ()
     optional: bool = False
+    applies: str | None = None  # a key of APPLIES: when the setting has an effect (None: always)
 
     def allowed(self) -> str:
         """The allowed values in words, for error messages."""
@@ -83,6 +86,30 @@ class Rule:
             raise ValueError(f"{key} must be {self.allowed()}, got {value!r}")
 
 
+# When a setting has an effect: (the condition, what runs instead, said when it is set anyway).
+APPLIES = {
+    "gaf": (lambda c: c.method.name == "gaf",
+            "method=baseline steps on one batch of method.batch_size images: no microbatches, no filter"),
+    "adaptive": (lambda c: c.method.name == "gaf" and c.method.adaptive_k is not None,
+                 "the adaptive threshold is off (set method.adaptive_k to turn it on)"),
+    "baseline": (lambda c: c.method.name == "baseline",
+                 "method=gaf draws method.n_micro microbatches of method.per_class images per class"),
+    "cifar100n": (lambda c: c.data.name == "cifar100n", "only data=cifar100n reads a label file"),
+    "substitutable": (lambda c: c.data.name in ("cifar100", "cifar100n") or c.data.name == "cifar10"
+                      and c.data.fallback in (None, "random"),
+                      "only CIFAR-100, CIFAR-100N (and CIFAR-10, by random data) can be substituted"),
+    "fallback": (lambda c: c.data.fallback is not None and APPLIES["substitutable"][0](c),
+                 "no data.fallback is set"),
+    "jpeg": (lambda c: c.data.name in ("cifar10", "cifar10_jpeg") or c.data.fallback in ("cifar10", "cifar10_jpeg"),
+             "only CIFAR-10 (data=cifar10, data=cifar10_jpeg, or as data.fallback) reads the JPEG copy"),
+    "random": (lambda c: "random" in (c.data.name, c.data.fallback),
+               "only random data (data=random, or data.fallback=random) has these sizes"),
+    "sgd": (lambda c: c.optim.name == "sgd", "only optim=sgd has momentum"),
+    "adam": (lambda c: c.optim.name in ("adam", "adamw"), "only optim=adam and optim=adamw have betas"),
+    "distributed": (lambda c: c.distributed, "distributed=false runs in one process"),
+}
+
+
 def setting(default, kind: str, **rule):
     """A schema field whose metadata carries its ``Rule`` (``validate`` walks them all)."""
     return field(default=default, metadata={"rule": Rule(kind, **rule)})
@@ -95,20 +122,21 @@ class DataConfig:
     # root: the folder data sets live in and are downloaded into; null: data/ in the repository
     root: str | None = setting(None, "path", optional=True)
     # CIFAR-100N's CIFAR-100_human.pt; null: looked for (gaf.sources)
-    label_file: str | None = setting(None, "path", optional=True)
+    label_file: str | None = setting(None, "path", optional=True, applies="cifar100n")
     noise: float = setting(0.0, "float", low=0, high=1, open_high=True)  # symmetric label noise rate p
     download: bool = setting(True, "bool")  # fetch a missing data set where the network allows
     # instead of CIFAR-100: cifar10 | cifar10_jpeg | random (said in the note)
-    fallback: str | None = setting(None, "choice", choices=tuple(f for f in FALLBACKS if f), optional=True)
+    fallback: str | None = setting(None, "choice", choices=tuple(f for f in FALLBACKS if f), optional=True,
+                                   applies="substitutable")
     # missing: only where CIFAR-100 cannot be had | always
-    fallback_when: str = setting("missing", "choice", choices=FALLBACK_WHEN)
+    fallback_when: str = setting("missing", "choice", choices=FALLBACK_WHEN, applies="fallback")
     # the CIFAR-10 JPEG copy (.tar.gz or folder); null: looked for (gaf.sources)
-    jpeg_path: str | None = setting(None, "path", optional=True)
+    jpeg_path: str | None = setting(None, "path", optional=True, applies="jpeg")
     # class-balanced subsets, for small scales
     train_per_class: int | None = setting(None, "int", low=1, optional=True)
     test_per_class: int | None = setting(None, "int", low=1, optional=True)
-    random_train: int = setting(5000, "int", low=1)  # random data (figure 5)
-    random_test: int = setting(1000, "int", low=1)
+    random_train: int = setting(5000, "int", low=1, applies="random")  # random data (figure 5)
+    random_test: int = setting(1000, "int", low=1, applies="random")
     num_classes: int | None = setting(None, "int", low=2, optional=True)  # random data only
 
 
@@ -123,26 +151,27 @@ class ModelConfig:
 @dataclass
 class MethodConfig:
     name: str = setting("gaf", "choice", choices=("gaf", "baseline"))
-    tau: float = setting(0.97, "float", low=0, high=2)  # the cosine distance's range
-    n_micro: int = setting(2, "int", low=2)  # n: microbatches per step
-    per_class: int = setting(1, "int", low=1)  # m: images per class per microbatch
+    tau: float = setting(0.97, "float", low=0, high=2, applies="gaf")  # the cosine distance's range
+    n_micro: int = setting(2, "int", low=2, applies="gaf")  # n: microbatches per step
+    per_class: int = setting(1, "int", low=1, applies="gaf")  # m: images per class per microbatch
     # halving (authors' package) | mean (their multi-GPU script)
-    merge: str = setting("halving", "choice", choices=MERGES)
-    replacement: bool = setting(False, "bool")  # sample microbatches with replacement when classes are small
+    merge: str = setting("halving", "choice", choices=MERGES, applies="gaf")
+    # sample microbatches with replacement when classes are small
+    replacement: bool = setting(False, "bool", applies="gaf")
     # set: tau_t = min(tau, mean + k*std of recent distances)
-    adaptive_k: float | None = setting(None, "float", low=0, optional=True)
-    adaptive_window: int = setting(200, "int", low=2)
-    batch_size: int = setting(128, "int", low=1)  # baseline batch (class-balanced + random fill)
+    adaptive_k: float | None = setting(None, "float", low=0, optional=True, applies="gaf")
+    adaptive_window: int = setting(200, "int", low=2, applies="adaptive")
+    batch_size: int = setting(128, "int", low=1, applies="baseline")  # baseline batch (class-balanced + random fill)
 
 
 @dataclass
 class OptimConfig:
     name: str = setting("sgd", "choice", choices=OPTIMIZERS)
     lr: float = setting(0.01, "float", low=0, open_low=True)
-    momentum: float = setting(0.9, "float", low=0, high=1, open_high=True)
-    nesterov: bool = setting(True, "bool")
+    momentum: float = setting(0.9, "float", low=0, high=1, open_high=True, applies="sgd")
+    nesterov: bool = setting(True, "bool", applies="sgd")
     weight_decay: float = setting(1e-2, "float", low=0)
-    betas: tuple[float, float] = setting((0.9, 0.999), "pair", low=0, high=1, open_high=True)
+    betas: tuple[float, float] = setting((0.9, 0.999), "pair", low=0, high=1, open_high=True, applies="adam")
     # ReduceLROnPlateau on validation loss, stepped per validation
     plateau_factor: float = setting(0.1, "float", low=0, high=1, open_low=True, open_high=True)
     plateau_patience: int = setting(100, "int", low=0)
@@ -182,11 +211,11 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    seed: int = setting(0, "int", low=0)
+    seed: int = setting(0, "int", low=0, high=2**31 - 1)  # seed + k seeds the other streams: 31 bits
     device: str = setting("auto", "device")
     distributed: bool = setting(False, "bool")
     # gram (shards + Gram all-reduce) | allgather (the authors' script)
-    dist_mode: str = setting("gram", "choice", choices=DIST_MODES)
+    dist_mode: str = setting("gram", "choice", choices=DIST_MODES, applies="distributed")
     experiment: str = setting("single", "text")
     # what the settings are: a preset's scale, else custom (experiments/train.py decides from config.yaml's rows)
     scale: str = setting("custom", "choice", choices=("tiny", "small", "paper", "custom"))
@@ -267,6 +296,8 @@ def validate(cfg: RunConfig) -> None:
     every setting against its schema ``Rule``, then the rules that tie settings together."""
     for key, f, value in settings(cfg):
         f.metadata["rule"].check(key, value)
+    for key, value, why in inapplicable(cfg):
+        raise ValueError(f"{key}={json.dumps(value)} has no effect here: {why}; leave {key} unset")
     o, t = cfg.optim, cfg.train
     check_size(cfg.model.name, width=cfg.model.width, blocks=cfg.model.blocks)
     if o.name == "sgd" and o.nesterov and not o.momentum > 0:
@@ -276,9 +307,65 @@ def validate(cfg: RunConfig) -> None:
     if t.compile == "full" and t.batched:
         raise ValueError("train.compile=full does not combine with train.batched=true (torch.compile of vmap "
                          "is not used); use train.compile=graph or train.batched=false")
+    if cfg.data.name == "cifar100n" and cfg.data.noise > 0:
+        raise ValueError(f"data.noise={cfg.data.noise} with data=cifar100n: CIFAR-100N's noise is its human labels; "
+                         "use data.noise=0")
+    if error := class_size_error(cfg, most_images_per_class(cfg), "per class at most"):
+        raise ValueError(error)
+    if cfg.wandb.mode != "disabled" and importlib.util.find_spec("wandb") is None:
+        raise ValueError(f"wandb.mode={cfg.wandb.mode} needs wandb: pip install 'gaf[wandb]', or set wandb.mode=disabled")
     if t.batched and cfg.method.name == "baseline":
         raise ValueError("train.batched=true batches GAF's micro-gradients; method=baseline has none: "
                          "drop train.batched")
+
+
+def most_images_per_class(cfg: RunConfig) -> float:
+    """The most training images per class any data set this run may train on can have on average
+    (a substitute included): a step needing more cannot be class-balanced."""
+    d = cfg.data
+    names = [d.fallback] if d.fallback_when == "always" and d.fallback else [d.name, d.fallback]
+    sizes = [TRAIN_PER_CLASS[n] if n != "random" else d.random_train / (d.num_classes or CLASSES.get(d.name, 100))
+             for n in names if n is not None]
+    return min(max(sizes), d.train_per_class or math.inf)
+
+
+def class_size_error(cfg: RunConfig, available: float, what: str) -> str | None:
+    """Why GAF's class-balanced microbatches cannot be drawn from ``available`` images of a class, or None."""
+    m = cfg.method
+    need = m.per_class * m.n_micro
+    if m.name != "gaf" or m.replacement or need <= available:
+        return None
+    return (f"method.per_class={m.per_class} x method.n_micro={m.n_micro} = {need} images of every class per step, "
+            f"but the data has {available:g} {what}; lower method.per_class or method.n_micro, "
+            "or set method.replacement=true")
+
+
+def inapplicable(cfg: RunConfig, keys=None) -> list[tuple[str, object, str]]:
+    """(key, value, why) for every setting that has no effect on this run and is set anyway: away from
+    its default, or (``keys``) named by the caller (e.g. given on a command line)."""
+    out = []
+    for key, f, value in settings(cfg):
+        rule = f.metadata["rule"]
+        given = key in keys if keys is not None else value != _default(f)
+        if given and rule.applies is not None and not APPLIES[rule.applies][0](cfg):
+            out.append((key, value, APPLIES[rule.applies][1]))
+    return out
+
+
+def without_inapplicable(cfg: RunConfig) -> RunConfig:
+    """The same run with every setting that has no effect back at its default (a preset's rows are
+    written for every method and data set; a run keeps only what acts on it)."""
+    d = cfg.to_dict()
+    for key, f, _ in settings(cfg):
+        rule = f.metadata["rule"]
+        if rule.applies is not None and not APPLIES[rule.applies][0](cfg):
+            section, _, name = key.rpartition(".")
+            (d[section] if section else d)[name] = json.loads(json.dumps(_default(f)))
+    return RunConfig.from_dict(d)
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def fast_path_on(cfg: RunConfig, device_type: str) -> bool:

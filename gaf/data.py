@@ -64,6 +64,9 @@ CIFAR100N_NOISE_RATE = 0.402  # fraction of CIFAR-100N fine labels that differ f
 DATASETS = ("cifar100", "cifar100n", "cifar10", "cifar10_jpeg", "random")
 FALLBACKS = (None, "cifar10", "cifar10_jpeg", "random")
 FALLBACK_WHEN = ("missing", "always")
+# Training images per class of each fixed data set (CIFAR-100N: on average; its classes are its human labels').
+TRAIN_PER_CLASS = {"cifar100": 500, "cifar100n": 500, "cifar10": 5000, "cifar10_jpeg": 5000}
+CLASSES = {"cifar100": 100, "cifar100n": 100, "cifar10": 10, "cifar10_jpeg": 10}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 

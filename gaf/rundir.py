@@ -260,11 +260,8 @@ class WandbLogger:
         self.run = None
         if cfg.wandb.mode == "disabled":
             return
-        try:
-            import wandb
-        except ImportError:
-            raise ValueError(f"wandb.mode={cfg.wandb.mode} needs wandb: pip install 'gaf[wandb]', "
-                             "or set wandb.mode=disabled") from None
+        import wandb  # validate() refused a wandb.mode where wandb is not installed
+
         os.environ.setdefault("WANDB_SILENT", "true")
         run_id = "".join(c if c.isalnum() else "-" for c in str(run_dir.resolve()))[-64:]
         self.run = wandb.init(project=cfg.wandb.project, mode=cfg.wandb.mode, dir=str(run_dir), config=config,

@@ -4,8 +4,8 @@
    the working directory), including an archive put there by hand;
 2. a download where the network allows and ``data.download`` is on (``gaf.download``:
    announced, progress, short timeout, md5-checked, atomic);
-3. the offline copies where present (``GAF_SHARED_DATA``, default ``../shared/data``
-   beside the repository);
+3. the offline copies where present: the folder ``$GAF_OFFLINE_DATA`` that holds
+   ``cifar10-jpeg/`` and ``cifar100n/`` (default ``../shared/data`` beside the repository);
 4. else ``DataNotFound`` naming every source tried and how to provide the data by hand.
 
 | data set | under data.root | download | offline copy |
@@ -30,7 +30,8 @@ from pathlib import Path
 from gaf.download import DownloadError, Remote, fetch, md5sum
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_ENV = "GAF_SHARED_DATA"
+SHARED_ENV = "GAF_OFFLINE_DATA"  # the folder of the offline copies
+OLD_SHARED_ENV = "GAF_SHARED_DATA"  # its former name, still read
 JPEG_NAME = "cifar10-jpeg-q75.tar.gz"
 ARCHIVE_SUFFIXES = (".gz", ".tgz", ".tar", ".zip", ".pt", ".npy", ".pkl")
 
@@ -80,8 +81,9 @@ def default_root() -> Path:
 
 
 def shared_dir() -> Path:
-    """The offline copies: ``$GAF_SHARED_DATA``, else ``../shared/data`` beside the repository."""
-    return Path(os.environ.get(SHARED_ENV) or REPO.parent / "shared" / "data").expanduser()
+    """The folder of the offline copies: ``$GAF_OFFLINE_DATA``, else ``../shared/data`` beside the repository."""
+    named = os.environ.get(SHARED_ENV) or os.environ.get(OLD_SHARED_ENV)
+    return Path(named or REPO.parent / "shared" / "data").expanduser()
 
 
 def shown(path) -> str:

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gaf import data as gdata
-from gaf.config import (COMPILE_MODES, OptimConfig, RunConfig, check_fast_path_options, describe_differences,
-                        fast_path_on, same_run, validate)
+from gaf.config import (COMPILE_MODES, OptimConfig, RunConfig, check_fast_path_options, class_size_error,
+                        describe_differences, fast_path_on, same_run, validate)
 from gaf.distributed import (DistributedGAFStep, DistributedMeanStep, check_replicas, init_from_env,
                              local_slice, shutdown)
 from gaf.fast import FastGAFStep, FastPlainStep
@@ -120,6 +120,9 @@ def make_stepper(cfg: RunConfig, model, optimizer, loss_fn, tau, fast: bool) -> 
 
 def load_data(cfg: RunConfig) -> gdata.ImageDataset:
     d = cfg.data
+    if d.root is not None and not Path(d.root).is_dir():  # never a silent fall back to other sources
+        raise gdata.DataError(f"data.root={d.root} is not a folder; create it (data sets are downloaded into it) "
+                              "or leave data.root unset (data/ in the repository)")
     return gdata.load_dataset(
         d.name, d.root, label_file=d.label_file, noise=d.noise, seed=cfg.seed, download=d.download,
         fallback=d.fallback, fallback_when=d.fallback_when, jpeg_path=d.jpeg_path, train_per_class=d.train_per_class,
@@ -132,6 +135,9 @@ def make_sampler(cfg: RunConfig, ds: gdata.ImageDataset):
     # The paper balances on clean labels under synthetic noise and on the human (noisy)
     # labels for CIFAR-100N, where no clean labels would be known in practice.
     labels = ds.train_y if cfg.data.name == "cifar100n" else ds.clean_y
+    smallest = int(torch.bincount(labels.cpu(), minlength=ds.num_classes).min())
+    if error := class_size_error(cfg, smallest, f"in its smallest class ({ds.name})"):
+        raise gdata.DataError(error)
     if m.name == "gaf":
         return gdata.ClassBalancedSampler(labels, ds.num_classes, m.per_class, m.n_micro, cfg.seed,
                                           replacement=m.replacement)
@@ -469,6 +475,9 @@ class Trainer:
             if self.logger:
                 self.logger.log({f"eval/{k}": v for k, v in row.items()}, step=it)
             self._save_checkpoint(it, row["time_s"])
+            log.info("%s: iteration %d/%d: val acc %.4f (best %.4f), flipped labels fitted %.3f, %.0f images/s",
+                     self.run_dir, it, self.cfg.train.iterations, val_acc, state["best_val_acc"],
+                     row["mem_flipped_noisy_acc"], state["images_seen"] / max(state["train_time"], 1e-9))
         return True
 
     def _eval_row(self, it: int, val_loss: float, val_acc: float, probe_preds: torch.Tensor) -> dict:

@@ -1,6 +1,6 @@
 """Run directories -> results/<experiment>/{runs,curves,evals}.csv + provenance.json.
 
-A run directory is any folder holding both summary.json and config.json (notes/rundir.md),
+A run directory is any folder holding both summary.json and config.json (docs/rundir.md),
 found anywhere under the run roots (default: multirun/ and outputs/). Runs are grouped by
 config.experiment, and results are collected per scale: the runs found for one scale replace
 that scale's rows in results/<experiment>/ and leave every other scale's rows as they are, so
@@ -178,9 +178,10 @@ def dedupe(runs):
 
 
 def collect(run_roots=("multirun", "outputs"), results_dir="results", max_curve_rows=MAX_CURVE_ROWS, command=None,
-            ad_hoc=False):
+            ad_hoc=False, scales=None):
     """Collect every run under `run_roots` into `results_dir`, scale by scale. Returns {experiment: runs
-    DataFrame}. Ad-hoc runs (no preset, or scale "custom") only when `ad_hoc`: a try-out is not a result."""
+    DataFrame}. Ad-hoc runs (no preset, or scale "custom") only when `ad_hoc`: a try-out is not a result.
+    `scales`: collect runs of these scales only ("custom" among them collects custom-scale preset runs)."""
     if not (isinstance(max_curve_rows, int) and max_curve_rows >= 1):
         raise ValueError(f"max_curve_rows must be an integer >= 1, got {max_curve_rows!r}")
     run_roots, results_dir = list(run_roots), Path(results_dir)
@@ -190,7 +191,10 @@ def collect(run_roots=("multirun", "outputs"), results_dir="results", max_curve_
         if got is None:
             continue
         row, metrics, ev = got
-        if (row["experiment"] == AD_HOC or row["scale"] == CUSTOM) and not ad_hoc:
+        if scales is not None and row["scale"] not in scales:
+            continue
+        if (row["experiment"] == AD_HOC or row["scale"] == CUSTOM and not (scales and CUSTOM in scales)) \
+                and not ad_hoc:
             skipped += 1
             continue
         if row["run_id"] in curves:  # two roots with the same name: fall back to the full path
@@ -306,13 +310,17 @@ def main(argv=None):
     p.add_argument("--results", default="results", help="where results/<experiment>/ files go")
     p.add_argument("--max-curve-rows", type=int, default=MAX_CURVE_ROWS, help="per run, in curves.csv")
     p.add_argument("--command", default=None, help="the command to record as provenance (default: this one)")
+    p.add_argument("--scales", nargs="+", default=None,
+                   help="collect runs of these scales only (e.g. tiny; custom: preset runs whose settings match no "
+                        "scale); default: every scale but custom")
     p.add_argument("--ad-hoc", action="store_true",
                    help=f"also collect ad-hoc runs (no preset: experiment={AD_HOC}), left out by default")
     args = p.parse_args(argv)
     if args.max_curve_rows < 1:
         p.error(f"--max-curve-rows must be >= 1, got {args.max_curve_rows}")
     command = args.command or " ".join(["python scripts/collect.py", *argv])
-    return collect(args.runs, args.results, args.max_curve_rows, command=command, ad_hoc=args.ad_hoc)
+    return collect(args.runs, args.results, args.max_curve_rows, command=command, ad_hoc=args.ad_hoc,
+                   scales=args.scales)
 
 
 if __name__ == "__main__":

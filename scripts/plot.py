@@ -764,7 +764,7 @@ def write_paper_vs_repro(df, results_dir):
     return [path]
 
 
-# ---------------------------------------------------------------- premise (issue 9)
+# ---------------------------------------------------------------- premise
 def _phase_mean(c, column, start):
     """Mean of a per-window column over the iterations after `start`, windows weighted by their length."""
     c = c[c["iter"] > start]

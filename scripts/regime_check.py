@@ -1,5 +1,5 @@
 """Is the tiny scale in the paper's regime? Reads the collected figure-6 results and prints, for each
-condition (issue 9), whether it holds, with the numbers:
+condition, whether it holds, with the numbers:
 
   1. with clean labels the baseline's best validation accuracy is at least 45%;
   2. at 40% noise the baseline memorises: by the end it fits at least 50% of the flipped training

@@ -4,11 +4,13 @@
     python scripts/reproduce.py --scale small --jobs 4  # about one GPU-hour, 4 runs share the GPU
     python scripts/reproduce.py --scale paper           # the paper's lengths (CIFAR-100 required)
 
-Before any run starts, the data every chosen preset needs at this scale is obtained once
-(downloaded where the network allows: gaf.sources's order); where it cannot be had, one
-error names every source tried and nothing is launched. Finished runs are skipped (the
-trainer makes a finished run directory a no-op and resumes an interrupted one), so this
-can be stopped and re-launched at any point.
+Before any run starts, every point of every launch is composed and checked (the same check
+as a Hydra launch: experiments/launch.py), then the data every point needs is obtained once
+(downloaded where the network allows: gaf.sources's order); where a point would not run or
+the data cannot be had, one error says so and nothing is launched. --dry-run lists every
+launch and its points and stops there. Finished runs are skipped (the trainer makes a
+finished run directory a no-op and resumes an interrupted one), so this can be stopped and
+re-launched at any point.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+from launch import fixed_overrides, run_config, sweep_keys_left_open, sweep_points  # noqa: E402
 
 # (preset, extra overrides, multirun?, scales it runs at: None = all). A multirun sweeps the
 # preset's own grid (hydra.sweeper.params); the single runs are the baselines that a grid over
@@ -48,9 +50,11 @@ PLAN: list[tuple[str, list[str], bool, tuple[str, ...] | None]] = [
     ("premise", [], True, None),
     ("premise", ["method.per_class=2", "model.width=16"], True, ("tiny",)),  # the m axis, at width 16
     ("premise", ["method.per_class=2,4", "model.width=16"], True, ("small", "paper")),
-    # One baseline per width; at tiny, width 16's is figure 6's (seed 0, 40% noise): the same run.
-    ("premise", ["method=baseline", "method.tau=0.97", "model.width=4"], True, ("tiny",)),
-    ("premise", ["method=baseline", "method.tau=0.97", "model.width=16,64"], True, ("small", "paper")),
+    # One baseline per width (tau does not apply to it); at tiny, width 16's is figure 6's (seed 0,
+    # 40% noise): the same run.
+    ("premise", ["method=baseline", "model.width=4"], False, ("tiny",)),
+    ("premise", ["method=baseline", "model.width=16"], False, ("small", "paper")),
+    ("premise", ["method=baseline", "model.width=64"], False, ("small", "paper")),
 ]
 
 
@@ -89,39 +93,64 @@ def default_jobs(overrides: list[str]) -> int:
     return max(1, os.cpu_count() or 1) if on_cpu else 1
 
 
-def data_configs(preset: str, scale: str, extra: list[str]) -> list[dict]:
-    """The distinct ``data`` sections of a preset's runs at ``scale`` (its sweep over the data
-    group included), composed as the runs compose them, with the caller's data overrides."""
-    from hydra import compose, initialize_config_dir
+def plan(scale: str, only: list[str] | None) -> list[tuple[str, list[str], bool]]:
+    """The launches at ``scale``: (preset, overrides, multirun?)."""
+    return [(preset, overrides, multirun) for preset, overrides, multirun, scales in PLAN
+            if (not only or preset in only) and (not scales or scale in scales)]
 
-    overrides = [f"experiment={preset}", f"scale={scale}", *(o for o in extra if o.startswith("data"))]
+
+def points(launch: tuple[str, list[str], bool], scale: str, extra: list[str]) -> list[tuple[list[str], object]]:
+    """Every run one launch makes: (its overrides, its RunConfig, or the error that stops it)."""
+    from hydra import compose
+
+    preset, overrides, multirun = launch
+    given = [f"experiment={preset}", f"scale={scale}", *overrides, *extra]
+    cfg = compose("config", overrides=fixed_overrides(given), return_hydra_config=True)
+    out = []
+    for point in sweep_points(cfg.hydra.sweeper.params, given) if multirun else [given]:
+        try:
+            if not multirun and (left_open := sweep_keys_left_open(cfg)):
+                raise ValueError(f"a single run of {preset} leaves its sweep over {', '.join(left_open)} open")
+            out.append((point, run_config(compose("config", overrides=point), point)))
+        except Exception as e:  # noqa: BLE001 (bad values, composition errors: each point's one line)
+            out.append((point, e))
+    return out
+
+
+def check_plan(launches, scale: str, extra: list[str], show: bool) -> tuple[list[str], list]:
+    """(errors, RunConfigs) of every point of every launch; ``show`` lists them."""
+    from hydra import initialize_config_dir
+
+    errors, configs = [], []
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        swept = compose("config", overrides=overrides, return_hydra_config=True).hydra.sweeper.params.get("data")
-        groups = [[f"data={g}"] for g in str(swept).split(",")] if swept else [[]]
-        configs = [OmegaConf.to_container(compose("config", overrides=[*overrides[:2], *g, *overrides[2:]]),
-                                          resolve=True) for g in groups]
-    return [c for i, c in enumerate(configs) if c["data"] not in [d["data"] for d in configs[:i]]]
+        for launch in launches:
+            got = points(launch, scale, extra)
+            if show:
+                print(f"{launch[0]} {' '.join(launch[1])}: {len(got)} run{'s' * (len(got) != 1)}"
+                      f"{' (multirun)' if launch[2] else ''}")
+            for point, result in got:
+                ok = not isinstance(result, Exception)
+                configs += [result] if ok else []
+                errors += [] if ok else [f"{launch[0]}: {' '.join(point)}: {str(result).splitlines()[0]}"]
+                if show:
+                    print(f"  {' '.join(point)}" + ("" if ok else f"\n    error: {str(result).splitlines()[0]}"))
+    return errors, configs
 
 
-def prepare_data(presets: list[str], scale: str, extra: list[str]) -> str | None:
-    """Load (downloading where allowed) each data set the presets need, once; the one error, or None."""
-    from gaf.config import RunConfig
+def prepare_data(configs, scale: str) -> str | None:
+    """Load (downloading where allowed) each data set the runs need, once; the one error, or None."""
     from gaf.train import load_data
 
-    where_from = ("name", "root", "label_file", "download", "fallback", "fallback_when", "jpeg_path")
     seen = []
-    for preset in presets:
-        for container in data_configs(preset, scale, extra):
-            container.pop("scales", None)
-            source = {k: container["data"][k] for k in where_from}
-            if source in seen:
-                continue
-            seen.append(source)
-            try:
-                note = load_data(RunConfig.from_dict(container)).note
-            except ValueError as e:  # DataError: nothing to run on
-                return f"{preset} at --scale {scale}: {e}"
-            print(f"data for {preset} ({source['name']}): {note}", flush=True)
+    for cfg in configs:
+        if cfg.data in seen:
+            continue
+        seen.append(cfg.data)
+        try:
+            note = load_data(cfg).note
+        except ValueError as e:  # DataError: nothing to run on
+            return f"{cfg.experiment} at --scale {scale}: {e}"
+        print(f"data for {cfg.experiment} ({cfg.data.name}): {note}", flush=True)
     return None
 
 
@@ -132,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="runs of a sweep at once (joblib launcher); default: one per core on a CPU, 1 on a GPU")
     p.add_argument("--only", nargs="*", default=None, help="presets to run (default: all)")
     p.add_argument("--no-plot", action="store_true", help="run only; skip collect and plot")
+    p.add_argument("--dry-run", action="store_true", help="list every launch and its runs, check them, launch nothing")
     p.add_argument("--out", type=Path, default=ROOT,
                    help="folder for multirun/, outputs/ and results/ (default: the repository)")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. device=cuda")
@@ -141,25 +171,33 @@ def main(argv: list[str] | None = None) -> int:
     jobs = args.jobs if args.jobs is not None else default_jobs(args.overrides)
     if jobs < 1:
         p.error(f"--jobs must be at least 1, got {jobs}")
+    launches = plan(args.scale, args.only)
+    errors, configs = check_plan(launches, args.scale, args.overrides, show=args.dry_run)
+    if errors:
+        print(f"error: {len(errors)} run(s) would not run; nothing was launched:\n  " + "\n  ".join(errors),
+              file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(f"dry run: {len(configs)} runs in {len(launches)} launches at --scale {args.scale}, every one valid")
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
-    presets = list(dict.fromkeys(p for p, _, _, sc in PLAN if (not args.only or p in args.only)
-                                  and (not sc or args.scale in sc)))
-    error = prepare_data(presets, args.scale, args.overrides)
+    error = prepare_data(configs, args.scale)
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    for preset, overrides, multirun, scales in PLAN:
-        if (args.only and preset not in args.only) or (scales and args.scale not in scales):
-            continue
+    for preset, overrides, multirun in launches:
         if launch(preset, overrides, multirun, args.scale, jobs, args.overrides, args.out.resolve()) != 0:
             failed.append(" ".join([preset, *overrides]))
     if not args.no_plot:
         command = shlex.join(["python", "scripts/reproduce.py", "--scale", args.scale, *args.overrides])
         out = args.out.resolve()
-        for script in (["scripts/collect.py", "--runs", str(out / "multirun"), str(out / "outputs"),
-                        "--results", str(out / "results"), "--command", command],
-                       ["scripts/plot.py", "--results", str(out / "results")],
-                       ["scripts/regime_check.py", "--results", str(out / "results")]):
+        scales = sorted({c.scale for c in configs})  # custom where the overrides change a scale's settings
+        steps = [["scripts/collect.py", "--runs", str(out / "multirun"), str(out / "outputs"),
+                  "--results", str(out / "results"), "--command", command, "--scales", *scales],
+                 ["scripts/plot.py", "--results", str(out / "results")]]
+        if "fig6" in {preset for preset, _, _ in launches}:  # the regime is read off figure 6's baselines
+            steps.append(["scripts/regime_check.py", "--results", str(out / "results")])
+        for script in steps:
             if subprocess.run([sys.executable, *script], cwd=ROOT).returncode != 0:
                 failed.append(script[0])
     minutes = (time.perf_counter() - started) / 60

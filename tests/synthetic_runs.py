@@ -1,4 +1,4 @@
-"""Small synthetic run directories that follow notes/rundir.md, for testing collect/plot.
+"""Small synthetic run directories that follow docs/rundir.md, for testing collect/plot.
 
 The numbers are made up but plausible (accuracies rise, GAF beats the baseline under
 label noise, distances sit near 1), so the figures drawn from them look like figures.
@@ -46,7 +46,7 @@ SWEEPS = {
 def run_config(experiment, *, scale="tiny", seed=0, data="cifar100", noise=0.0, model="tiny", width=None, method="gaf",
                tau=0.97, n_micro=2, per_class=1, batch_size=128, merge="halving", lr=0.01, weight_decay=1e-2,
                iterations=60, val_every=20):
-    """The nested config.json of one run (notes/rundir.md)."""
+    """The nested config.json of one run (docs/rundir.md)."""
     gaf = method == "gaf"
     return {
         "experiment": experiment, "scale": scale, "seed": seed, "device": "cpu",

@@ -10,7 +10,7 @@ from gaf import AdaptiveTau, agreement_weights, cosine_distance, filter_gradient
 
 
 def direct_filter(grads, tau, merge):
-    """The algorithm as PAPER.md states it, on vectors (no Gram matrix): the oracle."""
+    """The algorithm as docs/paper.md states it, on vectors (no Gram matrix): the oracle."""
     agg, count = grads[0].double().clone(), 1
     accepted, distances = [True], []
     for g in grads[1:].double():

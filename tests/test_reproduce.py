@@ -2,7 +2,7 @@
 
 It brings its own data, so it runs the same on a clone without ../shared: a CIFAR-10 JPEG
 copy in the official layout (10 classes, the tiny scale's 500 + 100 images per class)
-as the offline copy ($GAF_SHARED_DATA), an empty data.root, and downloads that fail (no
+as the offline copy ($GAF_OFFLINE_DATA), an empty data.root, and downloads that fail (no
 network: conftest points them at a closed loopback port). The tiny scale must find its
 data in that order and say where it came from."""
 
@@ -24,7 +24,8 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 def test_tiny_slice_of_reproduce_end_to_end(tmp_path):
     offline = tmp_path / "offline"
     write_jpeg_tar(offline / "cifar10-jpeg" / "cifar10-jpeg-q75.tar.gz", CLASSES, n_train=500, n_test=100)
-    env = {**os.environ, "CI": "true", "MPLBACKEND": "Agg", "GAF_SHARED_DATA": str(offline)}
+    (tmp_path / "data").mkdir()
+    env = {**os.environ, "CI": "true", "MPLBACKEND": "Agg", "GAF_OFFLINE_DATA": str(offline)}
     cmd = [sys.executable, str(ROOT / "scripts/reproduce.py"), "--scale", "tiny", "--only", "fig9",
            "--out", str(tmp_path), "train.iterations=4", "train.val_every=2", "train.progress=false",
            f"data.root={tmp_path / 'data'}"]
@@ -50,7 +51,8 @@ def test_tiny_slice_of_reproduce_end_to_end(tmp_path):
 
 @pytest.mark.data_sources
 def test_reproduce_without_any_data_source_stops_at_once_with_one_error(tmp_path):
-    env = {**os.environ, "CI": "true", "GAF_SHARED_DATA": str(tmp_path / "empty")}
+    env = {**os.environ, "CI": "true", "GAF_OFFLINE_DATA": str(tmp_path / "empty")}
+    (tmp_path / "data").mkdir()
     cmd = [sys.executable, str(ROOT / "scripts/reproduce.py"), "--scale", "tiny", "--out", str(tmp_path),
            f"data.root={tmp_path / 'data'}"]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)

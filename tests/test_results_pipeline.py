@@ -1,6 +1,6 @@
 """Synthetic run directories -> scripts/collect.py -> scripts/plot.py -> notebooks/figures.ipynb.
 
-No training: tests/synthetic_runs.py writes run directories that follow notes/rundir.md.
+No training: tests/synthetic_runs.py writes run directories that follow docs/rundir.md.
 """
 
 import datetime as dt

@@ -229,7 +229,7 @@ def test_jpeg_copy_given_path_root_and_offline_copy(tmp_path, no_shared, monkeyp
     with pytest.raises(DataNotFound) as e:
         load_cifar10_jpeg(root)
     assert "(1) " in str(e.value) and "(3) offline copy" in str(e.value) and "data=cifar10" in str(e.value)
-    # The offline copy (GAF_SHARED_DATA), then a copy under root wins over it.
+    # The offline copy (GAF_OFFLINE_DATA), then a copy under root wins over it.
     (no_shared / "cifar10-jpeg").mkdir()
     (no_shared / "cifar10-jpeg" / sources.JPEG_NAME).write_bytes(tar.read_bytes())
     assert "(the offline copy)" in load_cifar10_jpeg(root).note
@@ -274,3 +274,11 @@ def test_cifar10_without_root_or_network_is_the_real_offline_jpeg_copy(tmp_path)
     assert ds.name == "cifar10_jpeg" and (len(ds.train_y), len(ds.test_y), ds.num_classes) == (50_000, 10_000, 10)
     assert "substituted the CIFAR-10 JPEG copy (q75)" in ds.note and "download of cifar-10-python.tar.gz" in ds.note
     assert f"from {sources.shown(REAL_JPEG)} (the offline copy)" in ds.note
+
+
+def test_the_offline_folder_is_named_by_its_variable_or_its_former_name(tmp_path, monkeypatch):
+    monkeypatch.delenv(sources.SHARED_ENV, raising=False)
+    monkeypatch.setenv(sources.OLD_SHARED_ENV, str(tmp_path / "old"))
+    assert sources.shared_dir() == tmp_path / "old"
+    monkeypatch.setenv(sources.SHARED_ENV, str(tmp_path / "new"))
+    assert sources.shared_dir() == tmp_path / "new"  # the current name wins

@@ -197,15 +197,30 @@ def test_unknown_config_key_is_named():
 
 
 def test_microbatch_larger_than_a_class_allows(tmp_path):
-    # 200 random images over 5 classes: about 40 per class, so 3 x 20 per class cannot be disjoint.
-    with pytest.raises(DataError, match=r"per_class"):
+    # 200 random images over 5 classes: 40 per class on average, so 3 x 20 per class cannot be disjoint:
+    # refused before any data loads, in the run's keys.
+    with pytest.raises(ValueError, match=r"method.per_class=20 x method.n_micro=3 = 60 .* 40 per class at most.*"
+                                         r"method.replacement=true"):
         run(tiny_config(method={"per_class": 20}), tmp_path)
+    assert not any(tmp_path.iterdir())
+    # 3 x 12 = 36 <= 40 on average, but the smallest class of the drawn labels has fewer: refused once loaded
+    with pytest.raises(DataError, match=r"method.per_class=12 x method.n_micro=3 = 36 .* in its smallest class"):
+        run(tiny_config(method={"per_class": 12}), tmp_path)
 
 
 def test_missing_data_files_name_the_place(tmp_path):
-    cfg = tiny_config(data={"name": "cifar100", "root": str(tmp_path / "nowhere"), "num_classes": None})
+    (tmp_path / "empty").mkdir()
+    cfg = tiny_config(data={"name": "cifar100", "root": str(tmp_path / "empty"), "num_classes": None})
     with pytest.raises(DataError, match="cifar-100-python"):
         run(cfg, tmp_path / "run")
+
+
+def test_a_data_root_that_is_not_a_folder_is_refused_not_fallen_back_from(tmp_path):
+    """A typo in data.root would otherwise be 'nothing under it', and the offline copy would stand in."""
+    cfg = tiny_config(data={"name": "cifar10_jpeg", "root": str(tmp_path / "typo"), "num_classes": None})
+    with pytest.raises(DataError, match=r"data.root=.*typo is not a folder; create it"):
+        run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "summary.json").exists()
 
 
 @pytest.mark.parametrize("method, fast", [({"name": "gaf"}, {}), ({"name": "gaf"}, {"batched": True}),
@@ -243,3 +258,11 @@ def test_compile_needs_cuda():
 def test_wandb_asked_for_without_wandb_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"wandb.mode=offline needs wandb.*wandb.mode=disabled"):
         run(tiny_config(wandb={"mode": "offline"}), tmp_path)
+
+
+def test_every_validation_logs_one_line(tmp_path, caplog):
+    caplog.set_level("INFO", logger="gaf.train")
+    run(tiny_config(), tmp_path)
+    lines = [r.getMessage() for r in caplog.records if "val acc" in r.getMessage() and "iteration" in r.getMessage()]
+    assert [line.split(": iteration ")[1].split(":")[0] for line in lines] == ["2/6", "4/6", "6/6"]
+    assert all("flipped labels fitted" in line and "images/s" in line for line in lines)

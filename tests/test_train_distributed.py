@@ -12,8 +12,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["data=random", "data.random_train=120", "data.random_test=30", "data.num_classes=5", "model=tiny",
-          "method.per_class=2", "method.tau=0.55", "train.iterations=6", "train.val_every=3",
-          "train.memorisation_samples=40", "device=cpu", "seed=3"]
+          "train.iterations=6", "train.val_every=3", "train.memorisation_samples=40", "device=cpu", "seed=3"]
+GAF = ["method.per_class=2", "method.tau=0.55"]
 
 
 def launch(args, run_dir, nproc=None):
@@ -32,11 +32,12 @@ def rows(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("k, extra", [(2, ["method.n_micro=2"]), (3, ["method.n_micro=3", "dist_mode=allgather"])])
-def test_torchrun_equals_one_process(tmp_path, k, extra):
+@pytest.mark.parametrize("k, extra, mode", [(2, ["method.n_micro=2"], []),
+                                           (3, ["method.n_micro=3"], ["dist_mode=allgather"])])
+def test_torchrun_equals_one_process(tmp_path, k, extra, mode):
     single, dist = tmp_path / "single", tmp_path / "dist"
-    launch(COMMON + extra, single)
-    launch(COMMON + extra + ["distributed=true"], dist, nproc=k)
+    launch(COMMON + GAF + extra, single)
+    launch(COMMON + GAF + extra + mode + ["distributed=true"], dist, nproc=k)
     a = torch.load(single / "checkpoint.pt", weights_only=False)["model"]
     b = torch.load(dist / "checkpoint.pt", weights_only=False)["model"]
     for key in a:
@@ -53,7 +54,7 @@ def test_torchrun_equals_one_process(tmp_path, k, extra):
 
 @pytest.mark.slow
 def test_torchrun_run_killed_and_relaunched_resumes(tmp_path):
-    args = COMMON + ["method.n_micro=2", "distributed=true"]
+    args = COMMON + GAF + ["method.n_micro=2", "distributed=true"]
     launch(args, tmp_path / "unbroken", nproc=2)
     launch(args + ["train.stop_after=4"], tmp_path / "broken", nproc=2)  # between checkpoints 3 and 6
     out = launch(args, tmp_path / "broken", nproc=2)
@@ -95,7 +96,7 @@ def test_torchrun_baseline_averages_the_ranks_batchnorm_statistics(tmp_path):
 def test_torchrun_refuses_n_not_divisible_by_ranks(tmp_path):
     env = {**os.environ, "CI": "true", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(ROOT / "experiments/train.py"), *COMMON, "method.n_micro=3", "distributed=true",
+                          str(ROOT / "experiments/train.py"), *COMMON, *GAF, "method.n_micro=3", "distributed=true",
                           f"hydra.run.dir={tmp_path}/r"], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode != 0

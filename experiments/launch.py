@@ -1,0 +1,187 @@
+"""From Hydra's composed config to the runs it launches, every one checked before the first starts.
+
+The Hydra side of the project (``gaf/`` stays free of Hydra): the folder names, the scale a
+run's settings are, the ``RunConfig`` a composed config launches, the points of a sweep, and
+``LaunchChecks``, the callback (configs/config.yaml) that refuses a bad launch with one message
+and exit code 2 before Hydra makes a folder or a log file:
+
+- a single run: its settings, a preset that is a sweep launched without ``-m``, a run directory
+  that cannot be written;
+- a multirun: every point of the sweep (the preset's grid and the command line's), all of them
+  before the first launches.
+
+``dry_run=true`` lists what would run (each point and its folder) and launches nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+from hydra import compose
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from gaf.config import RunConfig, inapplicable, validate, without_inapplicable
+
+NAME_BYTES = 200  # a folder name may hold 255 bytes; leave room for Hydra's and the file system's suffixes
+# Keys of config.yaml that steer Hydra and the launch, not a run.
+LAUNCH_KEYS = ("scales", "dry_run")
+
+
+def bounded_dirname(name: str) -> str:
+    """Hydra's override_dirname as a folder name: as it is when short enough, else a readable
+    prefix and a hash of the whole (about 15 overrides passed 255 bytes: OSError 36)."""
+    raw = name.encode()
+    if len(raw) <= NAME_BYTES:
+        return name
+    tail = ",...-" + hashlib.sha256(raw).hexdigest()[:12]
+    prefix = raw[: NAME_BYTES - len(tail)].rsplit(b",", 1)[0]  # whole overrides only
+    return prefix.decode(errors="ignore") + tail
+
+
+# A scale's row (config.yaml `scales`) -> the settings it fixes. m (per_class) and the model
+# are left out: presets sweep m (figures 4, 8) and pick their own networks (figure 3).
+SCALE_KEYS = {"iterations": ("train", "iterations"), "val_every": ("train", "val_every"),
+              "train_per_class": ("data", "train_per_class"), "test_per_class": ("data", "test_per_class"),
+              "fallback": ("data", "fallback"), "fallback_when": ("data", "fallback_when"),
+              "memorisation_samples": ("train", "memorisation_samples")}
+
+
+def check_scale(cfg) -> None:
+    scales = list(cfg["scales"])
+    if cfg["scale"] not in scales:
+        raise ValueError(f"scale must be one of {', '.join(scales)}, got {cfg['scale']!r}")
+
+
+def settings_scale(cfg) -> str:
+    """The scale a run's settings are: its `scale` when its length and data match that scale's
+    row, else "custom" (an ad-hoc run is not a paper-scale run because `scale` defaults to paper)."""
+    check_scale(cfg)
+    row = cfg["scales"][cfg["scale"]]
+    keys = [k for k in SCALE_KEYS if k in row and not (cfg["data"]["name"] == "random" and SCALE_KEYS[k][0] == "data")]
+    same = all(row[k] == cfg[SCALE_KEYS[k][0]][SCALE_KEYS[k][1]] for k in keys)  # random data: no subsets, no fallback
+    return cfg["scale"] if same else "custom"
+
+
+# Registered at import; Hydra hands registered resolvers on to its joblib and SLURM workers.
+OmegaConf.register_new_resolver("bounded_dirname", bounded_dirname, replace=True)
+OmegaConf.register_new_resolver("settings_scale", lambda *, _root_: settings_scale(_root_), replace=True)
+
+
+def given_keys(overrides) -> set[str]:
+    """The keys a list of overrides sets ('+method.tau=1' and '~seed' included)."""
+    return {str(o).split("=", 1)[0].lstrip("+~") for o in overrides}
+
+
+def run_config(cfg: DictConfig, overrides) -> RunConfig:
+    """The run a composed config launches, validated. A setting that has no effect on it (GAF's
+    tau for the baseline, a label file for random data) is an error where ``overrides`` (the
+    command line, or a sweep point) give it, and dropped where a preset's rows, written for every
+    method and data set, set it."""
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+    check_scale(job)
+    container = OmegaConf.to_container(job, resolve=True)
+    container["scale"] = settings_scale(container)
+    for key in LAUNCH_KEYS:
+        container.pop(key, None)
+    rc = RunConfig.from_dict(container)
+    for key, value, why in inapplicable(rc, given_keys(overrides)):
+        raise ValueError(f"{key}={value} has no effect here: {why}; drop {key} from the command line")
+    rc = without_inapplicable(rc)
+    validate(rc)
+    return rc
+
+
+def sweep_points(grid, overrides: list[str]) -> list[list[str]]:
+    """Every point of a multirun, as Hydra's basic sweeper makes them: the preset's ``grid``
+    (hydra.sweeper.params), then the command line's overrides, one override list per point."""
+    params = [f"{k}={v}" for k, v in (grid or {}).items()]
+    parsed = OverridesParser.create().parse_overrides([*params, *overrides])
+    return BasicSweeper.split_arguments(parsed, None)[0]
+
+
+def fixed_overrides(overrides: list[str]) -> list[str]:
+    """The overrides that are not sweeps (what a multirun's base config composes with)."""
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    return [o.input_line for o in parsed if not o.is_sweep_override()]
+
+
+def point_errors(points: list[list[str]], config_name: str = "config") -> list[str]:
+    """'<point>: <error>' for every point that would not run (Hydra initialised by the caller)."""
+    errors = []
+    for point in points:
+        try:
+            run_config(compose(config_name, overrides=point), point)
+        except Exception as e:  # noqa: BLE001 (composition errors, bad values: each point's one line)
+            errors.append(f"{','.join(point)}: {str(e).splitlines()[0]}")
+    return errors
+
+
+def sweep_keys_left_open(cfg: DictConfig) -> list[str]:
+    """The keys a sweep preset varies that a single run (no -m) neither sets nor ignores."""
+    params = list(cfg.hydra.sweeper.params or {})
+    given = given_keys(cfg.hydra.overrides.task)
+    rc = run_config(cfg, cfg.hydra.overrides.task)
+    ignored = {k for k, _, _ in inapplicable(rc, set(params))}
+    return [k for k in params if k not in given and k not in ignored]
+
+
+def unwritable(folder: str) -> str | None:
+    """Why a run folder cannot be written to, or None."""
+    path = Path(folder).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+def refuse(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)  # SystemExit passes through Hydra's callback handler, which logs and ignores exceptions
+
+
+class LaunchChecks(Callback):
+    """Hydra callback: check a launch as a whole before Hydra makes anything (configs/config.yaml)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        try:
+            run_config(config, config.hydra.overrides.task)
+            left_open = sweep_keys_left_open(config)
+            run_dir = config.hydra.run.dir
+        except Exception as e:  # noqa: BLE001 (one line, no traceback)
+            refuse(str(e).splitlines()[0])
+        if left_open:
+            refuse(f"experiment={config.experiment} is a sweep over {', '.join(left_open)}: run it with -m "
+                   f"(python experiments/train.py -m experiment={config.experiment} ...), or set "
+                   f"{', '.join(k + '=...' for k in left_open)} to run one point")
+        if why := unwritable(run_dir):
+            refuse(f"cannot write the run directory {run_dir}: {why}; choose another with hydra.run.dir=...")
+        if config.get("dry_run"):
+            print(f"dry run: 1 run -> {run_dir}\n  {' '.join(config.hydra.overrides.task) or '(defaults)'}")
+            sys.exit(0)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        try:
+            check_scale(config)
+            points = sweep_points(config.hydra.sweeper.params, list(config.hydra.overrides.task))
+            sweep_dir = config.hydra.sweep.dir
+        except Exception as e:  # noqa: BLE001
+            refuse(str(e).splitlines()[0])
+        errors = point_errors(points)
+        if errors:
+            refuse(f"{len(errors)} of {len(points)} sweep points would not run; nothing was launched:\n  "
+                   + "\n  ".join(errors))
+        if why := unwritable(sweep_dir):
+            refuse(f"cannot write the sweep directory {sweep_dir}: {why}; choose another with hydra.sweep.dir=...")
+        if config.get("dry_run"):
+            print(f"dry run: {len(points)} runs under {sweep_dir}")
+            for point in points:
+                print("  " + " ".join(o for o in point if not o.startswith("dry_run=")))
+            sys.exit(0)

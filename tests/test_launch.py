@@ -1,0 +1,196 @@
+"""What a launch may hold, checked before anything starts: settings that have no effect, a sweep's
+points all at once, a sweep preset without -m, and one named error (never a traceback) for each."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gaf.config import APPLIES, RunConfig, inapplicable, settings, validate, without_inapplicable
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# For every condition of APPLIES: sections under which it holds, and under which it does not.
+WHERE = {
+    "gaf": ({"method": {"name": "gaf"}}, {"method": {"name": "baseline"}}),
+    "adaptive": ({"method": {"adaptive_k": 1.0}}, {}),
+    "baseline": ({"method": {"name": "baseline"}}, {"method": {"name": "gaf"}}),
+    "cifar100n": ({"data": {"name": "cifar100n"}}, {"data": {"name": "cifar100"}}),
+    "substitutable": ({"data": {"name": "cifar100"}}, {"data": {"name": "cifar10_jpeg"}}),
+    "fallback": ({"data": {"fallback": "cifar10"}}, {}),
+    "jpeg": ({"data": {"name": "cifar10_jpeg"}}, {"data": {"name": "cifar100"}}),
+    "random": ({"data": {"name": "random"}}, {"data": {"name": "cifar100"}}),
+    "sgd": ({"optim": {"name": "sgd"}}, {"optim": {"name": "adam"}}),
+    "adam": ({"optim": {"name": "adamw"}}, {"optim": {"name": "sgd"}}),
+    "distributed": ({"distributed": True}, {}),
+}
+# A valid value away from each conditional setting's default.
+OTHER = {"data.label_file": "labels.pt", "data.fallback": "cifar10", "data.fallback_when": "always",
+         "data.jpeg_path": "copy.tar.gz", "data.random_train": 700, "data.random_test": 70, "method.tau": 0.5,
+         "method.n_micro": 3, "method.per_class": 2, "method.merge": "mean", "method.replacement": True,
+         "method.adaptive_k": 1.0, "method.adaptive_window": 50, "method.batch_size": 64, "optim.momentum": 0.5,
+         "optim.nesterov": False, "optim.betas": [0.8, 0.99], "dist_mode": "allgather"}
+CONDITIONAL = [(key, f.metadata["rule"].applies) for key, f, _ in settings(RunConfig) if f.metadata["rule"].applies]
+
+
+def config(sections: dict, key: str, value) -> RunConfig:
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in sections.items()}
+    section, _, name = key.rpartition(".")
+    (d.setdefault(section, {}) if section else d)[name] = value
+    return RunConfig.from_dict(d)
+
+
+def value_of(cfg: RunConfig, key: str):
+    return {k: v for k, _, v in settings(cfg)}[key]
+
+
+def test_every_condition_is_defined_and_every_conditional_setting_is_walked():
+    assert {cond for _, cond in CONDITIONAL} <= set(APPLIES) == set(WHERE)
+    assert sorted(OTHER) == sorted(key for key, _ in CONDITIONAL)
+
+
+@pytest.mark.parametrize("key, condition", CONDITIONAL, ids=[k for k, _ in CONDITIONAL])
+def test_a_setting_that_has_no_effect_is_refused_naming_it(key, condition):
+    """Walks the schema: every conditional setting, set away from its default where its condition
+    fails, is one error naming the key and why; where the condition holds it is accepted."""
+    holds, fails = WHERE[condition]
+    with pytest.raises(ValueError) as e:
+        validate(config(fails, key, OTHER[key]))
+    assert str(e.value).startswith(f"{key}=") and "has no effect here" in str(e.value) and "\n" not in str(e.value)
+    on = config(holds, key, OTHER[key])
+    assert key not in [k for k, _, _ in inapplicable(on)]
+    assert value_of(without_inapplicable(config(fails, key, OTHER[key])), key) == value_of(RunConfig(), key)
+
+
+def test_named_keys_count_even_at_their_default():
+    cfg = RunConfig.from_dict({"method": {"name": "baseline"}})
+    assert inapplicable(cfg) == []
+    assert [k for k, _, _ in inapplicable(cfg, {"method.tau", "seed"})] == ["method.tau"]
+
+
+def test_seed_beyond_31_bits_is_a_named_error():
+    with pytest.raises(ValueError, match=r"^seed must be an integer in \[0, 2147483647\], got 18446744073709551615$"):
+        validate(RunConfig.from_dict({"seed": 18446744073709551615}))
+
+
+def test_wandb_asked_for_where_it_is_not_installed_is_refused_before_any_data_loads(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ValueError, match=r"wandb.mode=offline needs wandb: pip install 'gaf\[wandb\]'"):
+        validate(RunConfig.from_dict({"wandb": {"mode": "offline"}}))
+
+
+def test_cifar100n_with_synthetic_noise_names_the_keys():
+    with pytest.raises(ValueError, match=r"data.noise=0.2 with data=cifar100n.*use data.noise=0"):
+        validate(RunConfig.from_dict({"data": {"name": "cifar100n", "noise": 0.2}}))
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def train_cli(args, cwd):
+    env = {**os.environ, "CI": "true", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / "experiments/train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def refused(out) -> str:
+    """The one error line of a launch refused with exit code 2 and no traceback."""
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "Error executing job" not in out.stderr, out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, out.stderr
+    return errors[0]
+
+
+TINY = ["data=random", "model=tiny", "device=cpu", "data.random_train=100", "data.random_test=20",
+        "data.num_classes=5", "train.iterations=2", "train.val_every=2", "train.memorisation_samples=10"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, message", [
+    (["method=baseline", "method.tau=0.97"], "error: method.tau=0.97 has no effect here: method=baseline"),
+    (["method=baseline", "method.adaptive_k=1.0"], "error: method.adaptive_k=1.0 has no effect here"),
+    (["method=gaf", "method.batch_size=64"], "error: method.batch_size=64 has no effect here: method=gaf"),
+    (["data.label_file=x.pt"], "error: data.label_file=x.pt has no effect here: only data=cifar100n"),
+    (["scale=huge"], "error: scale must be one of paper, small, tiny, got 'huge'"),
+    (["seed=18446744073709551615"], "error: seed must be an integer in [0, 2147483647]"),
+    (["experiment=fig6", "scale=tiny"], "error: experiment=fig6 is a sweep over data.noise, method, seed: run it "
+                                        "with -m"),
+])
+def test_a_bad_launch_is_one_error_before_anything_is_made(tmp_path, args, message):
+    out = train_cli([*TINY, *args, f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    assert refused(out).startswith(message)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_a_run_directory_that_cannot_be_made_is_named(tmp_path):
+    """Under a file: what root meets where others meet a read-only folder (below)."""
+    (tmp_path / "a file").write_text("")
+    out = train_cli([*TINY, f"hydra.run.dir='{tmp_path}/a file/run'"], tmp_path)
+    assert refused(out) == (f"error: cannot write the run directory {tmp_path}/a file/run: {tmp_path}/a file is not "
+                            "a folder; choose another with hydra.run.dir=...")
+
+
+@pytest.mark.slow
+def test_a_read_only_run_directory_is_named(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes to read-only folders")
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    try:
+        out = train_cli([*TINY, f"hydra.run.dir={tmp_path}/ro/run"], tmp_path)
+    finally:
+        (tmp_path / "ro").chmod(0o700)
+    assert refused(out).startswith(f"error: cannot write the run directory {tmp_path}/ro/run: ")
+
+
+def test_an_unwritable_folder_is_named_whoever_runs_the_check(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import launch
+
+    (tmp_path / "a file").write_text("")
+    assert launch.unwritable(str(tmp_path / "a file" / "run")) == f"{tmp_path / 'a file'} is not a folder"
+    assert launch.unwritable(str(tmp_path / "new" / "run")) is None
+    monkeypatch.setattr(launch.os, "access", lambda path, mode: False)
+    assert launch.unwritable(str(tmp_path / "new" / "run")) == f"{tmp_path} is not writable"
+
+
+@pytest.mark.slow
+def test_a_sweep_with_an_invalid_point_launches_none_of_them(tmp_path):
+    out = train_cli(["-m", *TINY, "method.n_micro=1000,2", f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path)
+    line = refused(out)
+    assert line == "error: 1 of 2 sweep points would not run; nothing was launched:"
+    assert "method.n_micro=1000: method.per_class=1 x method.n_micro=1000 = 1000 images" in out.stderr
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.slow
+def test_dry_run_lists_a_sweeps_points_and_launches_nothing(tmp_path):
+    out = train_cli(["-m", "experiment=fig6", "scale=tiny", "dry_run=true", f"hydra.sweep.dir={tmp_path}/sweep"],
+                    tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    listed = [line.strip() for line in out.stdout.splitlines() if line.startswith("  ")]
+    assert len(listed) == 8 and "data.noise=0.4 method=gaf seed=1 experiment=fig6 scale=tiny" in listed
+    assert f"dry run: 8 runs under {tmp_path}/sweep" in out.stdout and not (tmp_path / "sweep").exists()
+    # one point of the sweep, every swept key set: a single run is fine
+    one = train_cli(["experiment=fig6", "scale=tiny", "data.noise=0.4", "method=gaf", "seed=1", "dry_run=true",
+                     f"hydra.run.dir={tmp_path}/one"], tmp_path)
+    assert one.returncode == 0 and f"dry run: 1 run -> {tmp_path}/one" in one.stdout, one.stderr[-2000:]
+
+
+def test_reproduce_dry_run_lists_every_launch_and_checks_every_point(capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import reproduce
+
+    assert reproduce.main(["--scale", "tiny", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "dry run: 32 runs in 14 launches at --scale tiny, every one valid" in out
+    assert "premise method=baseline model.width=4: 1 run" in out
+    assert reproduce.main(["--scale", "tiny", "--dry-run", "method.n_micro=1000"]) == 2
+    err = capsys.readouterr().err
+    assert "would not run; nothing was launched" in err and "method.n_micro=1000" in err

@@ -1,0 +1,55 @@
+"""scripts/show_run.py: one run, or several side by side, from their run directories."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gaf.train import run
+from run_files import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import show_run  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("runs")
+    run(tiny_config(), tmp / "a")
+    run(tiny_config(seed=1, method={"tau": 2.0}, train={"stop_after": 4}), tmp / "b")
+    return tmp / "a", tmp / "b"
+
+
+def test_compares_runs_naming_the_settings_that_differ(two_runs, tmp_path, capsys):
+    a, b = two_runs
+    assert show_run.main([str(a), str(b), "--out", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    assert f"run 1: {a}: finished at iteration 6 of 6" in out and f"run 2: {b}: stopped at iteration 4 of 6" in out
+    assert "settings that differ:\n  method.tau: 0.97 | 2.0\n  seed: 0 | 1\n" in out  # stop_after is operational
+    assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_draws_each_runs_validation_memorisation_and_distance_curves(two_runs):
+    runs = [show_run.read_run(d) for d in two_runs]
+    fig = show_run.draw(runs)
+    for k, (axis, column) in enumerate((("val", "val_acc"), ("mem", "mem_flipped_noisy_acc"))):
+        for line, r in zip(fig.axes[k].get_lines(), runs):
+            evals = pd.read_csv(r["dir"] / "eval.csv")
+            np.testing.assert_allclose(line.get_ydata(), 100 * evals[column])
+    distance = fig.axes[2].get_lines()[0]
+    metrics = pd.read_csv(two_runs[0] / "metrics.csv")
+    np.testing.assert_allclose(distance.get_xdata(), metrics["iter"])
+
+
+def test_a_dead_runs_running_summary_reads_interrupted_and_a_non_run_is_named(two_runs, tmp_path, capsys):
+    summary = json.loads((two_runs[0] / "summary.json").read_text())
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "killed" / "summary.json").write_text(json.dumps({**summary, "status": "running"}))
+    show_run.main([str(tmp_path / "killed"), "--out", str(tmp_path / "k.png")])
+    assert f"{tmp_path / 'killed'}: interrupted" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=f"error: {tmp_path} holds no summary.json"):
+        show_run.main([str(tmp_path)])
