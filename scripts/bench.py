@@ -47,6 +47,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from gaf import gaf_step  # noqa: E402
+from gaf.config import COMPILE_MODES  # noqa: E402
 from gaf.data import CIFAR100_MEAN as MEAN, CIFAR100_STD as STD, augment, normalize  # noqa: E402
 from gaf.fast import FastGAFStep, FastPlainStep, build_optimizer  # noqa: E402
 from gaf.models import build_model  # noqa: E402
@@ -69,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--amp", choices=("bf16", "none"), default=None, help="fast/plain autocast (default bf16 on CUDA)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="fast/plain channels_last (default on CUDA)")
-    p.add_argument("--compile", choices=("none", "graph", "full"), default=None,
+    p.add_argument("--compile", choices=tuple(COMPILE_MODES), default=None,
                    help="fast/plain: graph = CUDA graph of the whole step, full = torch.compile + graph "
                         "(default graph on CUDA; full compiles once per shape, minutes)")
     p.add_argument("--batched", action="store_true",
@@ -154,7 +155,7 @@ def fresh_model(args, device, classes: int = CLASSES) -> nn.Module:
 
 def fast_kwargs(args) -> dict:
     return dict(amp_dtype=torch.bfloat16 if args.amp == "bf16" else None, channels_last=args.channels_last,
-                compile={"none": False, "graph": "graph", "full": True}[args.compile])
+                compile=COMPILE_MODES[args.compile])
 
 
 def make_contender(name: str, args, device, pil: PilImages, data: DeviceImages, plan: torch.Tensor,

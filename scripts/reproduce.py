@@ -83,9 +83,9 @@ def launch(preset: str, overrides: list[str], multirun: bool, scale: str, jobs: 
 
 
 def default_jobs(overrides: list[str]) -> int:
-    """Runs at once when --jobs is not given: one per core on a CPU (measured on 2 cores: two
-    single-threaded runs side by side train 1.1-1.4x the images per second of one run on both),
-    one on a GPU, where a run's own step is what to speed up."""
+    """Runs at once when --jobs is not given: one per core on a CPU (single-threaded runs side
+    by side do more work per second than one run on every core, as the README measures), one on a
+    GPU, where a run's own step is what to speed up."""
     import torch
 
     device = next((o.split("=", 1)[1] for o in overrides if o.startswith("device=")), "auto")
