@@ -32,13 +32,24 @@ DEFAULT = ["data=random", "data.random_train=20000", "data.random_test=1000", "m
            "train.iterations=3000", "train.val_every=3000", "train.memorisation_samples=1000"]
 
 
-def launch(argvs: list[list[str]], run_dirs: list[Path], env: dict | None = None) -> dict:
+def launch(argvs: list[list[str]], run_dirs: list[Path], env: dict | None = None, timeout: float | None = None) -> dict:
     """Start every command at once (each a training run writing its own run directory); wait
-    for all; return their summaries, total images and the wall time until the last ends."""
+    for all; return their summaries, total images and the wall time until the last ends.
+    After ``timeout`` seconds the runs still going are ended, and SystemExit says so."""
     start = time.perf_counter()
     procs = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
              for argv in argvs]
-    errors = [p.communicate()[1] for p in procs]
+    try:
+        errors = [p.communicate(timeout=None if timeout is None else max(0.0, start + timeout - time.perf_counter()))[1]
+                  for p in procs]
+    except subprocess.TimeoutExpired:
+        running = [p for p in procs if p.poll() is None]
+        for p in running:
+            p.terminate()
+        for p in running:
+            p.communicate()  # reads what it still writes while it ends
+        raise SystemExit(f"{len(running)} of {len(procs)} runs were still going at the {timeout:.0f} s limit "
+                         "and were ended") from None
     wall = time.perf_counter() - start
     for p, err in zip(procs, errors):
         if p.returncode != 0:
