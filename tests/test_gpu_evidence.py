@@ -159,6 +159,21 @@ def test_the_sweep_stops_at_the_deadline_and_writes_what_it_has(monkeypatch, tmp
     assert "FAIL the deadline" in capsys.readouterr().out
 
 
+def test_graphed_runs_that_fail_fall_back_to_the_eager_fast_step(monkeypatch, tmp_path, capsys):
+    def measure(a, work, compile):
+        if compile == "graph":
+            raise SystemExit("a run failed (exit 1): planted")
+        return [ge.Speed(1, 0.01, 0.1, 1.0)]
+
+    monkeypatch.setattr(ge, "measure_speeds", measure)
+    a = SimpleNamespace(deadline=time.perf_counter() + 600)
+    assert ge.measure_or_fall_back(a, tmp_path, "graph") == ([ge.Speed(1, 0.01, 0.1, 1.0)], "none")
+    assert "FAIL the trainer with train.compile=graph: a run failed (exit 1): planted" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="planted"):  # the eager step failing too ends the call
+        monkeypatch.setattr(ge, "measure_speeds", lambda a, work, compile: measure(a, work, "graph"))
+        ge.measure_or_fall_back(a, tmp_path, "none")
+
+
 def test_refuses_a_cpu_sweep_and_missing_data(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         ge.parse_args(["--device", "cpu"])
