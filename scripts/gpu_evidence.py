@@ -102,7 +102,7 @@ class Scale:
 GPU = Scale("resnet18", 10, None, None, 5000, cap=16_000, floor=1000, validations=20, jobs=(1, 3, 9),
             measure_its=300, warm_its=100, measure_s=3.0, sync_steps=200, budget_s=480)
 QUICK = Scale("tiny", 2, 20, 10, 100, cap=24, floor=8, validations=4, jobs=(1, 3), measure_its=24, warm_its=4,
-              measure_s=0.2, sync_steps=5, budget_s=90)
+              measure_s=0.2, sync_steps=5, budget_s=150)
 
 
 class Run(NamedTuple):
