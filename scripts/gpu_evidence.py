@@ -368,7 +368,9 @@ def write_outputs(out: Path, work: Path, record: dict, scale: Scale) -> None:
 def collect_and_draw(out: Path, work: Path, record: dict, scale: Scale) -> None:
     staging = work / "collected"
     with contextlib.redirect_stdout(io.StringIO()):  # its per-call line names the staging folder
-        collected = collect.collect([work / "sweep"], staging, MAX_CURVE_ROWS, command=record["command"])
+        # ad_hoc: the sweep's scale is "custom" (its length is the budget's, no scale's row)
+        collected = collect.collect([work / "sweep"], staging, MAX_CURVE_ROWS, command=record["command"],
+                                    ad_hoc=True)
     if not collected:
         return
     out.mkdir(parents=True, exist_ok=True)
