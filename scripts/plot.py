@@ -131,9 +131,8 @@ def data_notes(runs):
     return _unique(note_texts(runs).map(lambda n: n.split(". ")[0].strip().rstrip(".")))
 
 
-def titled(fig, title, r=None, regenerate="make figures"):
-    """Suptitle = title + the scale/data suffix; a grey provenance footer (ending in the command
-    that redraws it). Returns the figure."""
+def titled(fig, title, r=None):
+    """Suptitle = title + the scale/data suffix; a grey provenance footer. Returns the figure."""
     width = int(fig.get_figwidth() * 11.5)  # characters per line at 10 pt
     suffix = title_suffix(r.runs) if r is not None else ""
     fig.suptitle("\n".join(textwrap.wrap(title, width) + textwrap.wrap(suffix, width)), fontsize=10)
@@ -142,7 +141,7 @@ def titled(fig, title, r=None, regenerate="make figures"):
         n = len(r.runs)
         foot = (f"{n} finished run{'s' * (n != 1)} ({r.experiment}, scale {r.scale}); "
                 f"device {', '.join(p.get('devices', []))}; "
-                f"collected {p.get('collected_at', '?')[:10]}; regenerate: {regenerate}")
+                f"collected {p.get('collected_at', '?')[:10]}; regenerate: make figures")
         lines = textwrap.wrap(foot, int(fig.get_figwidth() * 17))  # characters per line at 6.5 pt
         fig.text(0.5, 0.005, "\n".join(lines), ha="center", va="bottom", fontsize=6.5, color="0.45")
         bottom = (0.12 * len(lines) + 0.04) / fig.get_figheight()
