@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 SCALE  ?= paper
 ARGS   ?=
 
-.PHONY: venv test test-fast test-without-shared train reproduce figures bench bench-dist gpu-check clean
+.PHONY: venv test test-fast test-without-shared train reproduce figures bench bench-dist gpu-check gpu-evidence clean
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -43,6 +43,9 @@ bench-dist: $(STAMP)  ## bytes and time of the multi-rank reductions (ARGS=--qui
 
 gpu-check: $(STAMP)  ## every CUDA path checked in minutes: results/gpu/<date>-<card>.md (ARGS="--device cpu --quick" dry run)
 	$(PY) scripts/gpu_check.py $(ARGS)
+
+gpu-evidence: $(STAMP)  ## the paper's regime on one GPU in <= 10 minutes: results/gpu-small/ (ARGS="--device cpu --quick" dry run)
+	$(PY) scripts/gpu_evidence.py $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -291,7 +291,7 @@ def _write_experiment(out_dir, runs, curves, evals, dropped, command, run_roots)
         "note": "Plots use finished runs only. Where one sweep point was run more than once, "
                 "the newest finished run is kept; the others are listed in duplicates_dropped.",
     }
-    old = _read_json(out_dir / "provenance.json")
+    old = _read_json(out_dir / "provenance.json") if (out_dir / "provenance.json").is_file() else None
     unchanged = (old is not None and all((out_dir / name).is_file() and (out_dir / name).read_text() == text
                                          for name, text in tables.items())
                  and {k: v for k, v in old.items() if k not in WHEN_AND_HOW}

@@ -88,7 +88,7 @@ def context(args) -> SimpleNamespace:
         args=args, device=torch.device(args.device), quick=quick, seed=args.seed, tau=0.97,
         model="tiny" if quick else "resnet18", classes=10 if quick else 100, m=1,
         speed_n=[2] if quick else [2, 4, 10], speed_steps=3 if quick else 50, speed_warmup=1 if quick else 10,
-        equal_steps=8 if quick else 12, bf16_steps=6 if quick else 300, pool=500 if quick else 10000,
+        sync_steps=5, equal_steps=8 if quick else 12, bf16_steps=6 if quick else 300, pool=500 if quick else 10000,
         graphs=None if args.device == "cuda" else StandInGraphs(),
     )
     ctx.real, ctx.real_note = (None, "random images (--quick without --jpeg)") if quick and not args.jpeg \
@@ -201,12 +201,13 @@ def check_sync_free(ctx) -> dict:
             for _ in range(FastGAFStep.warmup + 2):  # warm-up, capture, one replay
                 step(*draw_batch(sampler, ds, gen, ctx.device))
             with no_host_sync(ctx.device):
-                for _ in range(5):
+                for _ in range(ctx.sync_steps):
                     out = step(*draw_batch(sampler, ds, gen, ctx.device))
-            figures[f"{kind}_{label}_steps_without_sync"] = 5
+            figures[f"{kind}_{label}_steps_without_sync"] = ctx.sync_steps
             assert torch.isfinite(out["loss"]).item()
     return dict(status="PASS", figures=figures,
-                detail="5 steady-state steps each under set_sync_debug_mode('error')" if ctx.device.type == "cuda"
+                detail=f"{ctx.sync_steps} steady-state steps each under set_sync_debug_mode('error')"
+                if ctx.device.type == "cuda"
                 else "CPU dry run: no host-device synchronisation exists to detect")
 
 

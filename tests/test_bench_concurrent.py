@@ -23,3 +23,12 @@ def test_concurrent_runs_are_measured_side_by_side(capsys):
 def test_jobs_must_include_one():
     with pytest.raises(SystemExit):
         bench_concurrent.main(["--jobs", "2", "4", "--quick"])
+
+
+def test_runs_still_going_at_the_limit_are_ended(tmp_path):
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    quick = [sys.executable, "-c", "pass"]
+    start = bench_concurrent.time.perf_counter()
+    with pytest.raises(SystemExit, match="1 of 2 runs were still going at the 2 s limit"):
+        bench_concurrent.launch([quick, sleeper], [tmp_path / "a", tmp_path / "b"], timeout=2)
+    assert bench_concurrent.time.perf_counter() - start < 30

@@ -422,7 +422,8 @@ def test_ad_hoc_runs_are_collected_only_when_asked(tmp_path):
 
 def test_results_readme_counts_the_runs_the_provenance_files_hold():
     readme = ROOT / "results" / "README.md"
-    provenance = list((ROOT / "results").glob("*/provenance.json"))
+    # results/gpu-small/ comes from scripts/gpu_evidence.py on a lent GPU, not from make reproduce
+    provenance = [p for p in (ROOT / "results").glob("*/provenance.json") if p.parent.name != "gpu-small"]
     if not (readme.is_file() and provenance):
         pytest.skip("no committed results in this checkout")
     stated = [int(n) for n in re.findall(r"all (\d+) runs", readme.read_text())]
