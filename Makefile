@@ -44,8 +44,10 @@ bench-dist: $(STAMP)  ## bytes and time of the multi-rank reductions (ARGS=--qui
 gpu-check: $(STAMP)  ## every CUDA path checked in minutes: results/gpu/<date>-<card>.md (ARGS="--device cpu --quick" dry run)
 	$(PY) scripts/gpu_check.py $(ARGS)
 
-gpu-evidence: $(STAMP)  ## the paper's regime on one GPU in <= 10 minutes: results/gpu-small/ (ARGS="--device cpu --quick" dry run)
-	$(PY) scripts/gpu_evidence.py $(ARGS)
+# On a lent device (its own python3, no network, no .venv) this runs as it is, and writes into
+# $(OUT)/gpu-small where the device tool sets OUT; here it uses .venv.
+gpu-evidence:  ## the paper's regime on one GPU in <= 10 minutes: results/gpu-small/ (ARGS="--device cpu --quick" dry run)
+	$(if $(wildcard $(STAMP)),$(PY),python3) scripts/gpu_evidence.py $(if $(OUT),--out $(OUT)/gpu-small) $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache
