@@ -206,6 +206,15 @@ def run_status(run_dir: Path, summary: dict) -> str:
     return status
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what the platform says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device) -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -228,6 +237,8 @@ def environment(device: torch.device) -> dict:
         "host": socket.gethostname(),
         # On a CPU the numbers depend on it (the convolutions' summation order): reproducing a run needs it.
         "cpu_threads": torch.get_num_threads(),
+        # So do the CPU's vector kernels (ATen's dispatch, oneDNN's ISA): results/README.md.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_model": cpu_model(),
         "argv": sys.argv,
     }
 

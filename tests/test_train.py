@@ -32,6 +32,8 @@ def test_run_writes_metrics_eval_summary_and_checkpoint(tmp_path):
     assert on_disk["steps_taken"] == sum(int(r["stepped"]) for r in metrics)
     assert on_disk["versions"]["torch"] == torch.__version__
     assert on_disk["versions"]["cpu_threads"] == torch.get_num_threads()  # CPU numbers depend on it
+    assert on_disk["versions"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # and on the kernels
+    assert isinstance(on_disk["versions"]["cpu_model"], str)
     assert on_disk["config"] == json.loads((tmp_path / "config.json").read_text())
     assert (tmp_path / "checkpoint.pt").exists()
 
