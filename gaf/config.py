@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from gaf.data import CLASSES, DATASETS, FALLBACK_WHEN, FALLBACKS, TRAIN_PER_CLASS
 from gaf.distributed import MODES as DIST_MODES
-from gaf.fast import OPTIMIZERS
+from gaf.optim import OPTIMIZERS
 from gaf.filter import MERGES
 from gaf.models import MODELS, check_size
 

@@ -36,7 +36,7 @@ from gaf.config import (COMPILE_MODES, OptimConfig, RunConfig, check_fast_path_o
 from gaf.distributed import (DistributedGAFStep, DistributedMeanStep, check_replicas, init_from_env,
                              local_slice, shutdown)
 from gaf.fast import FastGAFStep, FastPlainStep
-from gaf.fast import build_optimizer as build_named_optimizer
+from gaf.optim import build_optimizer as build_named_optimizer
 from gaf.filter import AdaptiveTau, NonFiniteGradientError
 from gaf.models import build_model
 from gaf.rundir import (RUN_FILES, CheckpointError, CsvLog, RunDirError, RunDirLock, WandbLogger, environment,

@@ -49,7 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from gaf import gaf_step  # noqa: E402
 from gaf.config import COMPILE_MODES  # noqa: E402
 from gaf.data import CIFAR100_MEAN as MEAN, CIFAR100_STD as STD, augment, normalize  # noqa: E402
-from gaf.fast import FastGAFStep, FastPlainStep, build_optimizer  # noqa: E402
+from gaf.fast import FastGAFStep, FastPlainStep  # noqa: E402
+from gaf.optim import build_optimizer  # noqa: E402
 from gaf.models import build_model  # noqa: E402
 
 CLASSES = 100

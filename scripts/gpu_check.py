@@ -52,7 +52,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]  # a checkout without installi
 import bench  # noqa: E402
 from gaf import gaf_step  # noqa: E402
 from gaf import data as gdata  # noqa: E402
-from gaf.fast import FastGAFStep, FastPlainStep, StandInGraphs, build_optimizer  # noqa: E402
+from gaf.fast import FastGAFStep, FastPlainStep, StandInGraphs  # noqa: E402
+from gaf.optim import build_optimizer  # noqa: E402
 from gaf.models import build_model  # noqa: E402
 
 SGD = bench.SGD

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from gaf import AdaptiveTau, gaf_step
-from gaf.fast import (FastGAFStep, FastPlainStep, MaskedAdam, MaskedAdamW, MaskedSGD, StandInGraphs,
-                      build_optimizer)
+from gaf.fast import FastGAFStep, FastPlainStep, StandInGraphs
+from gaf.optim import MaskedAdam, MaskedAdamW, MaskedSGD, build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
