@@ -63,6 +63,8 @@ import bench_concurrent  # noqa: E402
 import collect  # noqa: E402
 import gpu_check  # noqa: E402
 import plot  # noqa: E402
+import results_data  # noqa: E402
+import tables  # noqa: E402
 from gaf.config import RunConfig  # noqa: E402
 from gaf.sources import DataError, cifar10_jpeg_file  # noqa: E402
 from gaf.train import run  # noqa: E402
@@ -379,7 +381,7 @@ def collect_and_draw(out: Path, work: Path, record: dict, scale: Scale) -> None:
         shutil.copyfile(f, out / f.name)
     provenance = json.loads((out / "provenance.json").read_text())
     (out / "provenance.json").write_text(json.dumps({**provenance, EXPERIMENT: record}, indent=2, default=str) + "\n")
-    r = plot.load(out.parent, out.name)  # finished runs, as every figure
+    r = results_data.load(out.parent, out.name)  # finished runs, as every figure
     if r is not None:
         figure(r, out, scale.per_class)
     (out / "table.md").write_text(table_markdown(out, record))
@@ -404,19 +406,21 @@ def figure(r, out: Path, m: int) -> list[Path]:
     first_seed = r.runs["seed"].min()
     for _, row in ordered(r.runs).iterrows():
         j, arm, first = noises.index(row["data.noise"]), arm_of(row), row["seed"] == first_seed
-        e, alpha = plot.evals(r, row["run_id"]), 1.0 if first else 0.45
+        e, alpha = results_data.evals(r, row["run_id"]), 1.0 if first else 0.45
         ax[0, j].plot(e["iter"], 100 * e["val_acc"], color=COLOR[arm], alpha=alpha, label=LABEL[arm] if first else None)
         if row["data.noise"] > 0:
             ax[0, j].plot(e["iter"], 100 * e["mem_flipped_noisy_acc"], color=COLOR[arm], alpha=alpha, ls="--")
         if arm == "averaging":
-            plot.plot_distance(ax[1, j], plot.curve(r, row["run_id"]), COLOR[arm], None, raw=first)
+            plot.plot_distance(ax[1, j], results_data.curve(r, row["run_id"]), COLOR[arm], None, raw=first)
     for j, noise in enumerate(noises):
         ax[0, j].set_title(f"{noise:.0%} noise")
         ax[0, j].set_ylabel("accuracy (%)" if j == 0 else "%")
         ax[1, j].set_xlabel("iteration")
         plot.legend(ax[0, j], loc="best")
-    source = plot.note_texts(r.runs).str.split(": ").str[0]  # the data's source; the noise is in the panel titles
-    plot.titled(fig, f"{plot.models_of(r.runs)}: the batch-128 baseline, plain averaging and GAF on the same n = 2 "
+    # the data's source; the noise is in the panel titles
+    source = results_data.note_texts(r.runs).str.split(": ").str[0]
+    models = results_data.models_of(r.runs)
+    plot.titled(fig, f"{models}: the batch-128 baseline, plain averaging and GAF on the same n = 2 "
                      f"microbatches of {10 * m} images. Solid: validation accuracy; dashed: flipped training labels "
                      f"fitted; beneath: averaging's micro-gradient distance",
                 SimpleNamespace(**{**vars(r), "runs": r.runs.assign(data_note=source)}))
@@ -436,7 +440,7 @@ def table_markdown(out: Path, record: dict) -> str:
             rows.append(table_row(row, e, c))
     plan = record.get("plan", {})
     return "\n".join([
-        f"# {EXPERIMENT}: {plot.models_of(runs)}, baseline vs averaging vs GAF on the same microbatches", "",
+        f"# {EXPERIMENT}: {results_data.models_of(runs)}, baseline vs averaging vs GAF on the same microbatches", "",
         f"{record['card']}, torch {record['torch']}, {record['date']}; `{record['command']}`; "
         f"{plan.get('iterations', 0):,} iterations per run, {plan.get('k')} at once ({plan.get('why')}); "
         f"train.compile={record.get('compile')}; {record['images_per_s']:,} images/s over the sweep, "
@@ -444,13 +448,13 @@ def table_markdown(out: Path, record: dict) -> str:
         "best = best validation accuracy (at iteration), final = at the last validation, fitted = share of "
         "the flipped training labels (memorisation probe) predicted as their noisy label then, steps taken = "
         "iterations with an optimizer step, distance = mean micro-gradient cosine distance over the second half.",
-        "", plot.markdown_table(pd.DataFrame(rows)), ""])
+        "", tables.markdown_table(pd.DataFrame(rows)), ""])
 
 
 def table_row(row, e: pd.DataFrame, c: pd.DataFrame) -> dict:
     """One run's line, from its validations ``e`` and its per-iteration curve ``c``."""
     arm, its, best = arm_of(row), int(c["iter"].max()), e["val_acc"].idxmax()
-    distance = plot._phase_mean(c, "d_mean", its / 2)
+    distance = tables._phase_mean(c, "d_mean", its / 2)
     return {"noise": f"{row['data.noise']:.0%}", "seed": int(row["seed"]),
             "arm": LABEL[arm] + ("" if row["status"] == "finished" else f" ({row['status']})"),
             "iterations": f"{its:,}", "best (%)": 100 * e.loc[best, "val_acc"],

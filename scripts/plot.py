@@ -1,29 +1,25 @@
-"""Result files -> figures 1-9, table 1 and the paper-vs-reproduction note.
+"""Result files -> figures 1-9 and the premise figure; then every table (scripts/tables.py).
 
-Reads only what scripts/collect.py wrote (results/<experiment>/{runs,curves,evals}.csv,
-provenance.json) and the paper's figure-6 values (scripts/paper_facts/figure6.csv); never
-run directories. Uses finished runs only, at one scale per experiment (the largest present
-unless --scale says otherwise). A figure whose experiment has no results yet is skipped
-with a note. Every figure's title names its scale (when not "paper") and any data
-substitution, taken from runs.csv.
+Reads the collected results through scripts/results_data.py (finished runs, at one scale per
+experiment: the largest present unless --scale says otherwise). A figure whose experiment has
+no results yet is skipped with a note. Every figure's title names its scale (when not "paper")
+and any data substitution, taken from runs.csv.
 
 Figures are redrawn only when what they show may have changed: each figN.png/pdf has a
-sidecar figN.inputs.json with the hash of this file, of every result file the figure read
-and of what it drew (each line's data and every text; no font or layout enters it). When
-this file and every input are unchanged, the figure is kept as it is: an unchanged
-checkout stays unchanged on any machine, whatever its fonts. --force redraws everything.
+sidecar figN.inputs.json with the hash of the code that draws it (CODE), of every result file
+the figure read and of what it drew (each line's data and every text; no font or layout
+enters it). When the code and every input are unchanged, the figure is kept as it is: an
+unchanged checkout stays unchanged on any machine, whatever its fonts. --force redraws all.
 
     python scripts/plot.py                    # results/ -> results/<experiment>/figN.{png,pdf}, results/table1.{md,csv}
     python scripts/plot.py --results R --scale tiny --only fig6 table1
 """
 
 import argparse
-import hashlib
 import json
 import sys
 import textwrap
 from pathlib import Path
-from types import SimpleNamespace
 
 import matplotlib
 import matplotlib.font_manager
@@ -34,19 +30,16 @@ from matplotlib.collections import Collection
 from matplotlib.figure import Figure  # figures made without pyplot: no global state, any backend
 from matplotlib.patches import Rectangle
 
-PAPER_FIG6 = Path(__file__).resolve().parent / "paper_facts" / "figure6.csv"
-PAPER_FIG6_SETUP = ("cifar100", "resnet18")  # the data set and network of the paper's figure 6
-SCALES = ["tiny", "small", "paper"]  # smallest to largest; unknown scales rank lowest
+from results_data import (MODEL, NAME, _fmt, _unique, acc_stats, curve, data_label, data_used, datasets_of, evals,
+                          file_hash, input_path, load, models_of, noise_pct, ran_on, read_paper_fig6, reads_recorded,
+                          role, sha256, spread, title_suffix, variant)
+from tables import TABLES, premise_table
+
+HERE = Path(__file__).resolve().parent
+CODE = [HERE / name for name in ("plot.py", "results_data.py", "tables.py")]  # what a figure is drawn by
+
 COLOR = {"gaf": "#1f4fb4", "baseline": "#d62728"}
 MARKER = {"gaf": "s", "baseline": "^"}
-NAME = {"gaf": "GAF", "baseline": "baseline"}
-DATA = {"cifar100": "CIFAR-100", "cifar100n": "CIFAR-100N-Fine", "cifar10": "CIFAR-10",
-        "cifar10_jpeg": "CIFAR-10 (JPEG copy)", "random": "random images and labels"}
-MODEL = {"tiny": "tiny CNN", "cnn4": "4-conv CNN", "resnet_cifar": "small CIFAR ResNet", "resnet18": "ResNet18",
-         "resnet18_cifar": "ResNet18 (CIFAR stem)", "resnet34_cifar": "ResNet34 (CIFAR stem)",
-         "vit_tiny": "small ViT (vit_tiny)"}
-CURVE_COLUMNS = ["run_id", "iter", "d_mean", "d_mean_win", "stride", "acc", "loss"]
-EVAL_COLUMNS = ["run_id", "iter", "train_acc", "val_acc"]
 STYLE = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
          "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
          "legend.frameon": False, "lines.linewidth": 1.5, "figure.dpi": 110, "savefig.dpi": 150,
@@ -67,94 +60,7 @@ def pin_fonts():
 pin_fonts()
 
 
-# ---------------------------------------------------------------- loading
-def load(results_dir, experiment, scale=None):
-    """Finished runs of one experiment at one scale, with their curves and evals; None if there are none."""
-    d = Path(results_dir) / experiment
-    for name in ("runs.csv", "curves.csv", "evals.csv", "provenance.json"):
-        note_read(d / name, results_dir)
-    if not (d / "runs.csv").is_file():
-        return None
-    runs = pd.read_csv(d / "runs.csv")
-    runs = runs[runs["status"] == "finished"]
-    if runs.empty:
-        return None
-    scale = scale or max(runs["scale"].unique(), key=lambda s: SCALES.index(s) if s in SCALES else -1)
-    runs = runs[runs["scale"] == scale].reset_index(drop=True)
-    if runs.empty:
-        return None
-    ids = set(runs["run_id"])
-    frames = {}
-    for name, columns in (("curves", CURVE_COLUMNS), ("evals", EVAL_COLUMNS)):
-        f = pd.read_csv(d / f"{name}.csv") if (d / f"{name}.csv").is_file() else pd.DataFrame()
-        f = f.reindex(columns=list(dict.fromkeys([*columns, *f.columns])))  # a run without rows still plots (empty)
-        frames[name] = f[f["run_id"].isin(ids)]
-    prov = json.loads((d / "provenance.json").read_text()) if (d / "provenance.json").is_file() else {}
-    return SimpleNamespace(experiment=experiment, scale=scale, runs=runs, provenance=prov, **frames)
-
-
-def _unique(series):
-    return [v for v in dict.fromkeys(series.dropna()) if v != ""]
-
-
-def models_of(runs):
-    """The runs' models, by their display names (with their widths where a model has one)."""
-    names = []
-    for m in _unique(runs["model.name"]):
-        widths = _unique(runs.loc[runs["model.name"] == m, "model.width"]) if "model.width" in runs else []
-        names.append(MODEL.get(m, m) + (f" (width {', '.join(f'{w:g}' for w in widths)})" if widths else ""))
-    return ", ".join(names)
-
-
-def note_texts(runs):
-    """Each run's data note as text ('' where it has none)."""
-    if "data_note" not in runs:
-        return pd.Series("", index=runs.index, dtype=object)
-    return runs["data_note"].astype(object).fillna("").astype(str)
-
-
-def data_used(runs):
-    """The data set each run trained on: summary.json's data_used where collected, else read off
-    its data note (a substitution says what it substituted), else the data set asked for."""
-    from_note = note_texts(runs).map(lambda n: "cifar10_jpeg" if "substituted the CIFAR-10 JPEG copy" in n
-                          else "random" if "substituted random images" in n else None)
-    used = runs["data_used"] if "data_used" in runs else pd.Series(np.nan, index=runs.index, dtype=object)
-    return used.where(used.notna() & (used != ""), from_note.where(from_note.notna(), runs["data.name"]))
-
-
-def ran_on(asked, used):
-    """What a run trained on, named first, and what it stood in for."""
-    if pd.isna(used) or used == asked:
-        return data_label(asked)
-    if asked == "cifar100n":  # human labels cannot apply to other images: symmetric noise at their rate
-        return f"{data_label(used)} with symmetric 40.2% noise, standing in for CIFAR-100N-Fine"
-    return f"{data_label(used)} standing in for {data_label(asked)}"
-
-
-def ran_labels(runs):
-    """ran_on for every run, as a Series."""
-    return pd.Series([ran_on(a, u) for a, u in zip(runs["data.name"], data_used(runs))], index=runs.index,
-                     dtype=object)
-
-
-def datasets_of(runs):
-    """The data sets the runs trained on, by their display names (a substitute first)."""
-    return ", ".join(_unique(ran_labels(runs)))
-
-
-def title_suffix(runs):
-    """'[tiny scale: tiny CNN; <data note>]' from runs.csv, or '' for paper-scale runs on the paper's data."""
-    parts = []
-    scales = sorted(_unique(runs["scale"]), key=lambda s: SCALES.index(s) if s in SCALES else -1)
-    if scales != ["paper"]:
-        parts.append(f"{'/'.join(scales)} scale: {models_of(runs)}")
-    parts += data_notes(runs)
-    return f"[{'; '.join(parts)}]" if parts else ""
-
-
-def data_notes(runs):
-    """The first sentence of each distinct data note (the substitution); full notes stay in provenance.json."""
-    return _unique(note_texts(runs).map(lambda n: n.split(". ")[0].strip().rstrip(".")))
+# ---------------------------------------------------------------- drawing and saving
 
 
 def titled(fig, title, r=None):
@@ -201,35 +107,6 @@ def write_sidecar(fig, path, reads, scale):
 
 
 # ---------------------------------------------------------------- sidecars: redraw only what changed
-HERE = Path(__file__).resolve().parent
-_reads: dict | None = None  # while a figure is drawn: {input key: sha256 of the file, or None if absent}
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def input_key(path, results_dir):
-    """A file a figure reads, named portably: scripts/<path> for this folder's files, else relative
-    to the results folder."""
-    path = Path(path).resolve()
-    if HERE in path.parents:
-        return "scripts/" + path.relative_to(HERE).as_posix()
-    return path.relative_to(Path(results_dir).resolve()).as_posix()
-
-
-def input_path(key, results_dir):
-    return HERE / key.removeprefix("scripts/") if key.startswith("scripts/") else Path(results_dir) / key
-
-
-def file_hash(path):
-    return sha256(path.read_bytes()) if path.is_file() else None
-
-
-def note_read(path, results_dir):
-    """Record that the figure being drawn reads ``path`` (absent files too: their arrival changes it)."""
-    if _reads is not None:
-        _reads[input_key(path, results_dir)] = file_hash(Path(path))
 
 
 def drawn_content(fig):
@@ -254,10 +131,14 @@ def sidecar_path(path):
     return Path(path).with_suffix(".inputs.json")
 
 
+def code_hash() -> str:
+    return sha256(b"".join(p.read_bytes() for p in CODE))
+
+
 def sidecar(fig, reads, scale):
     """The record that tells whether a figure must be redrawn: the code, the scale asked for, each
     input's hash, and a hash of what was drawn (the regeneration test compares it on any machine)."""
-    return {"plot.py": file_hash(Path(__file__)), "scale": scale, "inputs": dict(sorted(reads.items())),
+    return {"code": code_hash(), "scale": scale, "inputs": dict(sorted(reads.items())),
             "drawn": sha256(drawn_content(fig).encode())}
 
 
@@ -268,18 +149,14 @@ def is_current(path, results_dir, scale):
     except (OSError, json.JSONDecodeError):
         return False
     return (all(path.with_suffix(s).is_file() for s in (".png", ".pdf"))
-            and side.get("plot.py") == file_hash(Path(__file__)) and side.get("scale") == scale
+            and side.get("code") == code_hash() and side.get("scale") == scale
             and all(file_hash(input_path(k, results_dir)) == h for k, h in side.get("inputs", {}).items()))
 
 
 def draw(name, results_dir, scale):
     """Draw one figure, recording the files it reads: (Figure or None, {input key: hash})."""
-    global _reads
-    _reads = {}
-    try:
-        return FIGURES[name](results_dir, scale), _reads
-    finally:
-        _reads = None
+    with reads_recorded() as reads:
+        return FIGURES[name](results_dir, scale), dict(reads)
 
 
 def legend(ax, **kw):
@@ -294,12 +171,6 @@ def new_figure(rows, cols, size, **kw):
 
 
 # ---------------------------------------------------------------- small helpers
-def curve(r, run_id):
-    return r.curves[r.curves["run_id"] == run_id].sort_values("iter")
-
-
-def evals(r, run_id):
-    return r.evals[r.evals["run_id"] == run_id].sort_values("iter")
 
 
 def rolling_distance(c, frac=0.05):
@@ -318,50 +189,6 @@ def plot_distance(ax, c, color, label, raw=True):
         ax.plot(c["iter"], rolling_distance(c), color=color, label=label)
     ax.axhline(1.0, color="0.3", ls=":", lw=1)
     ax.set_ylabel("cosine distance")
-
-
-def variant(runs):
-    """A label per run: 'GAF' / 'baseline', plus the method settings that vary within that method."""
-    keys = {"method.tau": "tau", "method.n_micro": "n", "method.per_class": "m", "method.merge": "merge",
-            "method.batch_size": "batch"}
-    labels = pd.Series(runs["method.name"].map(lambda m: NAME.get(m, m)), index=runs.index)
-    for method, group in runs.groupby("method.name"):
-        varying = [k for k in keys if k in group and group[k].nunique(dropna=False) > 1]
-        for i, row in group.iterrows():
-            extra = ", ".join(f"{keys[k]}={_fmt(row[k])}" for k in varying)
-            labels[i] += f" ({extra})" if extra else ""
-    return labels
-
-
-def role(row):
-    """'baseline' for the baseline and for plain averaging (GAF at tau = 2 accepts every
-    micro-gradient: how figures 1, 3, 4 and 5 measure a baseline's distances), else 'gaf'."""
-    return "baseline" if row["method.name"] == "baseline" or row.get("method.tau", 0) >= 2 else "gaf"
-
-
-def _fmt(x):
-    return "-" if pd.isna(x) else (f"{x:g}" if isinstance(x, float) else str(x))
-
-
-def acc_stats(runs, by, value="best_val_acc"):
-    """Mean, std and count of an accuracy (in %) over seeds, per group."""
-    g = runs.assign(_v=100 * runs[value]).groupby(by, dropna=False)["_v"]
-    return g.agg(["mean", "std", "count"]).reset_index()
-
-
-def spread(s):
-    """Error bars: the std over seeds where a point has two or more, none where it has one;
-    None when no point has two (one seed draws no error bars)."""
-    yerr = s["std"].where(s["count"] >= 2)
-    return yerr if yerr.notna().any() else None
-
-
-def noise_pct(runs):
-    return 100 * runs["data.noise"].fillna(0.0)
-
-
-def data_label(name):
-    return DATA.get(name, name)
 
 
 # ---------------------------------------------------------------- figures
@@ -597,238 +424,8 @@ FIGURES = {"fig1": fig1, "fig2": fig2, "fig3": fig3, "fig4": fig4, "fig5": fig5,
            "fig8": fig8, "fig9": fig9}
 
 
-# ---------------------------------------------------------------- tables
-def read_paper_fig6():
-    note_read(PAPER_FIG6, None)
-    return pd.read_csv(PAPER_FIG6, comment="#")
-
-
-def _compare(runs, source):
-    """Rows of (dataset, noise, GAF setting): baseline, GAF and GAF - baseline, best val acc in %: mean, s.d. and
-    number of seeds of each (s.d. NaN for one seed), and the runs' length in iterations."""
-    runs = runs.assign(noise=noise_pct(runs))
-    gaf, base = runs[runs["method.name"] == "gaf"], runs[runs["method.name"] == "baseline"]
-    if "method.batch_size" in base and base["method.batch_size"].nunique() > 1:  # the paper's baseline batch: 128
-        sizes = base["method.batch_size"].dropna()
-        base = base[base["method.batch_size"] == sizes.iloc[(sizes - 128).abs().argmin()]]
-    gaf = gaf.assign(setting=variant(gaf))
-    rows = []
-    for (data, p, setting), g in gaf.groupby(["data.name", "noise", "setting"]):
-        b = base[(base["data.name"] == data) & (base["noise"] == p)]
-        used = data_used(g).iloc[0]
-        noise = f"{p:g}" if data != "cifar100n" else "real (40.2%)" if used == data else "symmetric 40.2"
-        bv, gv = 100 * b["best_val_acc"], 100 * g["best_val_acc"]
-        rows.append({"dataset": ran_on(data, used), "label noise (%)": noise, "GAF setting": setting,
-                     "baseline (%)": bv.mean() if len(b) else np.nan, "baseline s.d.": bv.std(),
-                     "GAF (%)": gv.mean(), "GAF s.d.": gv.std(), "seeds": f"{len(b)} / {len(g)}",
-                     "iterations": "/".join(f"{i:g}" for i in _unique(pd.concat([b, g])["iterations"])),
-                     "runs": len(g) + len(b), "source": source, "_order": (data == "cifar100n", p)})
-    return rows
-
-
-def table1(results_dir, scale=None):
-    """Table 1: noise levels (table1 experiment, else fig6) and CIFAR-100N (table1, else fig8). DataFrame or None."""
-    rows, used = [], []
-    t = load(results_dir, "table1", scale)
-    for name, keep in (("fig6", lambda d: d != "cifar100n"), ("fig8", lambda d: d == "cifar100n")):
-        src = t if t is not None and t.runs["data.name"].map(keep).any() else load(results_dir, name, scale)
-        if src is None:
-            continue
-        runs = src.runs[src.runs["data.name"].map(keep) & (src.runs["data.name"] != "random")]
-        rows += _compare(runs, src.experiment)
-        used.append(src)
-    if not rows:
-        return None
-    df = pd.DataFrame(rows).sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
-    df.insert(df.columns.get_loc("runs"), "difference (points)", df["GAF (%)"] - df["baseline (%)"])
-    df.attrs["sources"] = list({s.experiment: s for s in used}.values())
-    return df
-
-
-def markdown_table(df, digits=1):
-    """A GitHub markdown table (no tabulate dependency); NaN shows as '—'."""
-    def cell(v):
-        if isinstance(v, float):
-            return "—" if np.isnan(v) else f"{v:.{digits}f}"
-        return str(v)
-    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines)
-
-
-def _provenance_lines(sources):
-    lines = []
-    for r in sources:
-        p = r.provenance
-        lines.append(f"- `{r.experiment}`: scale {r.scale}, {len(r.runs)} finished runs "
-                     f"({p.get('n_unfinished', 0)} unfinished not used); device {', '.join(p.get('devices', []))}; "
-                     f"collected {p.get('collected_at', '?')}; `{p.get('command', '?')}`")
-        lines += [f"  - data note: {n} (full notes: `{r.experiment}/provenance.json`)" for n in data_notes(r.runs)]
-    return lines
-
-
-def with_spread(df, columns=("baseline", "GAF")):
-    """'mean ± s.d.' cells for the markdown table (mean alone where one seed gives no s.d.)."""
-    df = df.copy()
-    for c in columns:
-        mean, sd = df.pop(f"{c} (%)"), df.pop(f"{c} s.d.")
-        cells = [("—" if np.isnan(m) else f"{m:.1f}" + ("" if np.isnan(d) else f" ± {d:.1f}"))
-                 for m, d in zip(mean, sd)]
-        df.insert(3 if c == "baseline" else 4, f"{c} (%)", cells)
-    return df
-
-
-def table1_markdown(df):
-    """Table 1 with its caveat (scale, substitutions) and sources: the file and the notebook show this."""
-    runs = pd.concat([s.runs for s in df.attrs["sources"]])
-    suffix = title_suffix(runs)
-    text = ["# Table 1: best validation accuracy (%), baseline vs. GAF", "",
-            (suffix + "\n\n" if suffix else "") + "Best validation accuracy over each run (not the final one), "
-            "mean ± standard deviation over seeds (no ± where one seed ran); seeds = baseline / GAF runs; "
-            "difference = GAF - baseline in percentage points, of the means. Baseline = the run(s) with the "
-            "same data and noise (batch size nearest the paper's 128); '—' = not run. The dataset column names "
-            "what the runs trained on, and what it stood in for.", "",
-            markdown_table(with_spread(df)), "",
-            "Sources (regenerate: `make figures`):", *_provenance_lines(df.attrs["sources"]), ""]
-    return "\n".join(text)
-
-
-def write_table1(df, results_dir):
-    results_dir = Path(results_dir)
-    df.to_csv(results_dir / "table1.csv", index=False, float_format="%.2f")
-    (results_dir / "table1.md").write_text(table1_markdown(df))
-    return [results_dir / "table1.csv", results_dir / "table1.md"]
-
-
-def paper_vs_repro(results_dir, scale=None):
-    """The paper's figure-6 values beside the reproduced ones (fig6, else table1), or None if nothing was reproduced."""
-    r = load(results_dir, "fig6", scale) or load(results_dir, "table1", scale)
-    if r is None:
-        return None
-    runs = r.runs[~r.runs["data.name"].isin(["cifar100n", "random"])]
-    gaf = runs[runs["method.name"] == "gaf"].assign(setting=lambda x: variant(x))
-    if gaf["setting"].nunique() > 1:  # several GAF settings: the one covering the most noise levels
-        gaf = gaf[gaf["setting"] == gaf.groupby("setting")["data.noise"].nunique().idxmax()]
-    repro = {}
-    for method, group in (("gaf", gaf), ("baseline", runs[runs["method.name"] == "baseline"])):
-        s = acc_stats(group.assign(noise=noise_pct(group).round(6)), "noise")
-        repro[method] = dict(zip(s["noise"], s["mean"]))
-    paper = read_paper_fig6()
-    df = pd.DataFrame({"label noise (%)": paper["label_noise_pct"],
-                       "paper baseline": paper["baseline_val_acc_pct"], "repro baseline": np.nan,
-                       "paper GAF": paper["gaf_val_acc_pct"], "repro GAF": np.nan})
-    for method, col in (("baseline", "repro baseline"), ("gaf", "repro GAF")):
-        df[col] = df["label noise (%)"].map(lambda p: repro[method].get(float(p), np.nan))
-    comparable = set(data_used(runs)) == {PAPER_FIG6_SETUP[0]} and set(runs["model.name"]) == {PAPER_FIG6_SETUP[1]}
-    if comparable:  # the same data set and network as the paper's figure 6: differences mean something
-        df["repro - paper, baseline"] = df["repro baseline"] - df["paper baseline"]
-        df["repro - paper, GAF"] = df["repro GAF"] - df["paper GAF"]
-    df["GAF gain, paper"] = df["paper GAF"] - df["paper baseline"]
-    df["GAF gain, repro"] = df["repro GAF"] - df["repro baseline"]
-    extra = sorted((set(repro["gaf"]) | set(repro["baseline"])) - set(map(float, paper["label_noise_pct"])))
-    df.attrs.update(source=r, extra_levels=extra, setting=_unique(gaf["setting"]), comparable=comparable)
-    return df
-
-
-def write_paper_vs_repro(df, results_dir):
-    r = df.attrs["source"]
-    scales = _unique(r.runs["scale"])
-    setting = ", ".join(df.attrs["setting"]) or "none"
-    text = ["# Figure 6: the paper's values beside this reproduction", "",
-            "Best validation accuracy (%) vs. symmetric label noise. Paper: ResNet18 on CIFAR-100, read off the "
-            "published figure 6 by eye (+-1 point; `scripts/paper_facts/figure6.csv`, Chaubard et al. 2024, "
-            "arXiv:2412.18052). "
-            f"Reproduction: experiment `{r.experiment}`, best validation accuracy over each run, mean over seeds; "
-            f"GAF setting: {setting}. '—' = this noise level was not in the sweep.", "",
-            f"Scale: **{', '.join(scales)}**; "
-            f"models: {models_of(r.runs)}; data: {datasets_of(r.runs)}"
-            + "".join(f"; {n}" for n in data_notes(r.runs)) + ".", "",
-            markdown_table(df), ""]
-    if not df.attrs["comparable"]:
-        text += [f"No 'repro - paper' differences: these runs trained {models_of(r.runs)} on {datasets_of(r.runs)}, "
-                 "the paper a ResNet18 on CIFAR-100, so their accuracies are not the same quantity. The GAF gains "
-                 "(GAF - baseline) are shown side by side.", ""]
-    if df.attrs["extra_levels"]:
-        text += [f"Reproduced noise levels the paper's figure does not show: "
-                 f"{', '.join(f'{p:g}%' for p in df.attrs['extra_levels'])} (see `{r.experiment}/runs.csv`).", ""]
-    if scales != ["paper"]:
-        text += [f"The {'/'.join(scales)} scale trains smaller models on smaller or substituted data for far fewer "
-                 "iterations, so its accuracies are not expected to match the paper's numbers; what can be compared "
-                 "is the shape: whether GAF's advantage over the baseline grows with label noise.", ""]
-    else:
-        text += ["Paper-scale runs: differences beyond about 2 points (the reading error of the plot plus "
-                 "seed-to-seed spread) are worth a look.", ""]
-    text += ["Provenance:", *_provenance_lines([r]), ""]
-    path = Path(results_dir) / "paper_vs_repro.md"
-    path.write_text("\n".join(text))
-    return [path]
-
 
 # ---------------------------------------------------------------- premise
-def _phase_mean(c, column, start):
-    """Mean of a per-window column over the iterations after `start`, windows weighted by their length."""
-    c = c[c["iter"] > start]
-    col = f"{column}_win" if f"{column}_win" in c else column
-    w = c["stride"] if "stride" in c else pd.Series(1.0, index=c.index)
-    ok = c[col].notna()
-    return float((c.loc[ok, col] * w[ok]).sum() / w[ok].sum()) if ok.any() else np.nan
-
-
-def _premise_baselines(r, results_dir):
-    """The baseline runs at the premise's noise: its own, plus figure 6's at the same scale (the tiny scale's
-    width-16 baseline is figure 6's seed-0 run at 40% noise, not run twice). Returns (runs, evals)."""
-    runs, evs = [r.runs[r.runs["method.name"] == "baseline"]], [r.evals]
-    f6 = load(results_dir, "fig6", r.scale)
-    if f6 is not None:
-        noise = r.runs["data.noise"].dropna().unique()
-        b = f6.runs[(f6.runs["method.name"] == "baseline") & f6.runs["data.noise"].isin(noise)]
-        runs.append(b)
-        evs.append(f6.evals[f6.evals["run_id"].isin(b["run_id"])])
-    return pd.concat(runs, ignore_index=True), pd.concat(evs, ignore_index=True)
-
-
-def premise_table(results_dir, scale=None):
-    """One row per (width, m) point of the premise preset: the unfiltered mean distance in the memorisation
-    phase (tau = 2 run), GAF's share of steps taken there (tau = 0.97 run), the baseline's peak and
-    memorisation, and GAF - baseline / GAF - averaging in best and final val acc (points). None if no runs."""
-    r = load(results_dir, "premise", scale)
-    if r is None:
-        return None
-    base, base_evals = _premise_baselines(r, results_dir)
-    width = lambda df: df["model.width"] if "model.width" in df else pd.Series(np.nan, index=df.index)  # noqa: E731
-    runs = r.runs.assign(width=width(r.runs))
-    base = base.assign(width=width(base))
-    rows = []
-    for (w, m, seed), g in runs[runs["method.name"] == "gaf"].groupby(["width", "method.per_class", "seed"],
-                                                                        dropna=False):
-        avg, gaf = g[g["method.tau"] >= 2], g[g["method.tau"] < 2]
-        b = base[(base["width"] == w) | (pd.isna(w) & base["width"].isna())]
-        b = b[b["seed"] == seed] if (b["seed"] == seed).any() else b.head(0)
-        row = {"width": w, "m": m, "seed": seed, "phase from": np.nan, "baseline memorises": "—"}
-        if len(b):
-            e = base_evals[base_evals["run_id"] == b["run_id"].iloc[0]].sort_values("iter")
-            peak = int(e.loc[e["val_acc"].idxmax(), "iter"])
-            memorises = peak < e["iter"].max()  # peaking at its last evaluation: no phase after the peak
-            row.update({"phase from": peak if memorises else np.nan, "baseline memorises": "yes" if memorises else "no",
-                        "baseline best": 100 * b["best_val_acc"].iloc[0],
-                        "baseline final": 100 * b["final_val_acc"].iloc[0],
-                        "baseline fitted flipped": 100 * e["mem_flipped_noisy_acc"].iloc[-1]})
-        start = row["phase from"] if not np.isnan(row["phase from"]) else g["iterations"].max() / 2
-        for name, one in (("averaging", avg), ("GAF", gaf)):
-            if len(one):
-                c = curve(r, one["run_id"].iloc[0])
-                row[f"{name} distance"] = _phase_mean(c, "d_mean", start)
-                row[f"{name} steps taken"] = _phase_mean(c, "stepped", start)
-                row[f"{name} best"] = 100 * one["best_val_acc"].iloc[0]
-                row[f"{name} final"] = 100 * one["final_val_acc"].iloc[0]
-        rows.append(row)
-    df = pd.DataFrame(rows)
-    for other in ("baseline", "averaging"):
-        for k in ("best", "final"):
-            if f"GAF {k}" in df and f"{other} {k}" in df:
-                df[f"GAF - {other}, {k}"] = df[f"GAF {k}"] - df[f"{other} {k}"]
-    df.attrs["source"] = r
-    return df
 
 
 def premise(results_dir, scale=None):
@@ -872,29 +469,8 @@ def premise(results_dir, scale=None):
                        "label noise", r)
 
 
-def write_premise(df, results_dir):
-    path = Path(results_dir) / "premise" / "premise.md"
-    r = df.attrs["source"]
-    cols = [c for c in df.columns if c not in ("seed",)]
-    text = ["# When does GAF's premise hold? (experiment `premise`)", "", title_suffix(r.runs), "",
-            "Per point (model width, m): 'phase from' = the iteration of the same-width baseline's best validation "
-            "accuracy; after it the baseline memorises. Where the baseline peaks at its last evaluation (it never "
-            "memorises: 'baseline memorises' = no) there is no such phase, and the second half of the run is measured "
-            "instead. Distance = mean cosine distance between micro-gradients there "
-            "in the plain-averaging run (tau = 2, mean merge: every micro-gradient measured, every step taken); steps "
-            "taken = share of iterations there on which the run stepped (GAF: tau = 0.97, same microbatches). "
-            "Accuracies in %, differences in points; best = best validation accuracy over the run, final = at its end.",
-            "", markdown_table(df[cols], digits=2), "", "Provenance:", *_provenance_lines([r]), ""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(text))
-    df.to_csv(path.with_suffix(".csv"), index=False, float_format="%.4f")
-    return [path, path.with_suffix(".csv")]
-
-
 # ---------------------------------------------------------------- main
 FIGURES["premise"] = premise
-TABLES = {"table1": (table1, write_table1), "paper_vs_repro": (paper_vs_repro, write_paper_vs_repro),
-          "premise_table": (premise_table, write_premise)}
 
 
 def main(argv=None):

@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plot import load  # noqa: E402  (the same finished-runs-at-one-scale rule as the figures)
+from results_data import load  # noqa: E402  (the same finished-runs-at-one-scale rule as the figures)
 
 CLEAN_BEST, MEMORISED, DROP, NOISE = 0.45, 0.50, 0.05, 0.4
 OPTIMIZER = {"optim.name": "sgd", "optim.nesterov": True, "optim.momentum": 0.9, "optim.lr": 0.01,

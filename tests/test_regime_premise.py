@@ -10,6 +10,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import plot  # noqa: E402
+import results_data  # noqa: E402
+import tables  # noqa: E402
 import regime_check  # noqa: E402
 
 OPTIM = {"optim.name": "sgd", "optim.nesterov": True, "optim.momentum": 0.9, "optim.lr": 0.01,
@@ -34,7 +36,8 @@ def write(results, experiment, runs, evals, curves=()):
     d.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(runs).assign(experiment=experiment).to_csv(d / "runs.csv", index=False)
     pd.DataFrame(evals).to_csv(d / "evals.csv", index=False)
-    pd.DataFrame(list(curves), columns=plot.CURVE_COLUMNS + ["stepped_win"]).to_csv(d / "curves.csv", index=False)
+    columns = results_data.CURVE_COLUMNS + ["stepped_win"]
+    pd.DataFrame(list(curves), columns=columns).to_csv(d / "curves.csv", index=False)
 
 
 def fig6_results(results, mem=0.6, clean_best=0.47, drop=0.08):
@@ -82,11 +85,11 @@ def test_regime_check_refuses_another_optimizer(tmp_path, capsys):
 
 def test_table1_reports_mean_and_spread_over_seeds(tmp_path):
     fig6_results(tmp_path)
-    df = plot.table1(tmp_path, "tiny")
+    df = tables.table1(tmp_path, "tiny")
     row = df[df["label noise (%)"] == "40"].iloc[0]
     assert row["GAF (%)"] == pytest.approx(31.0) and row["GAF s.d."] == pytest.approx(np.std([30, 32], ddof=1))
     assert row["seeds"] == "2 / 2" and row["difference (points)"] == pytest.approx(31.0 - 33.0)
-    text = plot.markdown_table(plot.with_spread(df))
+    text = tables.markdown_table(tables.with_spread(df))
     assert "| 33.0 ± 0.0 | 31.0 ± 1.4 |" in text
 
 
@@ -112,7 +115,7 @@ def test_premise_table_measures_the_phase_after_the_baselines_peak(tmp_path):
                                     final=0.25 + 0.02 * (tau < 2)))
                 curves += curve_rows(rid, 0.9, 0.99 if m == 1 else 0.8, 1.0, 0.4 if tau < 2 else 1.0)
     write(tmp_path, "premise", runs, evals, curves)
-    df = plot.premise_table(tmp_path, "tiny").set_index(["width", "m"])
+    df = tables.premise_table(tmp_path, "tiny").set_index(["width", "m"])
     assert df.loc[(16, 1), "phase from"] == 100 and df.loc[(4, 1), "phase from"] == 200
     assert df.loc[(16, 1), "averaging distance"] == pytest.approx(0.99)
     assert df.loc[(16, 2), "averaging distance"] == pytest.approx(0.8)
@@ -122,7 +125,7 @@ def test_premise_table_measures_the_phase_after_the_baselines_peak(tmp_path):
     assert df.loc[(16, 1), "GAF - averaging, final"] == pytest.approx(2.0)
     fig = plot.premise(tmp_path, "tiny")
     assert fig is not None and len(fig.axes) == 4
-    md, csv = plot.write_premise(plot.premise_table(tmp_path, "tiny"), tmp_path)
+    md, csv = tables.write_premise(tables.premise_table(tmp_path, "tiny"), tmp_path)
     assert "| phase from |" in md.read_text().replace("| width | m | phase from |", "| phase from |")
     assert len(pd.read_csv(csv)) == 3
 
@@ -135,6 +138,6 @@ def test_premise_table_measures_the_second_half_where_the_baseline_never_memoris
     curves = [{"run_id": "avg", "iter": i, "d_mean": 0.9, "d_mean_win": 0.9 if i <= 200 else 0.95, "stride": 1,
                "acc": 0.5, "loss": 1.0, "stepped_win": 1.0} for i in range(1, 401)]
     write(tmp_path, "premise", runs, evals, curves)
-    row = plot.premise_table(tmp_path, "tiny").set_index(["width", "m"]).loc[(4, 1)]
+    row = tables.premise_table(tmp_path, "tiny").set_index(["width", "m"]).loc[(4, 1)]
     assert row["baseline memorises"] == "no" and np.isnan(row["phase from"])
     assert row["averaging distance"] == pytest.approx(0.95)  # iterations 201..400

@@ -21,6 +21,8 @@ sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "tests")]
 
 import collect  # noqa: E402
 import plot  # noqa: E402
+import results_data  # noqa: E402
+import tables  # noqa: E402
 import synthetic_runs as synth  # noqa: E402
 
 RUN_COLUMNS = ["run_id", "experiment", "scale", "data.name", "data.noise", "model.name", "method.name", "method.tau",
@@ -130,7 +132,7 @@ def test_duplicate_sweep_point_keeps_the_newest_finished_run(tmp_path):
     curves = pd.read_csv(tmp_path / "results" / "fig6" / "curves.csv")
     assert set(curves["run_id"]) == ids  # dropped duplicates leave no curves behind
     # plots use finished runs only: the running run adds no point at 80% noise
-    assert 80 not in set(plot.noise_pct(plot.load(tmp_path / "results", "fig6").runs))
+    assert 80 not in set(results_data.noise_pct(results_data.load(tmp_path / "results", "fig6").runs))
 
 
 def test_results_are_collected_per_scale_and_custom_runs_only_when_asked(tmp_path):
@@ -157,7 +159,7 @@ def test_results_are_collected_per_scale_and_custom_runs_only_when_asked(tmp_pat
     tiny_only = pd.read_csv(io.BytesIO(committed["curves.csv"]))
     mine = curves[curves["run_id"].isin(tiny_only["run_id"])].reset_index(drop=True)
     pd.testing.assert_frame_equal(mine[tiny_only.columns], tiny_only)
-    assert plot.load(results, "fig6", "tiny").runs["scale"].eq("tiny").all()
+    assert results_data.load(results, "fig6", "tiny").runs["scale"].eq("tiny").all()
     ad_hoc = collect.collect([tmp_path / "outputs"], results, ad_hoc=True)["fig6"]
     assert "custom" in set(ad_hoc["scale"]) and {"tiny", "small"} <= set(ad_hoc["scale"])
 
@@ -210,7 +212,7 @@ def test_titles_name_the_scale_and_the_data_substitution(pipeline):
 
 def table1_text_has_its_caveat(results):
     """The notebook shows table1_markdown, the same text as table1.md: caveat included."""
-    head = plot.table1_markdown(plot.table1(results)).split("Sources")[0]
+    head = tables.table1_markdown(tables.table1(results)).split("Sources")[0]
     return "[tiny scale" in head and (results / "table1.md").read_text().startswith(head)
 
 
@@ -262,7 +264,7 @@ def test_paper_vs_repro_differences_only_for_the_papers_data_and_model(tmp_path)
         summary = json.loads(run_dir.read_text())
         run_dir.write_text(json.dumps({**summary, "data_note": "CIFAR-100 (torchvision)", "data_used": "cifar100"}))
     collect.collect([tmp_path / "multirun"], tmp_path / "results")
-    df = plot.paper_vs_repro(tmp_path / "results")
+    df = tables.paper_vs_repro(tmp_path / "results")
     assert df.attrs["comparable"] and df["repro - paper, GAF"].notna().sum() == 4
 
 
@@ -311,7 +313,7 @@ def test_changed_inputs_redraw_exactly_the_figures_that_read_them(tmp_path):
     assert figures == ["fig6", "premise"]  # the premise figure reads figure 6's baselines
     assert plot.is_current(copy / "fig6" / "fig6", copy, None)
     side = json.loads((copy / "fig6" / "fig6.inputs.json").read_text())
-    assert side["inputs"]["fig6/runs.csv"] == plot.sha256((copy / "fig6" / "runs.csv").read_bytes())
+    assert side["inputs"]["fig6/runs.csv"] == results_data.sha256((copy / "fig6" / "runs.csv").read_bytes())
     assert side["drawn"] != json.loads((ROOT / "results/fig6/fig6.inputs.json").read_text())["drawn"]
     assert plot.main(["--results", str(copy), "--scale", "tiny", "--only", "fig1"])  # another scale: redrawn
 
@@ -338,11 +340,11 @@ def test_paper_scale_titles_carry_no_scale_tag(tmp_path):
     synth.write_experiment(tmp_path / "multirun", "fig6", scale="paper", model="resnet18")
     collect.collect([tmp_path / "multirun"], tmp_path / "results")
     runs = pd.read_csv(tmp_path / "results" / "fig6" / "runs.csv")
-    assert "paper scale" not in plot.title_suffix(runs) and synth.DATA_NOTE in plot.title_suffix(runs)
+    assert "paper scale" not in results_data.title_suffix(runs) and synth.DATA_NOTE in results_data.title_suffix(runs)
     runs["data_note"] = ""
-    assert plot.title_suffix(runs) == ""
+    assert results_data.title_suffix(runs) == ""
     runs.loc[0, "scale"] = "small"  # a mix names both scales
-    assert plot.title_suffix(runs) == "[small/paper scale: ResNet18]"
+    assert results_data.title_suffix(runs) == "[small/paper scale: ResNet18]"
 
 
 def test_plot_survives_runs_without_rows_or_distances(tmp_path):
@@ -543,7 +545,7 @@ def test_fig6_draws_each_runs_best_validation_accuracy_against_noise(pipeline):
         x, y = series[f"{label} (this reproduction)"]
         np.testing.assert_allclose(x, [p for p, _ in mine])
         np.testing.assert_allclose(y, [b for _, b in mine], rtol=1e-6)
-    paper = pd.read_csv(plot.PAPER_FIG6, comment="#")
+    paper = pd.read_csv(results_data.PAPER_FIG6, comment="#")
     assert_curve(line(fig.axes[0], "GAF (paper)"), paper["label_noise_pct"], paper["gaf_val_acc_pct"])
     assert_curve(line(fig.axes[0], "baseline (paper)"), paper["label_noise_pct"], paper["baseline_val_acc_pct"])
 

@@ -1,0 +1,250 @@
+"""Result files -> table 1, the paper-vs-reproduction note and the premise table (Markdown and CSV).
+
+Each table is a ``make`` function (results folder, scale -> DataFrame or None) and a ``write``
+function (DataFrame, results folder -> the paths written); ``TABLES`` names them for plot.py.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from results_data import (PAPER_FIG6_SETUP, _unique, acc_stats, curve, data_notes, data_used, datasets_of, load,
+                          models_of, noise_pct, ran_on, read_paper_fig6, title_suffix, variant)
+
+def _compare(runs, source):
+    """Rows of (dataset, noise, GAF setting): baseline, GAF and GAF - baseline, best val acc in %: mean, s.d. and
+    number of seeds of each (s.d. NaN for one seed), and the runs' length in iterations."""
+    runs = runs.assign(noise=noise_pct(runs))
+    gaf, base = runs[runs["method.name"] == "gaf"], runs[runs["method.name"] == "baseline"]
+    if "method.batch_size" in base and base["method.batch_size"].nunique() > 1:  # the paper's baseline batch: 128
+        sizes = base["method.batch_size"].dropna()
+        base = base[base["method.batch_size"] == sizes.iloc[(sizes - 128).abs().argmin()]]
+    gaf = gaf.assign(setting=variant(gaf))
+    rows = []
+    for (data, p, setting), g in gaf.groupby(["data.name", "noise", "setting"]):
+        b = base[(base["data.name"] == data) & (base["noise"] == p)]
+        used = data_used(g).iloc[0]
+        noise = f"{p:g}" if data != "cifar100n" else "real (40.2%)" if used == data else "symmetric 40.2"
+        bv, gv = 100 * b["best_val_acc"], 100 * g["best_val_acc"]
+        rows.append({"dataset": ran_on(data, used), "label noise (%)": noise, "GAF setting": setting,
+                     "baseline (%)": bv.mean() if len(b) else np.nan, "baseline s.d.": bv.std(),
+                     "GAF (%)": gv.mean(), "GAF s.d.": gv.std(), "seeds": f"{len(b)} / {len(g)}",
+                     "iterations": "/".join(f"{i:g}" for i in _unique(pd.concat([b, g])["iterations"])),
+                     "runs": len(g) + len(b), "source": source, "_order": (data == "cifar100n", p)})
+    return rows
+
+def table1(results_dir, scale=None):
+    """Table 1: noise levels (table1 experiment, else fig6) and CIFAR-100N (table1, else fig8). DataFrame or None."""
+    rows, used = [], []
+    t = load(results_dir, "table1", scale)
+    for name, keep in (("fig6", lambda d: d != "cifar100n"), ("fig8", lambda d: d == "cifar100n")):
+        src = t if t is not None and t.runs["data.name"].map(keep).any() else load(results_dir, name, scale)
+        if src is None:
+            continue
+        runs = src.runs[src.runs["data.name"].map(keep) & (src.runs["data.name"] != "random")]
+        rows += _compare(runs, src.experiment)
+        used.append(src)
+    if not rows:
+        return None
+    df = pd.DataFrame(rows).sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
+    df.insert(df.columns.get_loc("runs"), "difference (points)", df["GAF (%)"] - df["baseline (%)"])
+    df.attrs["sources"] = list({s.experiment: s for s in used}.values())
+    return df
+
+def markdown_table(df, digits=1):
+    """A GitHub markdown table (no tabulate dependency); NaN shows as '—'."""
+    def cell(v):
+        if isinstance(v, float):
+            return "—" if np.isnan(v) else f"{v:.{digits}f}"
+        return str(v)
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+def _provenance_lines(sources):
+    lines = []
+    for r in sources:
+        p = r.provenance
+        lines.append(f"- `{r.experiment}`: scale {r.scale}, {len(r.runs)} finished runs "
+                     f"({p.get('n_unfinished', 0)} unfinished not used); device {', '.join(p.get('devices', []))}; "
+                     f"collected {p.get('collected_at', '?')}; `{p.get('command', '?')}`")
+        lines += [f"  - data note: {n} (full notes: `{r.experiment}/provenance.json`)" for n in data_notes(r.runs)]
+    return lines
+
+def with_spread(df, columns=("baseline", "GAF")):
+    """'mean ± s.d.' cells for the markdown table (mean alone where one seed gives no s.d.)."""
+    df = df.copy()
+    for c in columns:
+        mean, sd = df.pop(f"{c} (%)"), df.pop(f"{c} s.d.")
+        cells = [("—" if np.isnan(m) else f"{m:.1f}" + ("" if np.isnan(d) else f" ± {d:.1f}"))
+                 for m, d in zip(mean, sd)]
+        df.insert(3 if c == "baseline" else 4, f"{c} (%)", cells)
+    return df
+
+def table1_markdown(df):
+    """Table 1 with its caveat (scale, substitutions) and sources: the file and the notebook show this."""
+    runs = pd.concat([s.runs for s in df.attrs["sources"]])
+    suffix = title_suffix(runs)
+    text = ["# Table 1: best validation accuracy (%), baseline vs. GAF", "",
+            (suffix + "\n\n" if suffix else "") + "Best validation accuracy over each run (not the final one), "
+            "mean ± standard deviation over seeds (no ± where one seed ran); seeds = baseline / GAF runs; "
+            "difference = GAF - baseline in percentage points, of the means. Baseline = the run(s) with the "
+            "same data and noise (batch size nearest the paper's 128); '—' = not run. The dataset column names "
+            "what the runs trained on, and what it stood in for.", "",
+            markdown_table(with_spread(df)), "",
+            "Sources (regenerate: `make figures`):", *_provenance_lines(df.attrs["sources"]), ""]
+    return "\n".join(text)
+
+def write_table1(df, results_dir):
+    results_dir = Path(results_dir)
+    df.to_csv(results_dir / "table1.csv", index=False, float_format="%.2f")
+    (results_dir / "table1.md").write_text(table1_markdown(df))
+    return [results_dir / "table1.csv", results_dir / "table1.md"]
+
+def paper_vs_repro(results_dir, scale=None):
+    """The paper's figure-6 values beside the reproduced ones (fig6, else table1), or None if nothing was reproduced."""
+    r = load(results_dir, "fig6", scale) or load(results_dir, "table1", scale)
+    if r is None:
+        return None
+    runs = r.runs[~r.runs["data.name"].isin(["cifar100n", "random"])]
+    gaf = runs[runs["method.name"] == "gaf"].assign(setting=lambda x: variant(x))
+    if gaf["setting"].nunique() > 1:  # several GAF settings: the one covering the most noise levels
+        gaf = gaf[gaf["setting"] == gaf.groupby("setting")["data.noise"].nunique().idxmax()]
+    repro = {}
+    for method, group in (("gaf", gaf), ("baseline", runs[runs["method.name"] == "baseline"])):
+        s = acc_stats(group.assign(noise=noise_pct(group).round(6)), "noise")
+        repro[method] = dict(zip(s["noise"], s["mean"]))
+    paper = read_paper_fig6()
+    df = pd.DataFrame({"label noise (%)": paper["label_noise_pct"],
+                       "paper baseline": paper["baseline_val_acc_pct"], "repro baseline": np.nan,
+                       "paper GAF": paper["gaf_val_acc_pct"], "repro GAF": np.nan})
+    for method, col in (("baseline", "repro baseline"), ("gaf", "repro GAF")):
+        df[col] = df["label noise (%)"].map(lambda p: repro[method].get(float(p), np.nan))
+    comparable = set(data_used(runs)) == {PAPER_FIG6_SETUP[0]} and set(runs["model.name"]) == {PAPER_FIG6_SETUP[1]}
+    if comparable:  # the same data set and network as the paper's figure 6: differences mean something
+        df["repro - paper, baseline"] = df["repro baseline"] - df["paper baseline"]
+        df["repro - paper, GAF"] = df["repro GAF"] - df["paper GAF"]
+    df["GAF gain, paper"] = df["paper GAF"] - df["paper baseline"]
+    df["GAF gain, repro"] = df["repro GAF"] - df["repro baseline"]
+    extra = sorted((set(repro["gaf"]) | set(repro["baseline"])) - set(map(float, paper["label_noise_pct"])))
+    df.attrs.update(source=r, extra_levels=extra, setting=_unique(gaf["setting"]), comparable=comparable)
+    return df
+
+def write_paper_vs_repro(df, results_dir):
+    r = df.attrs["source"]
+    scales = _unique(r.runs["scale"])
+    setting = ", ".join(df.attrs["setting"]) or "none"
+    text = ["# Figure 6: the paper's values beside this reproduction", "",
+            "Best validation accuracy (%) vs. symmetric label noise. Paper: ResNet18 on CIFAR-100, read off the "
+            "published figure 6 by eye (+-1 point; `scripts/paper_facts/figure6.csv`, Chaubard et al. 2024, "
+            "arXiv:2412.18052). "
+            f"Reproduction: experiment `{r.experiment}`, best validation accuracy over each run, mean over seeds; "
+            f"GAF setting: {setting}. '—' = this noise level was not in the sweep.", "",
+            f"Scale: **{', '.join(scales)}**; "
+            f"models: {models_of(r.runs)}; data: {datasets_of(r.runs)}"
+            + "".join(f"; {n}" for n in data_notes(r.runs)) + ".", "",
+            markdown_table(df), ""]
+    if not df.attrs["comparable"]:
+        text += [f"No 'repro - paper' differences: these runs trained {models_of(r.runs)} on {datasets_of(r.runs)}, "
+                 "the paper a ResNet18 on CIFAR-100, so their accuracies are not the same quantity. The GAF gains "
+                 "(GAF - baseline) are shown side by side.", ""]
+    if df.attrs["extra_levels"]:
+        text += [f"Reproduced noise levels the paper's figure does not show: "
+                 f"{', '.join(f'{p:g}%' for p in df.attrs['extra_levels'])} (see `{r.experiment}/runs.csv`).", ""]
+    if scales != ["paper"]:
+        text += [f"The {'/'.join(scales)} scale trains smaller models on smaller or substituted data for far fewer "
+                 "iterations, so its accuracies are not expected to match the paper's numbers; what can be compared "
+                 "is the shape: whether GAF's advantage over the baseline grows with label noise.", ""]
+    else:
+        text += ["Paper-scale runs: differences beyond about 2 points (the reading error of the plot plus "
+                 "seed-to-seed spread) are worth a look.", ""]
+    text += ["Provenance:", *_provenance_lines([r]), ""]
+    path = Path(results_dir) / "paper_vs_repro.md"
+    path.write_text("\n".join(text))
+    return [path]
+
+def _phase_mean(c, column, start):
+    """Mean of a per-window column over the iterations after `start`, windows weighted by their length."""
+    c = c[c["iter"] > start]
+    col = f"{column}_win" if f"{column}_win" in c else column
+    w = c["stride"] if "stride" in c else pd.Series(1.0, index=c.index)
+    ok = c[col].notna()
+    return float((c.loc[ok, col] * w[ok]).sum() / w[ok].sum()) if ok.any() else np.nan
+
+def _premise_baselines(r, results_dir):
+    """The baseline runs at the premise's noise: its own, plus figure 6's at the same scale (the tiny scale's
+    width-16 baseline is figure 6's seed-0 run at 40% noise, not run twice). Returns (runs, evals)."""
+    runs, evs = [r.runs[r.runs["method.name"] == "baseline"]], [r.evals]
+    f6 = load(results_dir, "fig6", r.scale)
+    if f6 is not None:
+        noise = r.runs["data.noise"].dropna().unique()
+        b = f6.runs[(f6.runs["method.name"] == "baseline") & f6.runs["data.noise"].isin(noise)]
+        runs.append(b)
+        evs.append(f6.evals[f6.evals["run_id"].isin(b["run_id"])])
+    return pd.concat(runs, ignore_index=True), pd.concat(evs, ignore_index=True)
+
+def premise_table(results_dir, scale=None):
+    """One row per (width, m) point of the premise preset: the unfiltered mean distance in the memorisation
+    phase (tau = 2 run), GAF's share of steps taken there (tau = 0.97 run), the baseline's peak and
+    memorisation, and GAF - baseline / GAF - averaging in best and final val acc (points). None if no runs."""
+    r = load(results_dir, "premise", scale)
+    if r is None:
+        return None
+    base, base_evals = _premise_baselines(r, results_dir)
+    width = lambda df: df["model.width"] if "model.width" in df else pd.Series(np.nan, index=df.index)  # noqa: E731
+    runs = r.runs.assign(width=width(r.runs))
+    base = base.assign(width=width(base))
+    rows = []
+    for (w, m, seed), g in runs[runs["method.name"] == "gaf"].groupby(["width", "method.per_class", "seed"],
+                                                                        dropna=False):
+        avg, gaf = g[g["method.tau"] >= 2], g[g["method.tau"] < 2]
+        b = base[(base["width"] == w) | (pd.isna(w) & base["width"].isna())]
+        b = b[b["seed"] == seed] if (b["seed"] == seed).any() else b.head(0)
+        row = {"width": w, "m": m, "seed": seed, "phase from": np.nan, "baseline memorises": "—"}
+        if len(b):
+            e = base_evals[base_evals["run_id"] == b["run_id"].iloc[0]].sort_values("iter")
+            peak = int(e.loc[e["val_acc"].idxmax(), "iter"])
+            memorises = peak < e["iter"].max()  # peaking at its last evaluation: no phase after the peak
+            row.update({"phase from": peak if memorises else np.nan, "baseline memorises": "yes" if memorises else "no",
+                        "baseline best": 100 * b["best_val_acc"].iloc[0],
+                        "baseline final": 100 * b["final_val_acc"].iloc[0],
+                        "baseline fitted flipped": 100 * e["mem_flipped_noisy_acc"].iloc[-1]})
+        start = row["phase from"] if not np.isnan(row["phase from"]) else g["iterations"].max() / 2
+        for name, one in (("averaging", avg), ("GAF", gaf)):
+            if len(one):
+                c = curve(r, one["run_id"].iloc[0])
+                row[f"{name} distance"] = _phase_mean(c, "d_mean", start)
+                row[f"{name} steps taken"] = _phase_mean(c, "stepped", start)
+                row[f"{name} best"] = 100 * one["best_val_acc"].iloc[0]
+                row[f"{name} final"] = 100 * one["final_val_acc"].iloc[0]
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    for other in ("baseline", "averaging"):
+        for k in ("best", "final"):
+            if f"GAF {k}" in df and f"{other} {k}" in df:
+                df[f"GAF - {other}, {k}"] = df[f"GAF {k}"] - df[f"{other} {k}"]
+    df.attrs["source"] = r
+    return df
+
+def write_premise(df, results_dir):
+    path = Path(results_dir) / "premise" / "premise.md"
+    r = df.attrs["source"]
+    cols = [c for c in df.columns if c not in ("seed",)]
+    text = ["# When does GAF's premise hold? (experiment `premise`)", "", title_suffix(r.runs), "",
+            "Per point (model width, m): 'phase from' = the iteration of the same-width baseline's best validation "
+            "accuracy; after it the baseline memorises. Where the baseline peaks at its last evaluation (it never "
+            "memorises: 'baseline memorises' = no) there is no such phase, and the second half of the run is measured "
+            "instead. Distance = mean cosine distance between micro-gradients there "
+            "in the plain-averaging run (tau = 2, mean merge: every micro-gradient measured, every step taken); steps "
+            "taken = share of iterations there on which the run stepped (GAF: tau = 0.97, same microbatches). "
+            "Accuracies in %, differences in points; best = best validation accuracy over the run, final = at its end.",
+            "", markdown_table(df[cols], digits=2), "", "Provenance:", *_provenance_lines([r]), ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(text))
+    df.to_csv(path.with_suffix(".csv"), index=False, float_format="%.4f")
+    return [path, path.with_suffix(".csv")]
+
+
+TABLES = {"table1": (table1, write_table1), "paper_vs_repro": (paper_vs_repro, write_paper_vs_repro),
+          "premise_table": (premise_table, write_premise)}
