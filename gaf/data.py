@@ -1,7 +1,8 @@
-"""Data for GAF: image sets as uint8 tensors, label noise, samplers, batch augmentation.
+"""Data for GAF: image sets as uint8 tensors, their sources, subsets and label noise.
 
 Everything a run needs lives in memory as tensors (CIFAR is 150 MB as uint8), so the
-training device gets whole index batches and augments them in one go:
+training device gets whole index batches (``gaf.samplers``) and augments them in one go
+(``gaf.augment``):
 
     ds = load_dataset("cifar100", "data", noise=0.4, seed=0).to("cuda")
     sampler = ClassBalancedSampler(ds.clean_y, ds.num_classes, per_class=1, n_micro=2, seed=0)
@@ -28,7 +29,6 @@ Every data problem raises ``DataError`` (a ``ValueError``) that names the bad va
 from __future__ import annotations
 
 import codecs
-import functools
 import hashlib
 import io
 import math
@@ -43,9 +43,9 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from gaf import sources
+from gaf.samplers import check_positive_int
 from gaf.sources import DataError, DataNotFound  # the data errors live with the sources; re-exported here
 
 Tensor = torch.Tensor
@@ -502,7 +502,7 @@ def symmetric_noise(labels: Tensor, p: float, num_classes: int, seed: int) -> Te
 
 def _balanced_pick(labels: Tensor, per_class: int, num_classes: int, g: torch.Generator, what: str) -> Tensor:
     """Sorted indices of ``per_class`` random images of every class (no per-class loop)."""
-    _check_positive_int(**{f"{what}_per_class": per_class})
+    check_positive_int(**{f"{what}_per_class": per_class})
     counts = torch.bincount(labels, minlength=num_classes)
     short = (counts < per_class).nonzero()
     if len(short):
@@ -639,207 +639,3 @@ def load_dataset(name: str, root=None, *, label_file=None, noise: float = 0.0, s
         ds = ds.with_labels(y, note=f"{ds.note}; symmetric label noise p={noise}{why}: "
                                     f"{noise_count(noise, len(y))} of {len(y)} training labels flipped (seed {seed})")
     return ds
-
-
-# ----------------------------------------------------------------------------------------
-# Samplers
-
-
-def _check_positive_int(**values):
-    for k, v in values.items():
-        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-            raise DataError(f"{k} must be an integer >= 1, got {v!r}")
-
-
-class ClassBalancedSampler:
-    """The paper's GAF microbatches: ``n_micro`` disjoint microbatches per step, each with
-    exactly ``per_class`` images of every class.
-
-    Each class walks through a seeded permutation of its images, pass after pass, so
-    every image is used once per pass. When a class runs out mid-step, the rest of its
-    pass is used first and the new pass puts those images last, so the microbatches of
-    one step stay disjoint. With ``replacement=True`` a class smaller than
-    ``per_class * n_micro`` repeats images within a step (it walks several passes).
-    Within a microbatch images are grouped by class. ``sample()`` returns CPU indices.
-    """
-
-    def __init__(self, labels, num_classes: int, per_class: int, n_micro: int, seed: int, replacement: bool = False):
-        _check_positive_int(num_classes=num_classes, per_class=per_class, n_micro=n_micro)
-        labels = torch.as_tensor(labels).to("cpu", torch.int64)
-        if labels.ndim != 1 or len(labels) == 0:
-            raise DataError(f"labels must be a non-empty 1-d tensor, got shape {tuple(labels.shape)}")
-        if labels.min() < 0 or labels.max() >= num_classes:
-            raise DataError(f"labels must lie in [0, num_classes={num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
-        self.num_classes, self.per_class, self.n_micro, self.replacement = num_classes, per_class, n_micro, replacement
-        self.need = per_class * n_micro  # images of every class per step
-        self.counts = torch.bincount(labels, minlength=num_classes)
-        smallest = int(self.counts.argmin())
-        low = int(self.counts[smallest])
-        if low == 0:
-            raise DataError(f"class {smallest} has no images: a class-balanced microbatch is impossible")
-        if self.need > low and not replacement:
-            raise DataError(f"per_class={per_class} x n_micro={n_micro} = {self.need} images of every class per step, "
-                            f"but class {smallest} has only {low} images; lower per_class or n_micro, "
-                            f"or pass replacement=True")
-        # members[starts[c]: starts[c] + counts[c]] are the images of class c
-        self.members = torch.sort(labels, stable=True).indices
-        self.starts = (torch.cumsum(self.counts, 0) - self.counts).tolist()
-        self.generator = torch.Generator().manual_seed(seed)
-        # perms[c, :counts[c]] is class c's current pass; pos[c] how far it has got
-        self.perms = torch.full((num_classes, int(self.counts.max())), -1, dtype=torch.int64)
-        for c in range(num_classes):
-            self._new_pass(c)
-        self.pos = torch.zeros(num_classes, dtype=torch.int64)
-
-    def _new_pass(self, c: int, last: Tensor | None = None) -> None:
-        """A fresh random pass through class c; images in ``last`` (just used) go to its end."""
-        cnt = int(self.counts[c])
-        new = self.members[self.starts[c]:self.starts[c] + cnt][torch.randperm(cnt, generator=self.generator)]
-        if last is not None and len(last):
-            is_last = torch.isin(new, last)
-            new = torch.cat([new[~is_last], new[is_last]])
-        self.perms[c, :cnt] = new
-
-    def _take_refresh(self, c: int) -> Tensor:
-        """The next ``need`` images of class c when its pass ends within this step."""
-        cnt, pos = int(self.counts[c]), int(self.pos[c])
-        taken = [self.perms[c, pos:cnt].clone()]
-        got = cnt - pos
-        while True:
-            # keep this step's images out of the head of the new pass (impossible, and not
-            # attempted, when the class is smaller than a step's need: replacement=True)
-            self._new_pass(c, taken[0] if self.need <= cnt else None)
-            if got + cnt >= self.need:
-                rest = self.need - got
-                taken.append(self.perms[c, :rest])
-                self.pos[c] = rest
-                return torch.cat(taken)
-            taken.append(self.perms[c, :cnt].clone())  # replacement: a whole pass, and again
-            got += cnt
-
-    def sample(self) -> Tensor:
-        """int64 (n_micro, per_class * num_classes): indices into the training set."""
-        k = self.need
-        out = torch.empty(self.num_classes, k, dtype=torch.int64)
-        short = (self.counts - self.pos) < k
-        ok = ~short
-        if ok.any():
-            cols = self.pos[ok, None] + torch.arange(k)
-            out[ok] = self.perms[ok].gather(1, cols)
-            self.pos[ok] += k
-        if short.any():
-            for c in short.nonzero().squeeze(1).tolist():  # once per pass per class
-                out[c] = self._take_refresh(c)
-        # (C, n*m) -> (n, C*m): microbatch j takes items j*m .. j*m+m-1 of every class
-        return out.view(self.num_classes, self.n_micro, self.per_class).transpose(0, 1).reshape(self.n_micro, -1)
-
-    def state_dict(self) -> dict:
-        return {"num_classes": self.num_classes, "per_class": self.per_class, "n_micro": self.n_micro,
-                "replacement": self.replacement, "counts": self.counts.clone(), "perms": self.perms.clone(),
-                "pos": self.pos.clone(), "generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("num_classes", "per_class", "n_micro", "replacement"):
-            if state[key] != getattr(self, key):
-                raise DataError(f"sampler state has {key}={state[key]!r}, this sampler {getattr(self, key)!r}")
-        if not torch.equal(state["counts"], self.counts):
-            raise DataError("sampler state was made for other labels (class counts differ)")
-        self.perms, self.pos = state["perms"].clone(), state["pos"].clone()
-        self.generator.set_state(state["generator"])
-
-
-def _draw_distinct(n: int, k: int, exclude: Tensor | None, g: torch.Generator) -> Tensor:
-    """k distinct indices drawn uniformly from [0, n) minus ``exclude``, in draw order.
-    Rejection sampling costs O(k) where k is small against n; otherwise one permutation."""
-    exclude = torch.empty(0, dtype=torch.int64) if exclude is None else exclude
-    if k == 0:
-        return torch.empty(0, dtype=torch.int64)
-    if 4 * (k + len(exclude)) > n:  # dense: a permutation is cheaper than many rejections
-        perm = torch.randperm(n, generator=g)
-        return perm[~torch.isin(perm, exclude)][:k]
-    out = torch.empty(0, dtype=torch.int64)
-    while len(out) < k:
-        cand = torch.cat([out, torch.randint(0, n, (2 * k,), generator=g)])
-        cand = cand[~torch.isin(cand, exclude)]
-        uniq, inverse = torch.unique(cand, return_inverse=True)  # keep first occurrences, in draw order
-        first = torch.full((len(uniq),), len(cand)).scatter_reduce(0, inverse, torch.arange(len(cand)), "amin")
-        out = cand[first.sort().values]
-    return out[:k]
-
-
-class BatchSampler:
-    """The baseline batch: floor(B/C) images of every class plus a random fill of the rest,
-    without duplicates within a batch (the reference code's "class-balanced + random fill").
-    The balanced part walks passes like ``ClassBalancedSampler``; if B < C the batch is
-    plain random without replacement."""
-
-    def __init__(self, labels, num_classes: int, batch_size: int, seed: int):
-        _check_positive_int(num_classes=num_classes, batch_size=batch_size)
-        labels = torch.as_tensor(labels).to("cpu", torch.int64)
-        if batch_size > len(labels):
-            raise DataError(f"batch_size={batch_size} exceeds the {len(labels)} training images")
-        self.n, self.num_classes, self.batch_size = len(labels), num_classes, batch_size
-        per_class = batch_size // num_classes
-        self.balanced = ClassBalancedSampler(labels, num_classes, per_class, 1, seed) if per_class else None
-        self.generator = torch.Generator().manual_seed(seed + 1_000_003)  # not the balanced part's stream
-
-    def sample(self) -> Tensor:
-        """int64 (1, batch_size)."""
-        if self.balanced is None:
-            return _draw_distinct(self.n, self.batch_size, None, self.generator).view(1, -1)
-        core = self.balanced.sample().view(-1)
-        fill = _draw_distinct(self.n, self.batch_size - len(core), core, self.generator)
-        return torch.cat([core, fill]).view(1, -1)
-
-    def state_dict(self) -> dict:
-        return {"batch_size": self.batch_size, "generator": self.generator.get_state(),
-                "balanced": self.balanced.state_dict() if self.balanced else None}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["batch_size"] != self.batch_size:
-            raise DataError(f"sampler state has batch_size={state['batch_size']}, this sampler {self.batch_size}")
-        self.generator.set_state(state["generator"])
-        if self.balanced is not None:
-            self.balanced.load_state_dict(state["balanced"])
-
-
-# ----------------------------------------------------------------------------------------
-# Augmentation and normalisation on the training device
-
-
-def augment(x: Tensor, generator: torch.Generator | None = None, padding: int = 4) -> Tensor:
-    """RandomCrop(H, padding=4) with zero padding, then a horizontal flip with p = 0.5.
-
-    x: uint8 (..., 3, H, W) on any device; one padded copy and one gather for the whole
-    batch (the airbench idea), no per-image Python. Draws, in order: row offsets, column
-    offsets (each uniform in 0..2*padding), flip coins, from ``generator`` (which must live
-    on x's device) or from the default generator.
-    """
-    shape = x.shape
-    x = x.reshape(-1, *shape[-3:])
-    b, c, h, w = x.shape
-    dev = x.device
-    dy = torch.randint(0, 2 * padding + 1, (b,), device=dev, generator=generator)
-    dx = torch.randint(0, 2 * padding + 1, (b,), device=dev, generator=generator)
-    flip = torch.rand(b, device=dev, generator=generator) < 0.5
-    padded = F.pad(x, (padding, padding, padding, padding))  # zeros
-    rows = dy[:, None] + torch.arange(h, device=dev)  # (b, h)
-    cols = dx[:, None] + torch.arange(w, device=dev)  # (b, w)
-    cols = torch.where(flip[:, None], cols.flip(1), cols)  # a flipped crop reads its columns backwards
-    out = padded[torch.arange(b, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
-                 rows[:, None, :, None], cols[:, None, None, :]]
-    return out.reshape(shape)
-
-
-@functools.lru_cache(maxsize=32)
-def _channel_constants(mean: tuple, std: tuple, device: torch.device) -> tuple[Tensor, Tensor]:
-    """mean and std as float32 (3, 1, 1) tensors on ``device``, made once: a blocking
-    host-to-device copy on every call would make the host wait for the GPU every step."""
-    return (torch.tensor(mean, dtype=torch.float32, device=device).view(3, 1, 1),
-            torch.tensor(std, dtype=torch.float32, device=device).view(3, 1, 1))
-
-
-def normalize(x: Tensor, mean, std) -> Tensor:
-    """uint8 (..., 3, H, W) -> float32 (x / 255 - mean) / std, per channel."""
-    mean, std = _channel_constants(tuple(map(float, mean)), tuple(map(float, std)), x.device)
-    return (x.float() / 255 - mean) / std

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gaf import data as gdata
+from gaf.augment import augment, normalize
 from gaf.config import (COMPILE_MODES, OptimConfig, RunConfig, check_fast_path_options, class_size_error,
                         describe_differences, fast_path_on, same_run, validate)
 from gaf.distributed import (DistributedGAFStep, DistributedMeanStep, check_replicas, init_from_env,
@@ -39,6 +40,7 @@ from gaf.fast import FastGAFStep, FastPlainStep
 from gaf.optim import build_optimizer as build_named_optimizer
 from gaf.filter import AdaptiveTau, NonFiniteGradientError
 from gaf.models import build_model
+from gaf.samplers import BatchSampler, ClassBalancedSampler
 from gaf.rundir import (RUN_FILES, CheckpointError, CsvLog, RunDirError, RunDirLock, WandbLogger, environment,
                         load_checkpoint, read_json, save_checkpoint, write_json, write_summary)
 from gaf.step import gaf_step, unfiltered_stats
@@ -139,9 +141,9 @@ def make_sampler(cfg: RunConfig, ds: gdata.ImageDataset):
     if error := class_size_error(cfg, smallest, f"in its smallest class ({ds.name})"):
         raise gdata.DataError(error)
     if m.name == "gaf":
-        return gdata.ClassBalancedSampler(labels, ds.num_classes, m.per_class, m.n_micro, cfg.seed,
+        return ClassBalancedSampler(labels, ds.num_classes, m.per_class, m.n_micro, cfg.seed,
                                           replacement=m.replacement)
-    return gdata.BatchSampler(labels, ds.num_classes, m.batch_size, cfg.seed)
+    return BatchSampler(labels, ds.num_classes, m.batch_size, cfg.seed)
 
 
 def draw_batch(sampler, ds: gdata.ImageDataset, generator: torch.Generator, device: torch.device):
@@ -154,8 +156,8 @@ def draw_batch(sampler, ds: gdata.ImageDataset, generator: torch.Generator, devi
     if device.type == "cuda":
         idx = idx.pin_memory()
     idx = idx.to(device, non_blocking=True)
-    x = gdata.augment(ds.train_x[idx.flatten()], generator)
-    return gdata.normalize(x, ds.mean, ds.std).unflatten(0, idx.shape), ds.train_y[idx]
+    x = augment(ds.train_x[idx.flatten()], generator)
+    return normalize(x, ds.mean, ds.std).unflatten(0, idx.shape), ds.train_y[idx]
 
 
 @torch.no_grad()
@@ -164,7 +166,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ds, batch_size:
     model.eval()
     loss_sum, preds = 0.0, []
     for i in range(0, len(x), batch_size):
-        xb = gdata.normalize(x[i : i + batch_size], ds.mean, ds.std)
+        xb = normalize(x[i : i + batch_size], ds.mean, ds.std)
         out = model(xb).float()
         loss_sum += float(F.cross_entropy(out, y[i : i + batch_size], reduction="sum"))
         preds.append(out.argmax(1))

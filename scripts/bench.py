@@ -10,7 +10,7 @@ for the same number of timed steps after the same number of untimed warm-up step
             ``Subset`` of a dataset with PIL transforms (RandomCrop(32, 4), flip,
             ToTensor, Normalize), loaded by a DataLoader; torch.optim.SGD.
   gaf_step  ``gaf.gaf_step`` eager, fp32, on GPU-resident uint8 images augmented on the
-            device (``gaf.data.augment``); torch.optim.SGD.
+            device (``gaf.augment.augment``); torch.optim.SGD.
   fast      ``gaf.fast.FastGAFStep`` (bf16 autocast, channels_last and a CUDA graph on
             CUDA) on the same device-augmented data; masked SGD.
   plain     plain averaging at the same macrobatch in the same machinery
@@ -48,7 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from gaf import gaf_step  # noqa: E402
 from gaf.config import COMPILE_MODES  # noqa: E402
-from gaf.data import CIFAR100_MEAN as MEAN, CIFAR100_STD as STD, augment, normalize  # noqa: E402
+from gaf.augment import augment, normalize  # noqa: E402
+from gaf.data import CIFAR100_MEAN as MEAN, CIFAR100_STD as STD  # noqa: E402
 from gaf.fast import FastGAFStep, FastPlainStep  # noqa: E402
 from gaf.optim import build_optimizer  # noqa: E402
 from gaf.models import build_model  # noqa: E402

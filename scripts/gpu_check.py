@@ -55,6 +55,7 @@ from gaf import data as gdata  # noqa: E402
 from gaf.fast import FastGAFStep, FastPlainStep, StandInGraphs  # noqa: E402
 from gaf.optim import build_optimizer  # noqa: E402
 from gaf.models import build_model  # noqa: E402
+from gaf.samplers import ClassBalancedSampler  # noqa: E402
 
 SGD = bench.SGD
 TARGETS = {"gaf_n2_images_per_s": 60_000, "fast_over_plain_n2": 1.05, "fast_over_plain_n10": 1.2}
@@ -187,7 +188,7 @@ def check_sync_free(ctx) -> dict:
     ds = gdata.ImageDataset("random", torch.randint(0, 256, (ctx.pool, 3, 32, 32), dtype=torch.uint8), labels,
                             labels.clone(), torch.zeros(1, 3, 32, 32, dtype=torch.uint8), labels[:1],
                             ctx.classes, gdata.CIFAR100_MEAN, gdata.CIFAR100_STD, "random").to(ctx.device)
-    sampler = gdata.ClassBalancedSampler(labels, ctx.classes, ctx.m, n, ctx.seed)
+    sampler = ClassBalancedSampler(labels, ctx.classes, ctx.m, n, ctx.seed)
     gen = torch.Generator(device=ctx.device).manual_seed(ctx.seed)
     figures = {}
     for label, compile in (("eager", False), ("graph", "graph")):
@@ -264,7 +265,7 @@ def check_bf16(ctx) -> dict:
         images = torch.randint(0, 256, (ctx.pool, 3, 32, 32), dtype=torch.uint8, generator=gen)
         data = bench.DeviceImages(images, torch.arange(ctx.pool) % classes, ctx.device, ctx.seed)
     per_class = 100 // classes if not ctx.quick else 2  # 100-image microbatches, as m = 1 on CIFAR-100
-    sampler = gdata.ClassBalancedSampler(data.y.cpu(), classes, per_class, 2, ctx.seed)
+    sampler = ClassBalancedSampler(data.y.cpu(), classes, per_class, 2, ctx.seed)
     plan = torch.stack([sampler.sample() for _ in range(ctx.bf16_steps)])
     args = SimpleNamespace(seed=ctx.seed, model=ctx.model, tau=ctx.tau)
     got = bench.check_against_reference(args, ctx.device, data, plan, options, ctx.bf16_steps, classes=classes)

@@ -16,9 +16,11 @@ import gaf.data as data
 from cifar_fixtures import no_md5  # noqa: F401  (a pytest fixture)
 from cifar_fixtures import (class_colour, write_cifar10, write_cifar100, write_cifar100n_labels, write_image_folder,
                             write_jpeg_tar)
-from gaf.data import (CIFAR100_MEAN, CIFAR100_STD, BatchSampler, ClassBalancedSampler, DataError, DataNotFound,
-                      augment, load_cifar10, load_cifar100, load_cifar100n, load_dataset, load_image_folder,
-                      normalize, random_dataset, subsample, symmetric_noise)
+from gaf import samplers
+from gaf.augment import augment, normalize
+from gaf.data import (CIFAR100_MEAN, CIFAR100_STD, DataError, DataNotFound, load_cifar10, load_cifar100,
+                      load_cifar100n, load_dataset, load_image_folder, random_dataset, subsample, symmetric_noise)
+from gaf.samplers import BatchSampler, ClassBalancedSampler
 
 from gaf import sources
 
@@ -358,7 +360,7 @@ def test_draw_distinct_is_uniform_without_the_excluded(n, k, excluded):
     exclude = torch.arange(excluded) * 3 if excluded else None
     counts = torch.zeros(n, dtype=torch.int64)
     for _ in range(600):
-        draw = data._draw_distinct(n, k, exclude, g)
+        draw = samplers._draw_distinct(n, k, exclude, g)
         assert len(draw) == k and len(set(draw.tolist())) == k
         counts += torch.bincount(draw, minlength=n)
     if excluded:

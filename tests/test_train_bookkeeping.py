@@ -16,7 +16,9 @@ import torch
 
 from cifar_fixtures import no_md5, write_cifar100, write_cifar100n_labels  # noqa: F401 (no_md5: a fixture)
 from gaf import data as gdata
+from gaf.augment import normalize
 from gaf.models import build_model
+from gaf.samplers import ClassBalancedSampler
 from gaf.train import run
 from run_files import read_csv, tiny_config, without_times
 
@@ -87,7 +89,7 @@ def test_memorisation_probe_against_the_data_sets_flipped_mask(noisy_run):
     model.load_state_dict(checkpoint(noisy_run["dir"])["model"])
     model.eval()
     with torch.no_grad():
-        preds = model(gdata.normalize(ds.train_x, ds.mean, ds.std)).argmax(1)
+        preds = model(normalize(ds.train_x, ds.mean, ds.std)).argmax(1)
     expected = {
         "mem_clean_acc": (preds == ds.train_y)[~flipped].float().mean().item(),
         "mem_flipped_noisy_acc": (preds == ds.train_y)[flipped].float().mean().item(),
@@ -178,14 +180,14 @@ def test_merge_reaches_the_readable_fast_and_distributed_steps(tmp_path, one_ran
 def recorded_microbatches(monkeypatch):
     """Every index tensor the class-balanced sampler hands the trainer."""
     drawn = []
-    original = gdata.ClassBalancedSampler.sample
+    original = ClassBalancedSampler.sample
 
     def sample(self):
         idx = original(self)
         drawn.append(idx.clone())
         return idx
 
-    monkeypatch.setattr(gdata.ClassBalancedSampler, "sample", sample)
+    monkeypatch.setattr(ClassBalancedSampler, "sample", sample)
     return drawn
 
 

@@ -9,7 +9,8 @@ import torch
 
 import gaf.train as train
 from gaf.config import RunConfig
-from gaf.data import ClassBalancedSampler, random_dataset
+from gaf.data import random_dataset
+from gaf.samplers import ClassBalancedSampler
 from gaf.fast import FastGAFStep
 
 
@@ -51,7 +52,7 @@ def test_draw_batch_is_the_augmented_normalised_step():
     idx = twin.sample()
     assert xs.shape == (3, 10, 3, 32, 32) and xs.dtype == torch.float32 and torch.equal(ys, ds.train_y[idx])
     gen = torch.Generator().manual_seed(1)
-    from gaf.data import augment, normalize
+    from gaf.augment import augment, normalize
     expected = normalize(augment(ds.train_x[idx.flatten()], gen), ds.mean, ds.std).unflatten(0, idx.shape)
     assert torch.equal(xs, expected)
 
