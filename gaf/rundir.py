@@ -1,5 +1,5 @@
-"""The files of a run directory: append-only CSV logs, atomic JSON and checkpoints,
-the environment a run ran in, its summary, and the optional wandb logger.
+"""The files of a run directory: atomic JSON and checkpoints, the lock, the environment a run
+ran in and its summary (the CSV logs and wandb: ``gaf.log``).
 
     config.json    the resolved config
     metrics.csv    one row per iteration
@@ -10,7 +10,6 @@ the environment a run ran in, its summary, and the optional wandb logger.
 
 from __future__ import annotations
 
-import csv
 import fcntl
 import json
 import os
@@ -25,42 +24,6 @@ from typing import Any
 import torch
 
 from gaf.config import RunConfig
-
-
-class CsvLog:
-    """Append-only CSV with a fixed header, truncatable to the rows before a checkpoint."""
-
-    def __init__(self, path: Path, columns: list[str]):
-        self.path, self.columns = path, columns
-
-    def append(self, rows: list[dict]) -> None:
-        if not rows:
-            return
-        new = not self.path.exists()
-        with open(self.path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerows(rows)
-
-    def truncate_after(self, iteration: int) -> None:
-        """Drop rows written after ``iteration`` (they are recomputed on resume)."""
-        if not self.path.exists():
-            return
-        with open(self.path, newline="") as f:
-            reader = csv.DictReader(f)
-            try:
-                rows = [r for r in reader if int(r["iter"]) <= iteration]
-            except (ValueError, KeyError, TypeError, csv.Error) as e:  # a hand-edited or foreign file
-                raise RunDirError(f"{self.path} is corrupt (line {reader.line_num}: {type(e).__name__}: {e}); "
-                                  f"delete {self.path.parent}'s csv files and checkpoint.pt to restart this run "
-                                  "from scratch") from None
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self.columns)
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, self.path)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -262,26 +225,3 @@ def write_summary(path: Path, cfg: RunConfig, state: dict, env: dict, ds, status
     }
     write_json(path, summary)
     return summary
-
-
-class WandbLogger:
-    """wandb, when asked for: offline by default, never a login prompt."""
-
-    def __init__(self, cfg: RunConfig, run_dir: Path, config: dict):
-        self.run = None
-        if cfg.wandb.mode == "disabled":
-            return
-        import wandb  # validate() refused a wandb.mode where wandb is not installed
-
-        os.environ.setdefault("WANDB_SILENT", "true")
-        run_id = "".join(c if c.isalnum() else "-" for c in str(run_dir.resolve()))[-64:]
-        self.run = wandb.init(project=cfg.wandb.project, mode=cfg.wandb.mode, dir=str(run_dir), config=config,
-                              id=run_id, resume="allow", name=run_dir.name)
-
-    def log(self, row: dict, step: int) -> None:
-        if self.run is not None:
-            self.run.log(row, step=step)
-
-    def finish(self) -> None:
-        if self.run is not None:
-            self.run.finish()

@@ -41,7 +41,8 @@ from gaf.optim import build_optimizer as build_named_optimizer
 from gaf.filter import AdaptiveTau, NonFiniteGradientError
 from gaf.models import build_model
 from gaf.samplers import BatchSampler, ClassBalancedSampler
-from gaf.rundir import (RUN_FILES, CheckpointError, CsvLog, RunDirError, RunDirLock, WandbLogger, environment,
+from gaf.log import CsvLog, WandbLogger
+from gaf.rundir import (RUN_FILES, CheckpointError, RunDirError, RunDirLock, environment,
                         load_checkpoint, read_json, save_checkpoint, write_json, write_summary)
 from gaf.step import gaf_step, unfiltered_stats
 
