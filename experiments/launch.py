@@ -111,22 +111,33 @@ def fixed_overrides(overrides: list[str]) -> list[str]:
     return [o.input_line for o in parsed if not o.is_sweep_override()]
 
 
-def point_errors(points: list[list[str]], config_name: str = "config") -> list[str]:
-    """'<point>: <error>' for every point that would not run (Hydra initialised by the caller)."""
-    errors = []
+def first_line(error: Exception) -> str:
+    """An error as the one line a launch reports."""
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def composed_points(points: list[list[str]], config_name: str = "config") -> list[tuple[list[str], object]]:
+    """Each point as Hydra would launch it: (its overrides, its RunConfig or the error that stops it).
+    Hydra is initialised by the caller."""
+    out = []
     for point in points:
         try:
-            run_config(compose(config_name, overrides=point), point)
+            out.append((point, run_config(compose(config_name, overrides=point), point)))
         except Exception as e:  # noqa: BLE001 (composition errors, bad values: each point's one line)
-            errors.append(f"{','.join(point)}: {str(e).splitlines()[0]}")
-    return errors
+            out.append((point, e))
+    return out
 
 
-def sweep_keys_left_open(cfg: DictConfig) -> list[str]:
-    """The keys a sweep preset varies that a single run (no -m) neither sets nor ignores."""
+def point_errors(points: list[list[str]], config_name: str = "config") -> list[str]:
+    """'<point>: <error>' for every point that would not run."""
+    return [f"{','.join(point)}: {first_line(result)}" for point, result in composed_points(points, config_name)
+            if isinstance(result, Exception)]
+
+
+def sweep_keys_left_open(cfg: DictConfig, rc: RunConfig) -> list[str]:
+    """The keys a sweep preset varies that a single run ``rc`` (no -m) neither sets nor ignores."""
     params = list(cfg.hydra.sweeper.params or {})
     given = given_keys(cfg.hydra.overrides.task)
-    rc = run_config(cfg, cfg.hydra.overrides.task)
     ignored = {k for k, _, _ in inapplicable(rc, set(params))}
     return [k for k in params if k not in given and k not in ignored]
 
@@ -152,11 +163,10 @@ class LaunchChecks(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         try:
-            run_config(config, config.hydra.overrides.task)
-            left_open = sweep_keys_left_open(config)
+            left_open = sweep_keys_left_open(config, run_config(config, config.hydra.overrides.task))
             run_dir = config.hydra.run.dir
         except Exception as e:  # noqa: BLE001 (one line, no traceback)
-            refuse(str(e).splitlines()[0])
+            refuse(first_line(e))
         if left_open:
             refuse(f"experiment={config.experiment} is a sweep over {', '.join(left_open)}: run it with -m "
                    f"(python experiments/train.py -m experiment={config.experiment} ...), or set "
@@ -173,7 +183,7 @@ class LaunchChecks(Callback):
             points = sweep_points(config.hydra.sweeper.params, list(config.hydra.overrides.task))
             sweep_dir = config.hydra.sweep.dir
         except Exception as e:  # noqa: BLE001
-            refuse(str(e).splitlines()[0])
+            refuse(first_line(e))
         errors = point_errors(points)
         if errors:
             refuse(f"{len(errors)} of {len(points)} sweep points would not run; nothing was launched:\n  "

@@ -255,9 +255,9 @@ def _from_dict(cls, d: dict, prefix: str):
 OPERATIONAL_KEYS = {"train": ("stop_after", "progress"), "wandb": ("mode", "project")}
 
 
-def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
-    """The dotted keys whose values differ between two config dicts (operational keys aside),
-    each as 'key: A here, B there'-ready pairs: [(key, a_value, b_value)]."""
+def differences(a: dict, b: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, value in a, value in b) for every leaf where two config dicts differ
+    (operational keys aside)."""
     out = []
     for k in sorted(set(a) | set(b), key=str):
         key, x, y = f"{prefix}{k}", a.get(k), b.get(k)
@@ -340,27 +340,28 @@ def class_size_error(cfg: RunConfig, available: float, what: str) -> str | None:
             "or set method.replacement=true")
 
 
+def without_effect(cfg: RunConfig):
+    """(key, Field, value, why) for every setting whose condition (``Rule.applies``) fails on ``cfg``."""
+    for key, f, value in settings(cfg):
+        applies = f.metadata["rule"].applies
+        if applies is not None and not APPLIES[applies][0](cfg):
+            yield key, f, value, APPLIES[applies][1]
+
+
 def inapplicable(cfg: RunConfig, keys=None) -> list[tuple[str, object, str]]:
     """(key, value, why) for every setting that has no effect on this run and is set anyway: away from
     its default, or (``keys``) named by the caller (e.g. given on a command line)."""
-    out = []
-    for key, f, value in settings(cfg):
-        rule = f.metadata["rule"]
-        given = key in keys if keys is not None else value != _default(f)
-        if given and rule.applies is not None and not APPLIES[rule.applies][0](cfg):
-            out.append((key, value, APPLIES[rule.applies][1]))
-    return out
+    return [(key, value, why) for key, f, value, why in without_effect(cfg)
+            if (key in keys if keys is not None else value != _default(f))]
 
 
 def without_inapplicable(cfg: RunConfig) -> RunConfig:
     """The same run with every setting that has no effect back at its default (a preset's rows are
     written for every method and data set; a run keeps only what acts on it)."""
     d = cfg.to_dict()
-    for key, f, _ in settings(cfg):
-        rule = f.metadata["rule"]
-        if rule.applies is not None and not APPLIES[rule.applies][0](cfg):
-            section, _, name = key.rpartition(".")
-            (d[section] if section else d)[name] = json.loads(json.dumps(_default(f)))
+    for key, f, _, _ in without_effect(cfg):
+        section, _, name = key.rpartition(".")
+        (d[section] if section else d)[name] = json.loads(json.dumps(_default(f)))
     return RunConfig.from_dict(d)
 
 

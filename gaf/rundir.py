@@ -101,13 +101,12 @@ class RunDirLock:
                 os.close(fd)
                 continue
             owner = self._owner(fd)
-            host = socket.gethostname()
-            if owner and not owner.endswith(f" on {host}"):
+            if self._elsewhere(owner):
                 os.close(fd)
                 raise RunDirError(f"run directory {self.path.parent} is locked by {owner} (another host, "
-                                  f"this is {host}); if that run has ended, delete {self.path}")
+                                  f"this is {socket.gethostname()}); if that run has ended, delete {self.path}")
             os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()} {host}\n".encode())
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
             self._fd = fd
             return
         raise RunDirError(f"could not lock run directory {self.path.parent}: {self.path} keeps changing")
@@ -139,8 +138,7 @@ class RunDirLock:
         except OSError:
             return False
         try:
-            owner = self._owner(fd)
-            if owner and not owner.endswith(f" on {socket.gethostname()}"):
+            if self._elsewhere(self._owner(fd)):
                 return True
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             return False
@@ -148,6 +146,11 @@ class RunDirLock:
             return True
         finally:
             os.close(fd)
+
+    @staticmethod
+    def _elsewhere(owner: str) -> bool:
+        """Whether a lock's owner ('pid P on HOST') runs on another host, whose processes this one cannot see."""
+        return bool(owner) and not owner.endswith(f" on {socket.gethostname()}")
 
     @staticmethod
     def _owner(fd: int) -> str:

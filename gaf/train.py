@@ -138,12 +138,12 @@ def make_sampler(cfg: RunConfig, ds: gdata.ImageDataset):
     # The paper balances on clean labels under synthetic noise and on the human (noisy)
     # labels for CIFAR-100N, where no clean labels would be known in practice.
     labels = ds.train_y if cfg.data.name == "cifar100n" else ds.clean_y
-    smallest = int(torch.bincount(labels.cpu(), minlength=ds.num_classes).min())
-    if error := class_size_error(cfg, smallest, f"in its smallest class ({ds.name})"):
-        raise gdata.DataError(error)
     if m.name == "gaf":
+        smallest = int(torch.bincount(labels.cpu(), minlength=ds.num_classes).min())
+        if error := class_size_error(cfg, smallest, f"in its smallest class ({ds.name})"):
+            raise gdata.DataError(error)  # the sampler's own check, in the run's keys
         return ClassBalancedSampler(labels, ds.num_classes, m.per_class, m.n_micro, cfg.seed,
-                                          replacement=m.replacement)
+                                    replacement=m.replacement)
     return BatchSampler(labels, ds.num_classes, m.batch_size, cfg.seed)
 
 
@@ -262,7 +262,7 @@ def prior_run(run_dir: Path, config: dict) -> tuple[dict | None, dict | None]:
         raise RunDirError(f"run directory {run_dir} holds {what} of another config: "
                           f"{describe_differences(config, theirs)}; launch this one in another run directory "
                           "(hydra.run.dir=...) to keep both")
-    if ckpt is not None and not same_run(ckpt["config"], config):
+    if summary is not None and ckpt is not None and not same_run(ckpt["config"], config):
         raise RunDirError(f"{ckpt_path} belongs to another config than {summary_path}: "
                           f"{describe_differences(config, ckpt['config'])}; delete it to restart this run")
     foreign = [name for name in RUN_FILES if (run_dir / name).exists()]

@@ -26,7 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
-from launch import fixed_overrides, run_config, sweep_keys_left_open, sweep_points  # noqa: E402
+from launch import (composed_points, first_line, fixed_overrides, run_config, sweep_keys_left_open,  # noqa: E402
+                    sweep_points)
 
 # (preset, extra overrides, multirun?, scales it runs at: None = all). A multirun sweeps the
 # preset's own grid (hydra.sweeper.params); the single runs are the baselines that a grid over
@@ -106,15 +107,15 @@ def points(launch: tuple[str, list[str], bool], scale: str, extra: list[str]) ->
     preset, overrides, multirun = launch
     given = [f"experiment={preset}", f"scale={scale}", *overrides, *extra]
     cfg = compose("config", overrides=fixed_overrides(given), return_hydra_config=True)
-    out = []
-    for point in sweep_points(cfg.hydra.sweeper.params, given) if multirun else [given]:
-        try:
-            if not multirun and (left_open := sweep_keys_left_open(cfg)):
-                raise ValueError(f"a single run of {preset} leaves its sweep over {', '.join(left_open)} open")
-            out.append((point, run_config(compose("config", overrides=point), point)))
-        except Exception as e:  # noqa: BLE001 (bad values, composition errors: each point's one line)
-            out.append((point, e))
-    return out
+    if multirun:
+        return composed_points(sweep_points(cfg.hydra.sweeper.params, given))
+    try:
+        rc = run_config(cfg, given)
+        if left_open := sweep_keys_left_open(cfg, rc):
+            raise ValueError(f"a single run of {preset} leaves its sweep over {', '.join(left_open)} open")
+        return [(given, rc)]
+    except Exception as e:  # noqa: BLE001 (bad values, composition errors: the run's one line)
+        return [(given, e)]
 
 
 def check_plan(launches, scale: str, extra: list[str], show: bool) -> tuple[list[str], list]:
@@ -131,9 +132,9 @@ def check_plan(launches, scale: str, extra: list[str], show: bool) -> tuple[list
             for point, result in got:
                 ok = not isinstance(result, Exception)
                 configs += [result] if ok else []
-                errors += [] if ok else [f"{launch[0]}: {' '.join(point)}: {str(result).splitlines()[0]}"]
+                errors += [] if ok else [f"{launch[0]}: {' '.join(point)}: {first_line(result)}"]
                 if show:
-                    print(f"  {' '.join(point)}" + ("" if ok else f"\n    error: {str(result).splitlines()[0]}"))
+                    print(f"  {' '.join(point)}" + ("" if ok else f"\n    error: {first_line(result)}"))
     return errors, configs
 
 
