@@ -177,6 +177,11 @@ def dedupe(runs):
     return kept.drop(columns="_finished"), dropped
 
 
+def is_try_out(row, scales=None):
+    """No preset, or a preset run whose settings match no scale (unless ``scales`` asks for custom)."""
+    return row["experiment"] == AD_HOC or (row["scale"] == CUSTOM and CUSTOM not in (scales or ()))
+
+
 def collect(run_roots=("multirun", "outputs"), results_dir="results", max_curve_rows=MAX_CURVE_ROWS, command=None,
             ad_hoc=False, scales=None):
     """Collect every run under `run_roots` into `results_dir`, scale by scale. Returns {experiment: runs
@@ -193,8 +198,7 @@ def collect(run_roots=("multirun", "outputs"), results_dir="results", max_curve_
         row, metrics, ev = got
         if scales is not None and row["scale"] not in scales:
             continue
-        if (row["experiment"] == AD_HOC or row["scale"] == CUSTOM and not (scales and CUSTOM in scales)) \
-                and not ad_hoc:
+        if is_try_out(row, scales) and not ad_hoc:
             skipped += 1
             continue
         if row["run_id"] in curves:  # two roots with the same name: fall back to the full path
@@ -250,7 +254,7 @@ def other_scales(out_dir, scales):
                 f[c] = f[c].round().astype("Int64")
         frames[name] = {rid: g.drop(columns="run_id").reset_index(drop=True)
                         for rid, g in f.groupby("run_id")}
-    provenance = _read_json(out_dir / "provenance.json") or {}
+    provenance = (_read_json(out_dir / "provenance.json") if (out_dir / "provenance.json").is_file() else None) or {}
     dropped = [d for d in provenance.get("duplicates_dropped", []) if d.get("kept") in ids]
     return SimpleNamespace(runs=old, curves=frames["curves"], evals=frames["evals"], dropped=dropped)
 
