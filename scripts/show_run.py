@@ -21,14 +21,17 @@ import plot  # noqa: E402  (the figures' style, pinned fonts and helpers)
 from collect import flatten  # noqa: E402
 
 from gaf.config import differences  # noqa: E402
-from gaf.rundir import run_status  # noqa: E402
+from gaf.rundir import RunDirError, read_json, run_status  # noqa: E402
 
 
 def read_run(run_dir: Path) -> dict:
     """One run directory's files; an error naming the folder when it is not a run directory."""
     if not (run_dir / "summary.json").is_file():
         raise SystemExit(f"error: {run_dir} holds no summary.json: not a run directory of gaf.train")
-    summary = json.loads((run_dir / "summary.json").read_text())
+    try:
+        summary = read_json(run_dir / "summary.json")
+    except RunDirError as e:
+        raise SystemExit(f"error: {e}") from None
     frames = {}
     for name in ("eval", "metrics"):
         try:
@@ -86,8 +89,9 @@ def main(argv=None) -> int:
     for k, run in enumerate(runs):
         print(f"run {k + 1}: {describe(run)}")
     if len(runs) > 1:
-        print("settings that differ:" if differing(runs) else "settings: identical")
-        for line in differing(runs):
+        lines = differing(runs)
+        print("settings that differ:" if lines else "settings: identical")
+        for line in lines:
             print(f"  {line}")
     draw(runs).savefig(args.out)
     print(f"curves -> {args.out}")

@@ -53,3 +53,6 @@ def test_a_dead_runs_running_summary_reads_interrupted_and_a_non_run_is_named(tw
     assert f"{tmp_path / 'killed'}: interrupted" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=f"error: {tmp_path} holds no summary.json"):
         show_run.main([str(tmp_path)])
+    (tmp_path / "killed" / "summary.json").write_text('{"status": "runn')
+    with pytest.raises(SystemExit, match=r"error: .*killed/summary.json is corrupt"):
+        show_run.main([str(tmp_path / "killed")])
