@@ -1,8 +1,15 @@
 """A run's settings: the dataclass schema, building it from a nested dict, validation,
-and which settings may change between launches of one run directory.
+what the settings decide on a device, and which settings may change between launches
+of one run directory.
 
 Plain dataclasses, no Hydra object: ``RunConfig.from_dict`` takes what Hydra (or anyone)
-composes; ``validate`` rejects bad settings up front with one message each.
+composes; ``validate`` rejects bad settings up front with one message each; ``resolve``
+decides once, on the run's device, what the trainer derives from them (``RunPlan``).
+
+The schema imports neither torch nor another gaf module (reading run files needs neither):
+the choices are literals here, and the modules implementing them are held to them
+(gaf.data imports them; tests/test_configs.py checks the models, merges, optimizers and
+distributed modes against their registries).
 """
 
 from __future__ import annotations
@@ -15,13 +22,19 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from gaf.data import CLASSES, DATASETS, FALLBACK_WHEN, FALLBACKS, TRAIN_PER_CLASS
-from gaf.distributed import MODES as DIST_MODES
-from gaf.optim import OPTIMIZERS
-from gaf.filter import MERGES
-from gaf.models import MODELS, check_size
-
-
+# The data sets gaf.data loads, and their fallbacks (None: none).
+DATASETS = ("cifar100", "cifar100n", "cifar10", "cifar10_jpeg", "random")
+FALLBACKS = (None, "cifar10", "cifar10_jpeg", "random")
+FALLBACK_WHEN = ("missing", "always")
+# Training images per class of each fixed data set (CIFAR-100N: on average; its classes are its human labels').
+TRAIN_PER_CLASS = {"cifar100": 500, "cifar100n": 500, "cifar10": 5000, "cifar10_jpeg": 5000}
+CLASSES = {"cifar100": 100, "cifar100n": 100, "cifar10": 10, "cifar10_jpeg": 10}
+# The networks of gaf.models.MODELS, and the size keys (model.width, model.blocks) each takes.
+MODEL_SIZES = {"resnet18": (), "resnet18_cifar": (), "resnet34_cifar": (), "vit_tiny": (),
+               "resnet_cifar": ("width", "blocks"), "cnn4": ("width",), "tiny": ("width",)}
+MERGES = ("halving", "mean")  # gaf.filter.MERGES
+OPTIMIZERS = ("sgd", "adam", "adamw")  # gaf.optim.OPTIMIZERS
+DIST_MODES = ("gram", "allgather")  # gaf.distributed.MODES
 # train.compile -> FastGAFStep's compile argument.
 COMPILE_MODES = {"none": False, "graph": "graph", "full": True}
 
@@ -142,8 +155,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = setting("resnet18", "choice", choices=tuple(MODELS))
-    # Size keys of gaf.models.SIZED (resnet_cifar: width, blocks; cnn4, tiny: width); null = the model's default.
+    name: str = setting("resnet18", "choice", choices=tuple(MODEL_SIZES))
+    # Size keys of MODEL_SIZES (resnet_cifar: width, blocks; cnn4, tiny: width); null = the model's default.
     width: int | None = setting(None, "int", low=1, optional=True)
     blocks: int | None = setting(None, "int", low=1, optional=True)
 
@@ -319,6 +332,18 @@ def validate(cfg: RunConfig) -> None:
                          "drop train.batched")
 
 
+def check_size(name: str, **size: int | None) -> dict:
+    """The size keys that apply to model ``name`` (None dropped), or ValueError naming the bad one."""
+    size = {k: v for k, v in size.items() if v is not None}
+    for key, value in size.items():
+        if key not in MODEL_SIZES.get(name, ()):
+            allowed = ", ".join(f"model.{k}" for k in MODEL_SIZES.get(name, ())) or "no size keys"
+            raise ValueError(f"model.{key} does not apply to model {name!r} (it takes {allowed})")
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise ValueError(f"model.{key} must be an integer >= 1, got {value!r}")
+    return size
+
+
 def most_images_per_class(cfg: RunConfig) -> float:
     """The most training images per class any data set this run may train on can have on average
     (a substitute included): a step needing more cannot be class-balanced."""
@@ -369,7 +394,30 @@ def _default(f: dataclasses.Field):
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
-def fast_path_on(cfg: RunConfig, device_type: str) -> bool:
+@dataclass(frozen=True)
+class RunPlan:
+    """What a validated run's settings decide on its device, decided once (``resolve``): the
+    trainer reads these instead of deriving them again."""
+
+    device_type: str  # "cpu" | "cuda"
+    fast: bool  # the fused step (gaf.fast) runs
+    amp: bool  # bf16 autocast, fast path only
+    channels_last: bool  # images and weights channels_last, fast path only
+    compile: bool | str  # FastGAFStep's compile argument: False | "graph" | True
+    batched: bool  # GAF's micro-gradients in one vmap pass, fast path only
+
+
+def resolve(cfg: RunConfig, device_type: str) -> RunPlan:
+    """The run's derived settings on ``device_type``, or the error of an option that would be
+    ignored there (``check_fast_path_options``). ``cfg`` has passed ``validate``."""
+    check_fast_path_options(cfg, device_type)
+    t, fast = cfg.train, _fast_path_on(cfg, device_type)
+    return RunPlan(device_type=device_type, fast=fast, amp=fast and t.amp,
+                   channels_last=fast and (t.amp if t.channels_last is None else t.channels_last),
+                   compile=COMPILE_MODES[t.compile], batched=fast and t.batched)
+
+
+def _fast_path_on(cfg: RunConfig, device_type: str) -> bool:
     """The fused step runs (train.fast, or by default on CUDA), never under torch.distributed."""
     fast = cfg.train.fast if cfg.train.fast is not None else device_type == "cuda"
     return fast and not cfg.distributed
@@ -381,7 +429,7 @@ def check_fast_path_options(cfg: RunConfig, device_type: str) -> None:
     t = cfg.train
     asked = [f"train.{k}={str(v).lower()}" for k in ("amp", "channels_last", "compile", "batched")
              if (v := getattr(t, k)) not in (None, False, "none")]
-    if asked and not fast_path_on(cfg, device_type):
+    if asked and not _fast_path_on(cfg, device_type):
         why = ("distributed=true runs its own step" if cfg.distributed else
                "train.fast=false" if t.fast is False else f"the device is {device_type} (set train.fast=true)")
         raise ValueError(f"{', '.join(asked)} acts on the fast path only, which is off here: {why}")

@@ -24,6 +24,8 @@ from torchvision.models import resnet18, resnet34
 from torchvision.models.resnet import BasicBlock
 from torchvision.models.vision_transformer import VisionTransformer
 
+from gaf.config import check_size  # the size keys each model takes are part of the schema
+
 
 def _cifar_stem(net: nn.Module) -> nn.Module:
     """Swap the ImageNet stem for a 3x3 stride-1 conv without max-pool (32x32 inputs)."""
@@ -75,6 +77,7 @@ def vit_tiny(num_classes: int) -> nn.Module:
                              hidden_dim=192, mlp_dim=384, num_classes=num_classes)
 
 
+# What exists: gaf.config.MODEL_SIZES names these same models (tests/test_models.py).
 MODELS = {
     "resnet18": lambda c: resnet18(num_classes=c),
     "resnet18_cifar": lambda c: _cifar_stem(resnet18(num_classes=c)),
@@ -84,25 +87,11 @@ MODELS = {
     "cnn4": cnn4,
     "tiny": tiny_cnn,
 }
-# Models whose size is set by config keys (``model.width``, ``model.blocks``); the others take none.
-SIZED = {"resnet_cifar": ("width", "blocks"), "cnn4": ("width",), "tiny": ("width",)}
-
-
-def check_size(name: str, **size: int | None) -> dict:
-    """The size keys that apply to model ``name`` (None dropped), or ValueError naming the bad one."""
-    size = {k: v for k, v in size.items() if v is not None}
-    for key, value in size.items():
-        if key not in SIZED.get(name, ()):
-            allowed = ", ".join(f"model.{k}" for k in SIZED.get(name, ())) or "no size keys"
-            raise ValueError(f"model.{key} does not apply to model {name!r} (it takes {allowed})")
-        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-            raise ValueError(f"model.{key} must be an integer >= 1, got {value!r}")
-    return size
 
 
 def build_model(name: str, num_classes: int, **size: int | None) -> nn.Module:
     """A freshly initialised network by name (see ``MODELS``); ``size`` holds the keys of
-    ``SIZED[name]`` (e.g. width=16, blocks=1); a key left out or None takes the default."""
+    ``gaf.config.MODEL_SIZES[name]`` (e.g. width=16, blocks=1); a key left out or None takes the default."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     if not (isinstance(num_classes, int) and num_classes >= 2):

@@ -1,4 +1,4 @@
-"""gaf.data: loaders on tiny files in the official layouts, label noise, samplers, augmentation."""
+"""gaf.data and gaf.formats: loaders on tiny files in the official layouts, label noise, samplers, augmentation."""
 
 import io
 import math
@@ -12,7 +12,7 @@ import torch
 import torchvision.transforms.functional as TF
 from torchvision.transforms import Normalize
 
-import gaf.data as data
+import gaf.formats as formats
 from cifar_fixtures import no_md5  # noqa: F401  (a pytest fixture)
 from cifar_fixtures import (class_colour, write_cifar10, write_cifar100, write_cifar100n_labels, write_image_folder,
                             write_jpeg_tar)
@@ -126,7 +126,7 @@ def test_numpy_only_unpickler_reads_the_layout(tmp_path):
     import zipfile
     with zipfile.ZipFile(path) as z:
         raw = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
-    d = data._NumpyOnlyUnpickler(io.BytesIO(raw), encoding="latin1").load()
+    d = formats._NumpyOnlyUnpickler(io.BytesIO(raw), encoding="latin1").load()
     assert np.array_equal(d["clean_label"], clean) and np.array_equal(d["noisy_label"], clean[::-1])
 
 
@@ -136,7 +136,7 @@ def test_real_cifar100n_label_file(tmp_path):
     found, note = sources.cifar100n_label_file(None, tmp_path / "data", download=False)  # the default order finds it
     assert found == REAL_LABELS and "(the offline copy)" in note
     assert sources.md5sum(REAL_LABELS) == sources.CIFAR100N_LABELS.md5  # the file a download would fetch
-    labels = data.check_cifar100n_label_file(REAL_LABELS)
+    labels = formats.check_cifar100n_label_file(REAL_LABELS)
     clean, noisy = labels["clean_label"], labels["noisy_label"]
     assert len(clean) == len(noisy) == 50_000
     assert torch.equal(torch.bincount(clean, minlength=100), torch.full((100,), 500))
@@ -160,8 +160,8 @@ def _check_colours(ds):
 def test_image_tar_labels_from_sorted_classes_and_cache(tmp_path, monkeypatch, top):
     tar = write_jpeg_tar(tmp_path / "src" / "imgs.tar.gz", CLASSES, n_train=4, n_test=2, top=top)
     decodes = []
-    real = data._read_image_source
-    monkeypatch.setattr(data, "_read_image_source", lambda p: decodes.append(p) or real(p))
+    real = formats._read_image_source
+    monkeypatch.setattr(formats, "_read_image_source", lambda p: decodes.append(p) or real(p))
     ds = load_image_folder(tar, cache_dir=tmp_path / "cache")
     assert ds.train_x.shape == (12, 3, 32, 32) and ds.test_x.shape == (6, 3, 32, 32) and ds.num_classes == 3
     assert ds.train_y.tolist() == [0] * 4 + [1] * 4 + [2] * 4 and ds.test_y.tolist() == [0, 0, 1, 1, 2, 2]
@@ -184,7 +184,7 @@ def test_image_folder_and_default_cache_next_to_it(tmp_path, monkeypatch):
     assert ds.train_y.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2] and ds.name == "image_folder"
     _check_colours(ds)
     assert len(list((tmp_path / "data" / ".cache").glob("imgs-*.pt"))) == 1
-    monkeypatch.setattr(data, "_read_image_source", lambda p: pytest.fail("decoded again"))
+    monkeypatch.setattr(formats, "_read_image_source", lambda p: pytest.fail("decoded again"))
     assert torch.equal(load_image_folder(src).train_x, ds.train_x)
 
 
@@ -257,7 +257,7 @@ def test_random_dataset():
     ds = random_dataset(300, 100, 7, seed=5)
     assert ds.train_x.shape == (300, 3, 32, 32) and ds.test_x.shape == (100, 3, 32, 32) and ds.num_classes == 7
     assert torch.equal(ds.train_x, random_dataset(300, 100, 7, seed=5).train_x)
-    mean, std = data.channel_stats(ds.train_x)
+    mean, std = formats.channel_stats(ds.train_x)
     assert np.allclose(mean, ds.mean, atol=0.01) and np.allclose(std, ds.std, atol=0.01)  # uniform noise's stats
     exact = ds.train_x.double().div(255)
     assert np.allclose(mean, exact.mean(dim=(0, 2, 3)), atol=1e-7) and np.allclose(std, exact.std(dim=(0, 2, 3), correction=0), atol=1e-7)

@@ -3,7 +3,10 @@
 import pytest
 import torch
 
-from gaf.models import MODELS, SIZED, build_model, check_size
+import inspect
+
+from gaf.config import MODEL_SIZES
+from gaf.models import MODELS, build_model, check_size
 
 
 def n_params(model):
@@ -57,8 +60,12 @@ def test_bad_size_keys_are_named(name, size, match):
         check_size(name, **size)
 
 
-def test_every_sized_model_exists():
-    assert set(SIZED) <= set(MODELS)
+def test_the_schemas_models_are_the_registry_with_their_size_keys():
+    """gaf.config.MODEL_SIZES (the schema, torch-free) names exactly the models of MODELS, each with
+    the size keys its builder takes."""
+    assert tuple(MODEL_SIZES) == tuple(MODELS)
+    for name, builder in MODELS.items():
+        assert set(inspect.signature(builder).parameters) - {"c", "num_classes"} == set(MODEL_SIZES[name]), name
     with pytest.raises(ValueError, match="unknown model 'resnet9'"):
         build_model("resnet9", 10)
 
