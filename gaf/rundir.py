@@ -1,11 +1,15 @@
-"""The files of a run directory: atomic JSON and checkpoints, the lock, the environment a run
-ran in and its summary (the CSV logs and wandb: ``gaf.log``).
+"""The files of a run directory: atomic JSON, the lock, a run's status, the environment a run
+ran in and its summary (the checkpoint and what a directory already holds: ``gaf.checkpoint``;
+the CSV logs and wandb: ``gaf.log``).
 
     config.json    the resolved config
     metrics.csv    one row per iteration
     eval.csv       one row per validation
     summary.json   status, accuracies, throughput, environment, config
     checkpoint.pt  everything needed to resume, written atomically
+
+Reading a run's files needs no torch: this module imports it only where it describes the
+environment of a run being trained (``environment``).
 """
 
 from __future__ import annotations
@@ -19,11 +23,12 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from gaf.config import RunConfig
+
+if TYPE_CHECKING:
+    import torch
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -32,37 +37,8 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic: a crash mid-write leaves the previous checkpoint intact."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 class RunDirError(RuntimeError):
     """A run directory that cannot be used as it is: the message says which file and what to do."""
-
-
-class CheckpointError(RunDirError):
-    """A checkpoint that cannot be read."""
-
-
-# What gaf.train writes into checkpoint.pt, and needs to resume.
-CHECKPOINT_KEYS = ("config", "state", "model", "optimizer", "scheduler", "sampler", "aug_rng", "torch_rng",
-                   "adaptive_tau")
-
-
-def load_checkpoint(path: Path) -> dict:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or foreign file: say which, and what to do
-        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {e}); "
-                              "delete it to restart this run from scratch") from None
-    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(CHECKPOINT_KEYS)
-    if missing:
-        raise CheckpointError(f"checkpoint {path} is not one of this trainer's (it lacks {', '.join(missing)}); "
-                              "delete it to restart this run from scratch")
-    return ckpt
 
 
 def read_json(path: Path) -> Any:
@@ -182,13 +158,15 @@ def cpu_model() -> str:
 
 
 def environment(device: torch.device) -> dict:
+    """What a run ran in (versions, device, host, CPU): the trainer's, whose torch is already loaded."""
+    import torch
+    import torchvision
+
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                                 cwd=Path(__file__).parent).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    import torchvision
-
     from gaf import __version__
 
     return {

@@ -4,8 +4,8 @@
    the working directory), including an archive put there by hand;
 2. a download where the network allows and ``data.download`` is on (``gaf.download``:
    announced, progress, short timeout, md5-checked, atomic);
-3. the offline copies where present: the folder ``$GAF_OFFLINE_DATA`` that holds
-   ``cifar10-jpeg/`` and ``cifar100n/`` (default ``../shared/data`` beside the repository);
+3. the offline copies where present: an offline mirror folder that holds ``cifar10-jpeg/``
+   and ``cifar100n/`` (``$GAF_OFFLINE_DATA``, else ``DEFAULT_OFFLINE_DIR`` beside the repository);
 4. else ``DataNotFound`` naming every source tried and how to provide the data by hand.
 
 | data set | under data.root | download | offline copy |
@@ -30,8 +30,9 @@ from pathlib import Path
 from gaf.download import DownloadError, Remote, fetch, md5sum
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_ENV = "GAF_OFFLINE_DATA"  # the folder of the offline copies
-OLD_SHARED_ENV = "GAF_SHARED_DATA"  # its former name, still read
+OFFLINE_ENV = "GAF_OFFLINE_DATA"  # the offline mirror folder
+OLD_OFFLINE_ENV = "GAF_SHARED_DATA"  # its former name, still read
+DEFAULT_OFFLINE_DIR = REPO.parent / "shared" / "data"  # the offline mirror folder where none is named
 JPEG_NAME = "cifar10-jpeg-q75.tar.gz"
 ARCHIVE_SUFFIXES = (".gz", ".tgz", ".tar", ".zip", ".pt", ".npy", ".pkl")
 
@@ -58,7 +59,7 @@ CIFAR100_ARCHIVE = Remote("CIFAR-100 (python version)", ("https://www.cs.toronto
 CIFAR10_ARCHIVE = Remote("CIFAR-10 (python version)", ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",),
                          "cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a", 170_498_071)
 # CIFAR-100N's human labels, the file at commit 49df7d8 of the CIFAR-N repository (the
-# same file as ../shared/data/cifar100n/); the default branch is the second choice.
+# same file as the offline mirror's cifar100n/); the default branch is the second choice.
 _CIFAR_N = "https://github.com/UCSC-REAL/cifar-10-100n/raw"
 CIFAR100N_LABELS = Remote("CIFAR-100N human labels", (f"{_CIFAR_N}/49df7d8/data/CIFAR-100_human.pt",
                                                       f"{_CIFAR_N}/HEAD/data/CIFAR-100_human.pt"),
@@ -80,10 +81,10 @@ def default_root() -> Path:
     return REPO / "data"
 
 
-def shared_dir() -> Path:
-    """The folder of the offline copies: ``$GAF_OFFLINE_DATA``, else ``../shared/data`` beside the repository."""
-    named = os.environ.get(SHARED_ENV) or os.environ.get(OLD_SHARED_ENV)
-    return Path(named or REPO.parent / "shared" / "data").expanduser()
+def offline_dir() -> Path:
+    """The offline mirror folder: ``$GAF_OFFLINE_DATA``, else ``DEFAULT_OFFLINE_DIR``."""
+    named = os.environ.get(OFFLINE_ENV) or os.environ.get(OLD_OFFLINE_ENV)
+    return Path(named or DEFAULT_OFFLINE_DIR).expanduser()
 
 
 def shown(path) -> str:
@@ -194,7 +195,7 @@ def cifar100n_label_file(label_file=None, root=None, download: bool = False) -> 
     fetched = _download(CIFAR100N_LABELS, root / "cifar100n", download, tried)
     if fetched:
         return fetched, f"CIFAR-100N human labels from {shown(fetched)} (downloaded from {CIFAR100N_LABELS.sources()[0]})"
-    offline = shared_dir() / "cifar100n" / CIFAR100N_LABELS.filename
+    offline = offline_dir() / "cifar100n" / CIFAR100N_LABELS.filename
     if offline.is_file():
         return offline, f"CIFAR-100N human labels from {shown(offline)} (the offline copy)"
     tried.append(f"offline copy {shown(offline)}: absent")
@@ -215,7 +216,7 @@ def cifar10_jpeg_file(root=None, jpeg_path=None) -> tuple[Path, str]:
         if path.exists():
             return path, f"CIFAR-10 JPEG copy (q75) from {shown(path)}"
         tried.append(f"{shown(path)}: absent")
-    offline = shared_dir() / "cifar10-jpeg" / JPEG_NAME
+    offline = offline_dir() / "cifar10-jpeg" / JPEG_NAME
     if offline.exists():
         return offline, f"CIFAR-10 JPEG copy (q75) from {shown(offline)} (the offline copy)"
     tried.append(f"offline copy {shown(offline)}: absent (this copy has no public download)")

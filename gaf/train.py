@@ -1,7 +1,7 @@
 """One training run, baseline or GAF: build the data, model and stepper, then the loop.
 
 ``run(cfg, run_dir)`` takes a plain ``RunConfig`` dataclass (``gaf.config``; no Hydra
-object) and a directory, and writes the run directory's files (``gaf.rundir``):
+object) and a directory, and writes the run directory's files (``gaf.rundir``, ``gaf.checkpoint``):
 ``config.json``, ``metrics.csv`` (one row per iteration: loss, accuracy, every
 micro-gradient distance d1..d{n-1}, accepted, stepped, lr, tau), ``eval.csv`` (one row per
 validation: train/val loss and accuracy, and the memorisation probe), ``summary.json`` and
@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +32,8 @@ from torch import nn
 
 from gaf import data as gdata
 from gaf.augment import augment, normalize
-from gaf.config import (COMPILE_MODES, OptimConfig, RunConfig, check_fast_path_options, class_size_error,
-                        describe_differences, fast_path_on, same_run, validate)
+from gaf.checkpoint import CheckpointError, prior_run, save_checkpoint
+from gaf.config import COMPILE_MODES, OptimConfig, RunConfig, RunPlan, class_size_error, resolve, validate
 from gaf.distributed import (DistributedGAFStep, DistributedMeanStep, check_replicas, init_from_env,
                              local_slice, shutdown)
 from gaf.fast import FastGAFStep, FastPlainStep
@@ -42,8 +42,7 @@ from gaf.filter import AdaptiveTau, NonFiniteGradientError
 from gaf.models import build_model
 from gaf.samplers import BatchSampler, ClassBalancedSampler
 from gaf.log import CsvLog, WandbLogger
-from gaf.rundir import (RUN_FILES, CheckpointError, RunDirError, RunDirLock, environment,
-                        load_checkpoint, read_json, save_checkpoint, write_json, write_summary)
+from gaf.rundir import RunDirError, RunDirLock, environment, write_json, write_summary
 from gaf.step import gaf_step, unfiltered_stats
 
 __all__ = ["CheckpointError", "RunConfig", "RunDirError", "run", "validate"]
@@ -207,69 +206,47 @@ def run(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     directory (on a file system all ranks see); only rank 0 writes files.
     """
     validate(cfg)
+    run_dir = Path(run_dir)
+    with _this_process(cfg) as (rank, world, device):
+        plan = resolve(cfg, device.type)
+        _check_shares(cfg, world)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with RunDirLock(run_dir) if rank == 0 else contextlib.nullcontext():  # rank 0 writes the files
+            config = cfg.to_dict()
+            summary, ckpt = prior_run(run_dir, config)
+            if summary is not None and summary.get("status") in ("finished", "diverged"):
+                log.info("%s: already %s; nothing to do", run_dir, summary["status"])
+                return summary
+            trainer = Trainer(cfg, run_dir, rank, world, device, config, plan)
+            if ckpt is not None:
+                trainer.restore(ckpt)
+            elif trainer.is_main:  # a fresh start: no rows of an attempt that never checkpointed
+                for p in (trainer.metrics.path, trainer.evals.path):
+                    p.unlink(missing_ok=True)
+            return trainer.train()
+
+
+@contextlib.contextmanager
+def _this_process(cfg: RunConfig) -> Iterator[tuple[int, int, torch.device]]:
+    """(rank, world size, device) of this process: the only one, or (``cfg.distributed``) its
+    rank of torchrun's process group, which is shut down when the run ends."""
     if not cfg.distributed:
-        device = resolve_device(cfg.device)
-        check_fast_path_options(cfg, device.type)
-        return _run(cfg, Path(run_dir), 0, 1, device)
+        yield 0, 1, resolve_device(cfg.device)
+        return
     rank, world, _, device = init_from_env()
     try:
-        check_fast_path_options(cfg, device.type)
-        split, what = ((cfg.method.n_micro, "method.n_micro") if cfg.method.name == "gaf"
-                       else (cfg.method.batch_size, "method.batch_size"))
-        if split % world:
-            raise ValueError(f"{what}={split} must be a multiple of the number of ranks ({world}): "
-                             "every rank takes an equal share of each step")
-        return _run(cfg, Path(run_dir), rank, world, device)
+        yield rank, world, device
     finally:
         shutdown()
 
 
-def _run(cfg: RunConfig, run_dir: Path, rank: int, world: int, device: torch.device) -> dict:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with RunDirLock(run_dir) if rank == 0 else contextlib.nullcontext():  # rank 0 writes the files
-        return _run_owned(cfg, run_dir, rank, world, device)
-
-
-def _run_owned(cfg: RunConfig, run_dir: Path, rank: int, world: int, device: torch.device) -> dict:
-    config = cfg.to_dict()
-    summary, ckpt = prior_run(run_dir, config)
-    if summary is not None and summary.get("status") in ("finished", "diverged"):
-        log.info("%s: already %s; nothing to do", run_dir, summary["status"])
-        return summary
-    trainer = Trainer(cfg, run_dir, rank, world, device, config)
-    if ckpt is not None:
-        trainer.restore(ckpt)
-    elif trainer.is_main:
-        for p in (trainer.metrics.path, trainer.evals.path):
-            p.unlink(missing_ok=True)
-    return trainer.train()
-
-
-def prior_run(run_dir: Path, config: dict) -> tuple[dict | None, dict | None]:
-    """(summary, checkpoint) of this very run in ``run_dir``, either None where absent. A run of
-    another config, or files that are not this trainer's, are errors: a run directory's results
-    are never replaced by another run's."""
-    summary_path, ckpt_path = run_dir / "summary.json", run_dir / "checkpoint.pt"
-    summary = read_json(summary_path) if summary_path.exists() else None
-    if summary is not None and not (isinstance(summary, dict) and isinstance(summary.get("config"), dict)):
-        raise RunDirError(f"{summary_path} is not a run summary; delete it to go on from checkpoint.pt")
-    ckpt = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
-    theirs = summary["config"] if summary is not None else ckpt["config"] if ckpt is not None else None
-    if theirs is not None and not same_run(theirs, config):
-        status = summary.get("status") if summary is not None else None
-        what = ("the checkpoint of a run" if summary is None else
-                f"a {status} run" if status in ("finished", "diverged", "stopped") else "an unfinished run")
-        raise RunDirError(f"run directory {run_dir} holds {what} of another config: "
-                          f"{describe_differences(config, theirs)}; launch this one in another run directory "
-                          "(hydra.run.dir=...) to keep both")
-    if summary is not None and ckpt is not None and not same_run(ckpt["config"], config):
-        raise RunDirError(f"{ckpt_path} belongs to another config than {summary_path}: "
-                          f"{describe_differences(config, ckpt['config'])}; delete it to restart this run")
-    foreign = [name for name in RUN_FILES if (run_dir / name).exists()]
-    if theirs is None and foreign:
-        raise RunDirError(f"run directory {run_dir} holds {', '.join(foreign)} but no run summary: not a run of "
-                          "this trainer; launch in another run directory (hydra.run.dir=...), or move them away")
-    return summary, ckpt
+def _check_shares(cfg: RunConfig, world: int) -> None:
+    """Every rank takes an equal share of each step: GAF's microbatches, or the baseline's batch."""
+    split, what = ((cfg.method.n_micro, "method.n_micro") if cfg.method.name == "gaf"
+                   else (cfg.method.batch_size, "method.batch_size"))
+    if split % world:
+        raise ValueError(f"{what}={split} must be a multiple of the number of ranks ({world}): "
+                         "every rank takes an equal share of each step")
 
 
 @dataclass
@@ -297,7 +274,8 @@ class Trainer:
     """One run's data, model, optimizer, stepper and counters; ``train()`` runs the loop
     from wherever ``state`` stands (0, or a restored checkpoint) and writes the files."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, rank: int, world: int, device: torch.device, config: dict):
+    def __init__(self, cfg: RunConfig, run_dir: Path, rank: int, world: int, device: torch.device, config: dict,
+                 plan: RunPlan):
         self.cfg, self.run_dir, self.rank, self.world, self.device = cfg, run_dir, rank, world, device
         self.config, self.is_main = config, rank == 0
         self.summary_path, self.ckpt_path = run_dir / "summary.json", run_dir / "checkpoint.pt"
@@ -308,7 +286,7 @@ class Trainer:
         self.sampler = make_sampler(cfg, self.ds)
         self.model = build_model(cfg.model.name, self.ds.num_classes, width=cfg.model.width,
                                  blocks=cfg.model.blocks).to(device)
-        fast = fast_path_on(cfg, device.type)
+        fast = plan.fast
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters(), masked=fast)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="min", factor=cfg.optim.plateau_factor, patience=cfg.optim.plateau_patience)

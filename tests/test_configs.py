@@ -1,5 +1,6 @@
 """Every config composes into a valid RunConfig; multirun writes one directory per point."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -8,11 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from gaf.config import RunConfig, check_fast_path_options, settings, validate
+import gaf.config as schema
+from gaf.config import RunConfig, RunPlan, check_fast_path_options, resolve, settings, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -254,6 +257,59 @@ def test_fast_path_options_on_the_fast_path_are_accepted():
     check_fast_path_options(cuda, "cuda")
     with pytest.raises(ValueError, match="distributed=true runs its own step"):
         check_fast_path_options(RunConfig.from_dict({"train": {"amp": True}, "distributed": True}), "cuda")
+
+
+@pytest.mark.parametrize("settings_, device, plan", [
+    ({}, "cpu", RunPlan("cpu", fast=False, amp=False, channels_last=False, compile=False, batched=False)),
+    ({}, "cuda", RunPlan("cuda", fast=True, amp=False, channels_last=False, compile=False, batched=False)),
+    ({"train": {"amp": True}}, "cuda", RunPlan("cuda", True, amp=True, channels_last=True, compile=False,
+                                               batched=False)),
+    ({"train": {"amp": True, "channels_last": False, "compile": "full"}}, "cuda",
+     RunPlan("cuda", True, amp=True, channels_last=False, compile=True, batched=False)),
+    ({"train": {"fast": True, "batched": True}}, "cpu", RunPlan("cpu", True, False, False, False, batched=True)),
+    ({"train": {"compile": "graph"}}, "cuda", RunPlan("cuda", True, False, False, compile="graph", batched=False)),
+    ({"distributed": True}, "cuda", RunPlan("cuda", fast=False, amp=False, channels_last=False, compile=False,
+                                            batched=False)),
+])
+def test_resolve_decides_the_fast_path_and_its_options_once(settings_, device, plan):
+    cfg = RunConfig.from_dict(settings_)
+    validate(cfg)
+    assert resolve(cfg, device) == plan
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.fast = not plan.fast
+
+
+def test_resolve_refuses_what_check_fast_path_options_refuses():
+    with pytest.raises(ValueError, match=r"train.amp=true acts on the fast path only.*device is cpu"):
+        resolve(RunConfig.from_dict({"train": {"amp": True}}), "cpu")
+
+
+def test_importing_the_schema_loads_neither_torch_nor_another_gaf_module():
+    code = ("import gaf.config, sys; assert 'torch' not in sys.modules, 'torch'; "
+            "print(sorted(m for m in sys.modules if m == 'gaf' or m.startswith('gaf.')))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["['gaf',", "'gaf.config']"]
+
+
+def test_the_schemas_choices_are_the_implementations():
+    """The schema's literal choices against the registries of the modules that implement them
+    (gaf.data takes its names from the schema; the models: tests/test_models.py)."""
+    from gaf import data, distributed, fast, filter, optim
+    from gaf.optim import build_optimizer
+
+    assert schema.MERGES == filter.MERGES and schema.OPTIMIZERS == optim.OPTIMIZERS
+    assert schema.DIST_MODES == distributed.MODES
+    assert (data.DATASETS, data.FALLBACKS, data.FALLBACK_WHEN) == (schema.DATASETS, schema.FALLBACKS,
+                                                                  schema.FALLBACK_WHEN)
+    model = torch.nn.Linear(2, 2)
+    for compile_arg in schema.COMPILE_MODES.values():  # each one FastPlainStep accepts
+        fast.FastPlainStep(model, build_optimizer("sgd", model.parameters(), lr=0.1, masked=True),
+                           torch.nn.functional.cross_entropy, compile=compile_arg, graphs=fast.StandInGraphs())
+    with pytest.raises(ValueError, match="compile must be"):
+        fast.FastPlainStep(model, build_optimizer("sgd", model.parameters(), lr=0.1, masked=True),
+                           torch.nn.functional.cross_entropy, compile="full", graphs=fast.StandInGraphs())
 
 
 def cli_module():

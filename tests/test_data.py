@@ -24,7 +24,7 @@ from gaf.samplers import BatchSampler, ClassBalancedSampler
 
 from gaf import sources
 
-REAL_LABELS = sources.shared_dir() / "cifar100n" / "CIFAR-100_human.pt"  # the offline copy, where present
+REAL_LABELS = sources.offline_dir() / "cifar100n" / "CIFAR-100_human.pt"  # the offline copy, where present
 
 
 # ---------------------------------------------------------------------------------- CIFAR

@@ -123,3 +123,25 @@ def test_a_running_summary_whose_owner_died_reads_as_interrupted(tmp_path):
     (tmp_path / "run.lock").write_text("4242 some-other-host\n")
     assert run_status(tmp_path, summary) == "running"
     assert run_status(tmp_path, {"status": "finished"}) == "finished"
+
+
+READ_WITHOUT_TORCH = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+import collect, show_run
+from gaf.rundir import RunDirLock, read_json, run_status
+run_dir = Path(sys.argv[1])
+assert run_status(run_dir, read_json(run_dir / "summary.json")) == "interrupted"  # running, but no lock held
+assert not RunDirLock(run_dir).held()
+assert show_run.read_run(run_dir)["status"] == "interrupted"
+assert "torch" not in sys.modules, "torch was imported"
+"""
+
+
+def test_run_files_are_read_without_torch(tmp_path):
+    """collect.py and show_run.py read summaries and run status through gaf.rundir, which needs no torch."""
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "running", "config": {}}))
+    reader = python(READ_WITHOUT_TORCH, tmp_path, ROOT / "scripts")
+    out, err = reader.communicate(timeout=120)
+    assert reader.returncode == 0, err

@@ -22,7 +22,7 @@ from gaf import download, sources
 from gaf.data import DataError, DataNotFound, load_cifar10_jpeg, load_dataset
 
 CLASSES = [f"c{i}" for i in range(10)]
-REAL_JPEG = sources.shared_dir() / "cifar10-jpeg" / sources.JPEG_NAME  # the offline copy, where present
+REAL_JPEG = sources.offline_dir() / "cifar10-jpeg" / sources.JPEG_NAME  # the offline copy, where present
 pytestmark = pytest.mark.data_sources
 
 
@@ -69,7 +69,7 @@ def no_shared(tmp_path, monkeypatch):
     """The offline copies' location pointed at an empty folder."""
     empty = tmp_path / "no-shared"
     empty.mkdir()
-    monkeypatch.setenv(sources.SHARED_ENV, str(empty))
+    monkeypatch.setenv(sources.OFFLINE_ENV, str(empty))
     return empty
 
 
@@ -277,8 +277,8 @@ def test_cifar10_without_root_or_network_is_the_real_offline_jpeg_copy(tmp_path)
 
 
 def test_the_offline_folder_is_named_by_its_variable_or_its_former_name(tmp_path, monkeypatch):
-    monkeypatch.delenv(sources.SHARED_ENV, raising=False)
-    monkeypatch.setenv(sources.OLD_SHARED_ENV, str(tmp_path / "old"))
-    assert sources.shared_dir() == tmp_path / "old"
-    monkeypatch.setenv(sources.SHARED_ENV, str(tmp_path / "new"))
-    assert sources.shared_dir() == tmp_path / "new"  # the current name wins
+    monkeypatch.delenv(sources.OFFLINE_ENV, raising=False)
+    monkeypatch.setenv(sources.OLD_OFFLINE_ENV, str(tmp_path / "old"))
+    assert sources.offline_dir() == tmp_path / "old"
+    monkeypatch.setenv(sources.OFFLINE_ENV, str(tmp_path / "new"))
+    assert sources.offline_dir() == tmp_path / "new"  # the current name wins

@@ -10,7 +10,8 @@ import gaf.train
 
 from cifar_fixtures import md5_checks_disabled, write_cifar100
 from gaf.data import DataError
-from gaf.rundir import CheckpointError, RunDirError
+from gaf.checkpoint import CheckpointError
+from gaf.rundir import RunDirError
 from gaf.train import run
 from run_files import read_csv, tiny_config, without_times  # noqa: F401 (test_rundir imports them from here)
 
