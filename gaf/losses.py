@@ -58,8 +58,8 @@ def reverse_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction
     """-sum_k p_k log(onehot_k) with log 0 = ``RCE_LOG_ZERO``: -A times the probability
     given to every class but the label."""
     p = F.softmax(logits.float(), dim=1)
-    off_label = 1.0 - F.one_hot(targets, p.shape[1]).to(p.dtype)
-    return _reduce(-RCE_LOG_ZERO * (p * off_label).sum(1), reduction)
+    off_label = p.sum(1) - p.gather(1, targets[:, None]).squeeze(1)  # gather, not one_hot: vmap can batch it
+    return _reduce(-RCE_LOG_ZERO * off_label, reduction)
 
 
 def symmetric_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, alpha: float, beta: float,
