@@ -32,7 +32,9 @@ CLASSES = {"cifar100": 100, "cifar100n": 100, "cifar10": 10, "cifar10_jpeg": 10}
 # The networks of gaf.models.MODELS, and the size keys (model.width, model.blocks) each takes.
 MODEL_SIZES = {"resnet18": (), "resnet18_cifar": (), "resnet34_cifar": (), "vit_tiny": (),
                "resnet_cifar": ("width", "blocks"), "cnn4": ("width",), "tiny": ("width",)}
+METHODS = ("gaf", "baseline", "coteaching")
 MERGES = ("halving", "mean")  # gaf.filter.MERGES
+LOSSES = ("ce", "label_smoothing", "gce", "sce")  # gaf.losses.LOSSES
 OPTIMIZERS = ("sgd", "adam", "adamw")  # gaf.optim.OPTIMIZERS
 DIST_MODES = ("gram", "allgather")  # gaf.distributed.MODES
 # train.compile -> FastGAFStep's compile argument.
@@ -105,8 +107,12 @@ APPLIES = {
             "method=baseline steps on one batch of method.batch_size images: no microbatches, no filter"),
     "adaptive": (lambda c: c.method.name == "gaf" and c.method.adaptive_k is not None,
                  "the adaptive threshold is off (set method.adaptive_k to turn it on)"),
-    "baseline": (lambda c: c.method.name == "baseline",
-                 "method=gaf draws method.n_micro microbatches of method.per_class images per class"),
+    "batch": (lambda c: c.method.name in ("baseline", "coteaching"),
+              "method=gaf draws method.n_micro microbatches of method.per_class images per class"),
+    "coteaching": (lambda c: c.method.name == "coteaching", "only method=coteaching trains two networks"),
+    "label_smoothing": (lambda c: c.loss.name == "label_smoothing", "only loss=label_smoothing smooths"),
+    "gce": (lambda c: c.loss.name == "gce", "only loss=gce has q"),
+    "sce": (lambda c: c.loss.name == "sce", "only loss=sce has alpha and beta"),
     "cifar100n": (lambda c: c.data.name == "cifar100n", "only data=cifar100n reads a label file"),
     "substitutable": (lambda c: c.data.name in ("cifar100", "cifar100n") or c.data.name == "cifar10"
                       and c.data.fallback in (None, "random"),
@@ -163,7 +169,7 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = setting("gaf", "choice", choices=("gaf", "baseline"))
+    name: str = setting("gaf", "choice", choices=METHODS)
     tau: float = setting(0.97, "float", low=0, high=2, applies="gaf")  # the cosine distance's range
     n_micro: int = setting(2, "int", low=2, applies="gaf")  # n: microbatches per step
     per_class: int = setting(1, "int", low=1, applies="gaf")  # m: images per class per microbatch
@@ -174,7 +180,25 @@ class MethodConfig:
     # set: tau_t = min(tau, mean + k*std of recent distances)
     adaptive_k: float | None = setting(None, "float", low=0, optional=True, applies="gaf")
     adaptive_window: int = setting(200, "int", low=2, applies="adaptive")
-    batch_size: int = setting(128, "int", low=1, applies="baseline")  # baseline batch (class-balanced + random fill)
+    # the batch of baseline and co-teaching (class-balanced + random fill)
+    batch_size: int = setting(128, "int", low=1, applies="batch")
+    # co-teaching: R(t)'s plateau, the fraction of each batch a network leaves out; null: the
+    # fraction of flipped training labels (the noise rate, as Han et al. assume it known)
+    forget_rate: float | None = setting(None, "float", low=0, high=1, open_high=True, optional=True,
+                                        applies="coteaching")
+    ramp_epochs: float = setting(10.0, "float", low=0, applies="coteaching")  # T_k: epochs over which R(t) ramps up
+
+
+@dataclass
+class LossConfig:
+    """The training loss (validation always reports cross-entropy): gaf.losses."""
+
+    name: str = setting("ce", "choice", choices=LOSSES)
+    smoothing: float = setting(0.1, "float", low=0, high=1, open_high=True, applies="label_smoothing")
+    q: float = setting(0.7, "float", low=0, high=1, open_low=True, applies="gce")  # GCE: q -> 0 is CE, 1 MAE
+    # SCE: alpha CE + beta RCE; null: Wang et al.'s for the data that ran (CIFAR-10: 0.1, 1.0; CIFAR-100: 6.0, 0.1)
+    alpha: float | None = setting(None, "float", low=0, optional=True, applies="sce")
+    beta: float | None = setting(None, "float", low=0, optional=True, applies="sce")
 
 
 @dataclass
@@ -221,6 +245,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -284,14 +309,24 @@ def differences(a: dict, b: dict, prefix: str = "") -> list[tuple[str, object, o
     return out
 
 
+def completed(d: dict) -> dict:
+    """``d`` with every setting it lacks at its default: a run saved before a setting existed
+    ran as that setting's default does (the loss section: cross-entropy)."""
+    def merged(base: dict, over: dict) -> dict:
+        return {**base, **{k: merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                           for k, v in over.items()}}
+    return merged(RunConfig().to_dict(), d)
+
+
 def same_run(a: dict | None, b: dict) -> bool:
     """Whether two config dicts describe the same computation (operational keys aside)."""
-    return a is not None and not differences(a, b)
+    return a is not None and not differences(completed(a), completed(b))
 
 
 def describe_differences(here: dict, there: dict) -> str:
     """'method.tau=0.5 (it has 0.97), seed=1 (it has 0)' for an error message."""
-    return ", ".join(f"{k}={json.dumps(x)} (it has {json.dumps(y)})" for k, x, y in differences(here, there))
+    return ", ".join(f"{k}={json.dumps(x)} (it has {json.dumps(y)})"
+                     for k, x, y in differences(completed(here), completed(there)))
 
 
 def settings(obj, prefix: str = ""):
@@ -327,9 +362,12 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(error)
     if cfg.wandb.mode != "disabled" and importlib.util.find_spec("wandb") is None:
         raise ValueError(f"wandb.mode={cfg.wandb.mode} needs wandb: pip install 'gaf[wandb]', or set wandb.mode=disabled")
-    if t.batched and cfg.method.name == "baseline":
-        raise ValueError("train.batched=true batches GAF's micro-gradients; method=baseline has none: "
+    if t.batched and cfg.method.name != "gaf":
+        raise ValueError(f"train.batched=true batches GAF's micro-gradients; method={cfg.method.name} has none: "
                          "drop train.batched")
+    if cfg.method.name == "coteaching" and (cfg.distributed or t.fast):
+        raise ValueError(f"method=coteaching runs on the readable path of one process; drop "
+                         f"{'distributed=true' if cfg.distributed else 'train.fast=true'}")
 
 
 def check_size(name: str, **size: int | None) -> dict:

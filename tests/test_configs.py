@@ -299,7 +299,10 @@ def test_the_schemas_choices_are_the_implementations():
     from gaf import data, distributed, fast, filter, optim
     from gaf.optim import build_optimizer
 
+    from gaf import losses
+
     assert schema.MERGES == filter.MERGES and schema.OPTIMIZERS == optim.OPTIMIZERS
+    assert schema.LOSSES == losses.LOSSES
     assert schema.DIST_MODES == distributed.MODES
     assert (data.DATASETS, data.FALLBACKS, data.FALLBACK_WHEN) == (schema.DATASETS, schema.FALLBACKS,
                                                                   schema.FALLBACK_WHEN)
@@ -352,3 +355,29 @@ def test_cli_run_with_many_overrides_gets_a_folder(tmp_path):
     # an ad-hoc run is filed, and recorded, as what its settings are
     assert run_dir.parent == tmp_path / "outputs" / "single" / "custom"
     assert json.loads((run_dir / "summary.json").read_text())["scale"] == "custom"
+
+
+def test_a_run_saved_before_a_setting_existed_ran_at_its_default():
+    """Run directories written before the loss section existed are the same run as today's
+    cross-entropy default (a finished sweep point stays a no-op), and not as any other loss."""
+    old = RunConfig().to_dict()
+    del old["loss"], old["method"]["forget_rate"], old["method"]["ramp_epochs"]
+    assert schema.same_run(old, RunConfig().to_dict())
+    gce = RunConfig.from_dict({"loss": {"name": "gce"}}).to_dict()
+    assert not schema.same_run(old, gce)
+    assert schema.describe_differences(gce, old) == 'loss.name="gce" (it has "ce")'
+
+
+@pytest.mark.parametrize("d, match", [
+    ({"loss": {"name": "gce", "q": 0.0}}, r"loss.q must be a number in \(0, 1\]"),
+    ({"loss": {"name": "ce", "q": 0.5}}, "loss.q=0.5 has no effect here: only loss=gce has q"),
+    ({"loss": {"name": "sce", "alpha": -1.0}}, "loss.alpha must be a number >= 0"),
+    ({"loss": {"smoothing": 0.2}}, "only loss=label_smoothing smooths"),
+    ({"method": {"name": "gaf", "forget_rate": 0.4}}, "only method=coteaching trains two networks"),
+    ({"method": {"name": "coteaching", "forget_rate": 1.0}}, r"method.forget_rate must be a number in \[0, 1\)"),
+    ({"method": {"name": "coteaching"}, "train": {"fast": True}}, "method=coteaching runs on the readable path"),
+    ({"method": {"name": "coteaching"}, "train": {"batched": True}}, "method=coteaching has none"),
+])
+def test_loss_and_coteaching_settings_are_validated(d, match):
+    with pytest.raises(ValueError, match=match):
+        schema.validate(RunConfig.from_dict(d))
