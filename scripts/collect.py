@@ -128,7 +128,7 @@ def read_run(run_dir, roots):
     row["status"] = run_status(run_dir, summary)
     row["data_note"] = row["data_note"] or ""
     row.update({k: v for k, v in flat.items() if k not in row and k.split(".")[-1] not in NOT_A_SWEEP_KEY
-                and k.split(".")[0] in ("data", "model", "method", "optim", "train")})
+                and k.split(".")[0] in ("data", "model", "method", "loss", "optim", "train")})
     # the sweep point: every config value except where/how the run ran
     point = {k: v for k, v in flat.items() if not set(k.split(".")) & NOT_A_SWEEP_KEY}
     row["_point"] = json.dumps([row["experiment"], row["scale"], sorted(point.items())], default=str)

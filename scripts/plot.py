@@ -33,7 +33,7 @@ from matplotlib.patches import Rectangle
 from results_data import (MODEL, NAME, _fmt, _unique, acc_stats, curve, data_label, data_used, datasets_of, evals,
                           file_hash, input_path, load, models_of, noise_pct, ran_on, read_paper_fig6, reads_recorded,
                           role, sha256, spread, title_suffix, variant)
-from tables import TABLES, premise_table
+from tables import TABLES, premise_table, robust_table
 
 HERE = Path(__file__).resolve().parent
 CODE = [HERE / name for name in ("plot.py", "results_data.py", "tables.py")]  # what a figure is drawn by
@@ -469,8 +469,37 @@ def premise(results_dir, scale=None):
                        "label noise", r)
 
 
+def robust(results_dir, scale=None):
+    """Each arm of experiment=robust at each noise level: best and final validation accuracy (bars,
+    the std over seeds as error bars) and the flipped labels it fitted by the end."""
+    df = robust_table(results_dir, scale)
+    if df is None:
+        return None
+    r, levels = df.attrs["source"], sorted(df["noise (%)"].unique())
+    fig, ax = new_figure(2, len(levels), (max(6.4, 0.75 * df["arm"].nunique() * len(levels)), 6.4), sharey="row")
+    for j, noise in enumerate(levels):
+        d = df[df["noise (%)"] == noise]
+        x = np.arange(len(d))
+        top, bottom = ax[0, j], ax[1, j]
+        for k, (col, shade) in enumerate((("best", COLOR["gaf"]), ("final", "0.6"))):
+            err = d[f"{col} std"] if d[f"{col} std"].notna().any() else None
+            top.bar(x + (k - 0.5) * 0.38, d[f"{col} (%)"], 0.38, yerr=err, color=shade, capsize=2,
+                    label=f"{col} validation accuracy")
+        bottom.bar(x, d["flipped fitted (%)"], 0.6, color=COLOR["baseline"])
+        top.set(title=f"{noise:g}% label noise", ylim=(0, None))
+        bottom.set(ylim=(0, 100))
+        bottom.set_xticks(x, d["arm"], rotation=40, ha="right")
+        top.set_xticks(x, [""] * len(x))
+    ax[0, 0].set_ylabel("validation accuracy (%)")
+    ax[1, 0].set_ylabel("flipped labels fitted at the end (%)")
+    legend(ax[0, -1], fontsize=7)
+    return titled(fig, f"GAF against what a practitioner would use instead, {models_of(r.runs)} on "
+                       f"{datasets_of(r.runs)}", r)
+
+
 # ---------------------------------------------------------------- main
 FIGURES["premise"] = premise
+FIGURES["robust"] = robust
 
 
 def main(argv=None):

@@ -162,6 +162,29 @@ def role(row):
     micro-gradient: how figures 1, 3, 4 and 5 measure a baseline's distances), else 'gaf'."""
     return "baseline" if row["method.name"] == "baseline" or row.get("method.tau", 0) >= 2 else "gaf"
 
+# The arms of experiment=robust, in the order figures and tables list them.
+ARMS = ["baseline (CE)", "label smoothing", "GCE", "SCE", "co-teaching", "averaging (tau 2)", "GAF", "GAF + GCE"]
+LOSS_NAME = {"label_smoothing": "label smoothing", "gce": "GCE", "sce": "SCE"}
+
+
+def arm(row):
+    """What one run is, as the robust comparison names it: the method (plain averaging is GAF
+    at tau >= 2, as ``role`` says), then the training loss where it is not cross-entropy."""
+    loss = row.get("loss.name")
+    loss = LOSS_NAME.get(loss) if isinstance(loss, str) else None  # runs from before the loss setting: CE
+    if row["method.name"] == "coteaching":
+        method = "co-teaching"
+    elif row["method.name"] == "baseline":
+        return loss or "baseline (CE)"
+    else:
+        method = "averaging (tau 2)" if role(row) == "baseline" else "GAF"
+    return f"{method} + {loss}" if loss else method
+
+
+def arm_order(name):
+    return (ARMS.index(name), name) if name in ARMS else (len(ARMS), name)
+
+
 def _fmt(x):
     return "-" if pd.isna(x) else (f"{x:g}" if isinstance(x, float) else str(x))
 

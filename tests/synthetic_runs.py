@@ -40,12 +40,15 @@ SWEEPS = {
     "premise": [dict(method="gaf", noise=0.4, model="cnn4", width=w, per_class=m, tau=t, merge="mean")
                 for w, m in ((4, 1), (16, 1), (16, 2)) for t in (2.0, 0.97)]
     + [dict(method="baseline", noise=0.4, model="cnn4", width=w) for w in (4, 16)],
+    "robust": [dict(method="baseline", noise=0.4, loss=loss) for loss in ("ce", "label_smoothing", "gce", "sce")]
+    + [dict(method="coteaching", noise=0.4), dict(PLAIN, noise=0.4), dict(method="gaf", noise=0.4),
+       dict(method="gaf", noise=0.4, loss="gce")],
 }
 
 
 def run_config(experiment, *, scale="tiny", seed=0, data="cifar100", noise=0.0, model="tiny", width=None, method="gaf",
                tau=0.97, n_micro=2, per_class=1, batch_size=128, merge="halving", lr=0.01, weight_decay=1e-2,
-               iterations=60, val_every=20):
+               iterations=60, val_every=20, loss="ce"):
     """The nested config.json of one run (docs/rundir.md)."""
     gaf = method == "gaf"
     return {
@@ -55,6 +58,7 @@ def run_config(experiment, *, scale="tiny", seed=0, data="cifar100", noise=0.0, 
         "model": {"name": model, "width": width},
         "method": {"name": method, "tau": tau if gaf else None, "n_micro": n_micro, "per_class": per_class,
                    "merge": merge, "batch_size": None if gaf else batch_size, "adaptive_k": None},
+        "loss": {"name": loss},
         "optim": {"name": "sgd", "lr": lr, "momentum": 0.9, "nesterov": True, "weight_decay": weight_decay},
         "train": {"iterations": iterations, "val_every": val_every},
     }
@@ -67,8 +71,10 @@ def _final_val_acc(cfg):
         return 0.01
     p = 0.402 if d["name"] == "cifar100n" else d["noise"]
     base = 0.62 * (1 - p) ** 1.4
-    if m["name"] == "baseline":
-        return base * (1 - 0.05 * np.log2(max(m["batch_size"], 100) / 128) ** 2)
+    if m["name"] in ("baseline", "coteaching"):
+        robust = {"gce": 0.3, "sce": 0.3, "label_smoothing": 0.05}.get(cfg.get("loss", {}).get("name"), 0.0)
+        robust += 0.4 if m["name"] == "coteaching" else 0.0
+        return base * (1 - 0.05 * np.log2(max(m["batch_size"], 100) / 128) ** 2) + 0.2 * p * robust
     tau_gain = {0.95: 0.7, 0.97: 1.0, 0.99: 0.8, 1.0: 0.6, 1.05: 0.1, 2.0: 0.0}.get(m["tau"], 0.5)
     gain = 0.18 * p * (1 - p) * 2.5 * tau_gain
     return min(0.63, base + gain - 0.01 * (m["per_class"] - 1) + 0.004 * (m["n_micro"] - 2))
