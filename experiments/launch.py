@@ -23,7 +23,6 @@ from pathlib import Path
 from hydra import compose
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -53,17 +52,22 @@ def bounded_dirname(name: str) -> str:
     return prefix.decode(errors="ignore") + tail
 
 
+def scale_options() -> tuple[str, ...]:
+    """The scales a run may be at: the scale group's options (configs/scale/)."""
+    return tuple(sorted(p.stem for p in (CONFIGS / "scale").glob("*.yaml")))
+
+
 def register_configs(store: ConfigStore | None = None) -> None:
     """What config.yaml's defaults list takes from code rather than files: every setting at
     ``RunConfig``'s default (gaf/config.py is their one definition), and each preset's ``at_scale``
     block as the option ``at_scale/<preset>_<scale>``, merged after the preset where that scale is chosen."""
     store = store or ConfigStore.instance()
     store.store(name="run_config_defaults", node=RunConfig().to_dict())
-    scales = sorted(p.stem for p in (CONFIGS / "scale").glob("*.yaml"))
+    scales = scale_options()
     for path in sorted((CONFIGS / "experiment").glob("*.yaml")):
         for scale, adjustments in (OmegaConf.load(path).get("at_scale") or {}).items():
             if scale not in scales:
-                raise ValueError(f"{path.relative_to(CONFIGS.parent)}: at_scale.{scale} names no scale; "
+                raise ValueError(f"configs/experiment/{path.name}: at_scale.{scale} names no scale; "
                                  f"the scales are {', '.join(scales)} (configs/scale/)")
             store.store(group="at_scale", name=f"{path.stem}_{scale}", node=adjustments, package="_global_")
 
@@ -72,9 +76,8 @@ def check_scale(cfg) -> None:
     """A ``scale=`` that names no option of configs/scale/ (the group is optional so that this is
     one line, not Hydra's listing): an error. Needs the composed config's ``hydra`` node."""
     chosen = cfg["hydra"]["runtime"]["choices"].get("scale")
-    scales = GlobalHydra.instance().config_loader().get_group_options("scale")
-    if chosen is not None and chosen not in scales:
-        raise ValueError(f"scale must be one of {', '.join(scales)}, got {chosen!r}")
+    if chosen is not None and chosen not in scale_options():
+        raise ValueError(f"scale must be one of {', '.join(scale_options())}, got {chosen!r}")
 
 
 def settings_scale(cfg, overrides) -> str:

@@ -29,10 +29,11 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
-from launch import (composed_points, first_line, fixed_overrides, run_config, sweep_keys_left_open,  # noqa: E402
-                    sweep_points)
+from launch import (composed_points, first_line, fixed_overrides, run_config, scale_options,  # noqa: E402
+                    sweep_keys_left_open, sweep_points)
 
-SCALES = tuple(sorted(p.stem for p in (ROOT / "configs/scale").glob("*.yaml")))  # configs/scale/
+SCALES = scale_options()
+
 LAUNCH_FIELDS = {"multirun", "overrides", "scales"}
 
 
@@ -42,7 +43,7 @@ def declared_launches(preset: Path) -> list[tuple[list[str], bool, tuple[str, ..
     (tau, m, n) would otherwise repeat once per grid point."""
     out = []
     for i, entry in enumerate(OmegaConf.to_container(OmegaConf.load(preset)).get("launches") or []):
-        where = f"{preset.relative_to(ROOT)}: launches[{i}]"
+        where = f"{preset.name}: launches[{i}]"
         if not isinstance(entry, dict) or set(entry) - LAUNCH_FIELDS:
             raise ValueError(f"{where} must be a mapping of {', '.join(sorted(LAUNCH_FIELDS))}, got {entry!r}")
         scales = tuple(entry.get("scales", SCALES))
