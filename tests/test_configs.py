@@ -304,6 +304,24 @@ def test_every_setting_comes_from_run_config_and_config_yaml_restates_none():
     assert not restated, f"config.yaml restates RunConfig's settings {sorted(restated)}: set them in gaf/config.py"
 
 
+@pytest.mark.slow
+def test_cfg_job_shows_every_setting_at_its_default(tmp_path):
+    out = train_cli(["--cfg", "job"], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    shown = leaves(OmegaConf.to_container(OmegaConf.create(out.stdout)))
+    assert {k: v for k, v in shown.items() if k not in launch.LAUNCH_KEYS} == leaves(RunConfig().to_dict())
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_a_presets_per_scale_adjustments_are_its_at_scale_block_only(preset):
+    """One form for what a preset changes at a scale: its `at_scale` block, no interpolation on ${scale}
+    (and no rows of its own) elsewhere in the preset."""
+    text = (CONFIGS / "experiment" / f"{preset}.yaml").read_text()
+    assert "${scale" not in text and "scales" not in OmegaConf.load(CONFIGS / "experiment" / f"{preset}.yaml")
+    assert set(OmegaConf.load(CONFIGS / "experiment" / f"{preset}.yaml").get("at_scale") or {}) <= set(
+        launch.scale_options())
+
+
 @pytest.mark.parametrize("scale", ["tiny", "small", "paper"])
 def test_the_scale_group_sets_what_its_file_says(scale):
     rc = to_run_config(composed([f"scale={scale}"], hydra=True), [f"scale={scale}"])
