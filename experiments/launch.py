@@ -72,11 +72,6 @@ def register_configs(store: ConfigStore | None = None) -> None:
             store.store(group="at_scale", name=f"{path.stem}_{scale}", node=adjustments, package="_global_")
 
 
-def scale_options() -> list[str]:
-    """The scales: the options of the config group configs/scale/."""
-    return sorted(p.stem for p in (CONFIGS / "scale").glob("*.yaml"))
-
-
 def check_scale(cfg) -> None:
     """A ``scale=`` that names no option of configs/scale/ (the group is optional so that this is
     one line, not Hydra's listing): an error. Needs the composed config's ``hydra`` node."""

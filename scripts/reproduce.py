@@ -33,7 +33,6 @@ from launch import (composed_points, first_line, fixed_overrides, run_config, sc
                     sweep_keys_left_open, sweep_points)
 
 SCALES = scale_options()
-
 LAUNCH_FIELDS = {"multirun", "overrides", "scales"}
 
 
