@@ -159,8 +159,7 @@ def variant(runs):
 
 def role(row):
     """'baseline' for the baseline and for plain averaging (GAF at tau = 2 accepts every
-    micro-gradient: how figures 1, 3, 4 and 5 measure a baseline's distances; method=averaging,
-    or a sweep of method.tau through 2.0), else 'gaf'. The one place that tells them apart."""
+    micro-gradient: how figures 1, 3, 4 and 5 measure a baseline's distances), else 'gaf'."""
     return "baseline" if row["method.name"] == "baseline" or row.get("method.tau", 0) >= 2 else "gaf"
 
 def _fmt(x):
