@@ -22,6 +22,7 @@ from pathlib import Path
 
 from hydra import compose
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -29,8 +30,15 @@ from omegaconf import DictConfig, OmegaConf
 from gaf.config import RunConfig, inapplicable, validate, without_inapplicable
 
 NAME_BYTES = 200  # a folder name may hold 255 bytes; leave room for Hydra's and the file system's suffixes
-# Keys of config.yaml that steer Hydra and the launch, not a run.
-LAUNCH_KEYS = ("scales", "dry_run")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# Keys of a composed config that steer Hydra and the launch, not a run: a preset's adjustments per
+# scale (`at_scale`), what scripts/reproduce.py launches of it (`launches`), and `dry_run`.
+LAUNCH_KEYS = ("at_scale", "launches", "dry_run")
+# What a scale fixes (configs/scale/) that makes a run "at" that scale: its length and its data. The
+# network and m are left out: presets sweep m and width (figures 4, 8, the premise) and pick their
+# own networks (figure 3).
+SCALE_KEYS = ("train.iterations", "train.val_every", "train.memorisation_samples", "data.train_per_class",
+              "data.test_per_class", "data.fallback", "data.fallback_when")
 
 
 def bounded_dirname(name: str) -> str:
@@ -44,33 +52,47 @@ def bounded_dirname(name: str) -> str:
     return prefix.decode(errors="ignore") + tail
 
 
-# A scale's row (config.yaml `scales`) -> the settings it fixes. m (per_class) and the model
-# are left out: presets sweep m (figures 4, 8) and pick their own networks (figure 3).
-SCALE_KEYS = {"iterations": ("train", "iterations"), "val_every": ("train", "val_every"),
-              "train_per_class": ("data", "train_per_class"), "test_per_class": ("data", "test_per_class"),
-              "fallback": ("data", "fallback"), "fallback_when": ("data", "fallback_when"),
-              "memorisation_samples": ("train", "memorisation_samples")}
+def scale_options() -> tuple[str, ...]:
+    """The scales a run may be at: the scale group's options (configs/scale/)."""
+    return tuple(sorted(p.stem for p in (CONFIGS / "scale").glob("*.yaml")))
+
+
+def register_configs(store: ConfigStore | None = None) -> None:
+    """What config.yaml's defaults list takes from code rather than files: every setting at
+    ``RunConfig``'s default (gaf/config.py is their one definition), and each preset's ``at_scale``
+    block as the option ``at_scale/<preset>_<scale>``, merged after the preset where that scale is chosen."""
+    store = store or ConfigStore.instance()
+    store.store(name="run_config_defaults", node=RunConfig().to_dict())
+    scales = scale_options()
+    for path in sorted((CONFIGS / "experiment").glob("*.yaml")):
+        for scale, adjustments in (OmegaConf.load(path).get("at_scale") or {}).items():
+            if scale not in scales:
+                raise ValueError(f"configs/experiment/{path.name}: at_scale.{scale} names no scale; "
+                                 f"the scales are {', '.join(scales)} (configs/scale/)")
+            store.store(group="at_scale", name=f"{path.stem}_{scale}", node=adjustments, package="_global_")
 
 
 def check_scale(cfg) -> None:
-    scales = list(cfg["scales"])
-    if cfg["scale"] not in scales:
-        raise ValueError(f"scale must be one of {', '.join(scales)}, got {cfg['scale']!r}")
+    """A ``scale=`` that names no option of configs/scale/ (the group is optional so that this is
+    one line, not Hydra's listing): an error. Needs the composed config's ``hydra`` node."""
+    chosen = cfg["hydra"]["runtime"]["choices"].get("scale")
+    if chosen is not None and chosen not in scale_options():
+        raise ValueError(f"scale must be one of {', '.join(scale_options())}, got {chosen!r}")
 
 
-def settings_scale(cfg) -> str:
-    """The scale a run's settings are: its `scale` when its length and data match that scale's
-    row, else "custom" (an ad-hoc run is not a paper-scale run because `scale` defaults to paper)."""
-    check_scale(cfg)
-    row = cfg["scales"][cfg["scale"]]
-    keys = [k for k in SCALE_KEYS if k in row and not (cfg["data"]["name"] == "random" and SCALE_KEYS[k][0] == "data")]
-    same = all(row[k] == cfg[SCALE_KEYS[k][0]][SCALE_KEYS[k][1]] for k in keys)  # random data: no subsets, no fallback
-    return cfg["scale"] if same else "custom"
+def settings_scale(cfg, overrides) -> str:
+    """The scale a run's settings are: the scale chosen (configs/scale/; "custom" where none is, and
+    for presets with lengths of their own), unless ``overrides`` (the command line, or a sweep point)
+    change what a scale fixes (``SCALE_KEYS``): then "custom"."""
+    return "custom" if given_keys(overrides) & set(SCALE_KEYS) else cfg["scale"]
 
 
-# Registered at import; Hydra hands registered resolvers on to its joblib and SLURM workers.
+# Registered at import; Hydra hands registered resolvers and the config store on to its joblib and
+# SLURM workers.
+register_configs()
 OmegaConf.register_new_resolver("bounded_dirname", bounded_dirname, replace=True)
-OmegaConf.register_new_resolver("settings_scale", lambda *, _root_: settings_scale(_root_), replace=True)
+OmegaConf.register_new_resolver(
+    "settings_scale", lambda *, _root_: settings_scale(_root_, _root_.hydra.overrides.task), replace=True)
 
 
 def given_keys(overrides) -> set[str]:
@@ -83,10 +105,11 @@ def run_config(cfg: DictConfig, overrides) -> RunConfig:
     tau for the baseline, a label file for random data) is an error where ``overrides`` (the
     command line, or a sweep point) give it, and dropped where a preset's rows, written for every
     method and data set, set it."""
+    if "hydra" in cfg:
+        check_scale(cfg)
     job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
-    check_scale(job)
     container = OmegaConf.to_container(job, resolve=True)
-    container["scale"] = settings_scale(container)
+    container["scale"] = settings_scale(container, overrides)
     for key in LAUNCH_KEYS:
         container.pop(key, None)
     rc = RunConfig.from_dict(container)
@@ -122,7 +145,7 @@ def composed_points(points: list[list[str]], config_name: str = "config") -> lis
     out = []
     for point in points:
         try:
-            out.append((point, run_config(compose(config_name, overrides=point), point)))
+            out.append((point, run_config(compose(config_name, overrides=point, return_hydra_config=True), point)))
         except Exception as e:  # noqa: BLE001 (composition errors, bad values: each point's one line)
             out.append((point, e))
     return out

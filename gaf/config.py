@@ -236,7 +236,7 @@ class LoopConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = setting("disabled", "choice", choices=("disabled", "offline", "online"))
+    mode: str = setting("disabled", "choice", choices=("disabled", "offline", "online"))  # never prompts for a login
     project: str = setting("gaf", "text")
 
 
@@ -251,11 +251,11 @@ class RunConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     seed: int = setting(0, "int", low=0, high=2**31 - 1)  # seed + k seeds the other streams: 31 bits
     device: str = setting("auto", "device")
-    distributed: bool = setting(False, "bool")
+    distributed: bool = setting(False, "bool")  # true under torchrun: each rank is one (or more) microbatches
     # gram (shards + Gram all-reduce) | allgather (the authors' script)
     dist_mode: str = setting("gram", "choice", choices=DIST_MODES, applies="distributed")
-    experiment: str = setting("single", "text")
-    # what the settings are: a preset's scale, else custom (experiments/train.py decides from config.yaml's rows)
+    experiment: str = setting("single", "text")  # a preset's name; results are grouped by it
+    # what the settings are: the scale chosen, else custom (experiments/launch.py's settings_scale decides)
     scale: str = setting("custom", "choice", choices=("tiny", "small", "paper", "custom"))
 
     @classmethod

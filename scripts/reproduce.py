@@ -1,10 +1,11 @@
-"""Regenerate the paper's evidence: every figure preset at one scale, then collect and plot.
+"""Regenerate the paper's evidence: every preset's launches at one scale, then collect and plot.
 
     python scripts/reproduce.py --scale tiny            # the whole pipeline on a CPU, minutes
     python scripts/reproduce.py --scale small --jobs 4  # about one GPU-hour, 4 runs share the GPU
     python scripts/reproduce.py --scale paper           # the paper's lengths (CIFAR-100 required)
 
-Before any run starts, every point of every launch is composed and checked (the same check
+What runs is declared in the presets: each one's `launches` (configs/experiment/*.yaml), its
+sweep and its single runs, each at the scales it names. Before any run starts, every point of every launch is composed and checked (the same check
 as a Hydra launch: experiments/launch.py), then the data every point needs is obtained once
 (downloaded where the network allows: gaf.sources's order); where a point would not run or
 the data cannot be had, one error says so and nothing is launched. --dry-run lists every
@@ -24,39 +25,31 @@ import sys
 import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
-from launch import (composed_points, first_line, fixed_overrides, run_config, sweep_keys_left_open,  # noqa: E402
-                    sweep_points)
+from launch import (composed_points, first_line, fixed_overrides, run_config, scale_options,  # noqa: E402
+                    sweep_keys_left_open, sweep_points)
 
-# (preset, extra overrides, multirun?, scales it runs at: None = all). A multirun sweeps the
-# preset's own grid (hydra.sweeper.params); the single runs are the baselines that a grid over
-# GAF-only keys (tau, m, n) would otherwise repeat once per grid point. The tiny scale skips
-# table1's own runs (its rows are figure 6's) and fig8's batch-512 baseline (the 30-minute
-# CPU budget; the presets say so).
-PLAN: list[tuple[str, list[str], bool, tuple[str, ...] | None]] = [
-    ("fig1", [], True, None),
-    ("fig3", [], True, None),
-    ("fig4", [], True, None),
-    ("fig5", [], True, None),
-    ("fig6", [], True, None),
-    ("fig7", [], True, None),
-    ("fig7", ["method=baseline"], False, None),
-    ("fig8", [], True, None),
-    ("fig8", ["method=baseline", "method.batch_size=128"], False, None),
-    ("fig8", ["method=baseline", "method.batch_size=512"], False, ("small", "paper")),
-    ("fig9", [], True, None),
-    ("fig9", ["method=baseline"], False, None),
-    ("table1", [], True, ("small", "paper")),
-    ("premise", [], True, None),
-    ("premise", ["method.per_class=2", "model.width=16"], True, ("tiny",)),  # the m axis, at width 16
-    ("premise", ["method.per_class=2,4", "model.width=16"], True, ("small", "paper")),
-    # One baseline per width (tau does not apply to it); at tiny, width 16's is figure 6's (seed 0,
-    # 40% noise): the same run.
-    ("premise", ["method=baseline", "model.width=4"], False, ("tiny",)),
-    ("premise", ["method=baseline", "model.width=16"], False, ("small", "paper")),
-    ("premise", ["method=baseline", "model.width=64"], False, ("small", "paper")),
-]
+SCALES = scale_options()
+LAUNCH_FIELDS = {"multirun", "overrides", "scales"}
+
+
+def declared_launches(preset: Path) -> list[tuple[list[str], bool, tuple[str, ...]]]:
+    """A preset's ``launches``: (overrides, multirun?, scales it runs at) each. A multirun sweeps the
+    preset's grid (hydra.sweeper.params); a single run is a baseline that a grid over GAF-only keys
+    (tau, m, n) would otherwise repeat once per grid point."""
+    out = []
+    for i, entry in enumerate(OmegaConf.to_container(OmegaConf.load(preset)).get("launches") or []):
+        where = f"{preset.name}: launches[{i}]"
+        if not isinstance(entry, dict) or set(entry) - LAUNCH_FIELDS:
+            raise ValueError(f"{where} must be a mapping of {', '.join(sorted(LAUNCH_FIELDS))}, got {entry!r}")
+        scales = tuple(entry.get("scales", SCALES))
+        if unknown := [s for s in scales if s not in SCALES]:
+            raise ValueError(f"{where}.scales: {unknown} are not scales; allowed: {', '.join(SCALES)}")
+        out.append(([str(o) for o in entry.get("overrides", [])], bool(entry.get("multirun", False)), scales))
+    return out
 
 
 def launch(preset: str, overrides: list[str], multirun: bool, scale: str, jobs: int, extra: list[str],
@@ -95,9 +88,11 @@ def default_jobs(overrides: list[str]) -> int:
 
 
 def plan(scale: str, only: list[str] | None) -> list[tuple[str, list[str], bool]]:
-    """The launches at ``scale``: (preset, overrides, multirun?)."""
-    return [(preset, overrides, multirun) for preset, overrides, multirun, scales in PLAN
-            if (not only or preset in only) and (not scales or scale in scales)]
+    """The launches at ``scale``, every preset's (configs/experiment/*.yaml ``launches``):
+    (preset, overrides, multirun?)."""
+    presets = sorted((ROOT / "configs/experiment").glob("*.yaml"))
+    return [(path.stem, overrides, multirun) for path in presets if not only or path.stem in only
+            for overrides, multirun, scales in declared_launches(path) if scale in scales]
 
 
 def points(launch: tuple[str, list[str], bool], scale: str, extra: list[str]) -> list[tuple[list[str], object]]:
@@ -157,7 +152,7 @@ def prepare_data(configs, scale: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scale", choices=["tiny", "small", "paper"], default="paper")
+    p.add_argument("--scale", choices=SCALES, default="paper")
     p.add_argument("--jobs", type=int, default=None,
                    help="runs of a sweep at once (joblib launcher); default: one per core on a CPU, 1 on a GPU")
     p.add_argument("--only", nargs="*", default=None, help="presets to run (default: all)")
@@ -172,7 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     jobs = args.jobs if args.jobs is not None else default_jobs(args.overrides)
     if jobs < 1:
         p.error(f"--jobs must be at least 1, got {jobs}")
-    launches = plan(args.scale, args.only)
+    try:
+        launches = plan(args.scale, args.only)
+    except ValueError as e:  # a malformed `launches` entry
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     errors, configs = check_plan(launches, args.scale, args.overrides, show=args.dry_run)
     if errors:
         print(f"error: {len(errors)} run(s) would not run; nothing was launched:\n  " + "\n  ".join(errors),

@@ -39,10 +39,19 @@ def test_figure_presets_exist():
     assert {"fig1", "fig3", "fig4", "fig5", "fig6", "fig7", "fig8", "fig9", "table1", "smoke"} <= set(PRESETS)
 
 
+# An option named for what it is rather than the setting's value: plain averaging is GAF at tau = 2.
+OPTION_NAMES = {("method", "averaging"): "gaf"}
+
+
 @pytest.mark.parametrize("group, option", [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_group_option_composes(group, option):
     rc = to_run_config(composed([f"{group}={option}"]))
-    assert getattr(rc, group).name == option or (group == "data" and rc.data.name == option)
+    assert getattr(rc, group).name == OPTION_NAMES.get((group, option), option)
+
+
+def test_plain_averaging_is_gaf_accepting_every_micro_gradient_with_the_mean_merge():
+    rc = to_run_config(composed(["method=averaging"]))
+    assert (rc.method.name, rc.method.tau, rc.method.merge) == ("gaf", 2.0, "mean")
 
 
 def swept_value_reached(point, key: str, value: str) -> bool:
@@ -323,12 +332,76 @@ def cli_module():
 def test_a_runs_scale_is_what_its_settings_are(preset):
     settings_scale = cli_module().settings_scale
     for scale in ("tiny", "small", "paper"):
-        container = OmegaConf.to_container(composed([f"experiment={preset}", f"scale={scale}"]), resolve=True)
-        assert settings_scale(container) == (scale if preset != "smoke" else "custom")  # smoke: its own length
-        shorter = composed([f"experiment={preset}", f"scale={scale}", "train.iterations=7"])
-        assert settings_scale(OmegaConf.to_container(shorter, resolve=True)) == "custom"
+        given = [f"experiment={preset}", f"scale={scale}"]
+        container = OmegaConf.to_container(composed(given), resolve=True)
+        assert settings_scale(container, given) == (scale if preset != "smoke" else "custom")  # smoke: its own length
+        shorter = [*given, "train.iterations=7"]
+        assert settings_scale(OmegaConf.to_container(composed(shorter), resolve=True), shorter) == "custom"
     ad_hoc = OmegaConf.to_container(composed(["data.noise=0.4"]), resolve=True)
-    assert ad_hoc["scale"] == "paper" and settings_scale(ad_hoc) == "custom"  # not a paper-scale run
+    assert ad_hoc["scale"] == "custom" and settings_scale(ad_hoc, ["data.noise=0.4"]) == "custom"  # no scale chosen
+    at_paper = ["data.noise=0.4", "scale=paper"]  # an ad-hoc run at a scale: that scale's settings
+    assert settings_scale(OmegaConf.to_container(composed(at_paper), resolve=True), at_paper) == "paper"
+
+
+def leaves(d: dict, prefix: str = "") -> dict:
+    """Every leaf of a nested mapping by its dotted key."""
+    out = {}
+    for k, v in d.items():
+        out.update(leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def test_every_setting_comes_from_run_config_and_config_yaml_restates_none():
+    """RunConfig is the one source of defaults: the composed config holds every one of its keys,
+    each at its default, and config.yaml sets none of them (re-adding one fails here)."""
+    bare = OmegaConf.to_container(composed([]), resolve=True)
+    defaults = leaves(RunConfig().to_dict())
+    assert {k: v for k, v in leaves(bare).items() if k not in launch.LAUNCH_KEYS} == defaults
+    own = OmegaConf.to_container(OmegaConf.load(CONFIGS / "config.yaml"))
+    restated = {k: v for k, v in leaves({k: v for k, v in own.items() if k not in ("defaults", "hydra")}).items()
+                if k in defaults}
+    assert not restated, f"config.yaml restates RunConfig's settings {sorted(restated)}: set them in gaf/config.py"
+
+
+@pytest.mark.slow
+def test_cfg_job_shows_every_setting_at_its_default(tmp_path):
+    out = train_cli(["--cfg", "job"], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    shown = leaves(OmegaConf.to_container(OmegaConf.create(out.stdout)))
+    assert {k: v for k, v in shown.items() if k not in launch.LAUNCH_KEYS} == leaves(RunConfig().to_dict())
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_a_presets_per_scale_adjustments_are_its_at_scale_block_only(preset):
+    """One form for what a preset changes at a scale: its `at_scale` block, no interpolation on ${scale}
+    (and no rows of its own) elsewhere in the preset."""
+    text = (CONFIGS / "experiment" / f"{preset}.yaml").read_text()
+    assert "${scale" not in text and "scales" not in OmegaConf.load(CONFIGS / "experiment" / f"{preset}.yaml")
+    assert set(OmegaConf.load(CONFIGS / "experiment" / f"{preset}.yaml").get("at_scale") or {}) <= set(
+        launch.scale_options())
+
+
+@pytest.mark.parametrize("scale", ["tiny", "small", "paper"])
+def test_the_scale_group_sets_what_its_file_says(scale):
+    rc = to_run_config(composed([f"scale={scale}"], hydra=True), [f"scale={scale}"])
+    meant = leaves(OmegaConf.to_container(OmegaConf.load(CONFIGS / "scale" / f"{scale}.yaml")))
+    got = leaves(rc.to_dict())
+    assert rc.scale == scale and {k: got[k] for k in meant} == meant
+
+
+def test_a_scale_that_is_no_option_is_one_line_naming_the_scales():
+    with pytest.raises(ValueError, match=r"^scale must be one of paper, small, tiny, got 'huge'$"):
+        to_run_config(composed(["scale=huge"], hydra=True), ["scale=huge"])
+
+
+def test_an_at_scale_block_naming_no_scale_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "scale").mkdir()
+    (tmp_path / "scale" / "tiny.yaml").write_text("scale: tiny\n")
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "figx.yaml").write_text("at_scale:\n  tiyn: {train: {iterations: 3}}\n")
+    monkeypatch.setattr(launch, "CONFIGS", tmp_path)
+    with pytest.raises(ValueError, match=r"figx.yaml: at_scale.tiyn names no scale; the scales are tiny"):
+        launch.register_configs(store=type("Store", (), {"store": lambda *a, **k: None})())
 
 
 def test_long_override_lists_make_bounded_readable_folder_names():

@@ -96,3 +96,26 @@ def test_a_job_count_below_one_is_refused_naming_it(tmp_path, capsys):
         load_reproduce().main(["--scale", "tiny", "--jobs", "0", "--out", str(tmp_path / "out")])
     assert stop.value.code == 2 and "--jobs must be at least 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before anything is made
+
+
+@pytest.mark.parametrize("scale, runs", [("tiny", 32), ("small", 62), ("paper", 62)])
+def test_every_presets_declared_launches_compose_and_validate(scale, runs):
+    """What reproduce.py runs is what the presets declare (their `launches`), every point valid."""
+    reproduce = load_reproduce()
+    launches = reproduce.plan(scale, None)
+    presets = {path.stem for path in (ROOT / "configs/experiment").glob("*.yaml")} - {"smoke"}
+    assert {preset for preset, _, _ in launches} == presets - ({"table1"} if scale == "tiny" else set())
+    errors, configs = reproduce.check_plan(launches, scale, [], show=False)
+    assert errors == [] and len(configs) == runs
+    assert {c.scale for c in configs} == {scale} and all(c.experiment in presets for c in configs)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("{multirun: true, scale: [tiny]}", "figx.yaml: launches[0] must be a mapping of multirun, overrides, scales"),
+    ("{scales: [huge]}", "figx.yaml: launches[0].scales: ['huge'] are not scales; allowed: paper, small, tiny"),
+])
+def test_a_malformed_launch_is_one_error_naming_it(tmp_path, entry, message):
+    (tmp_path / "figx.yaml").write_text(f"launches:\n  - {entry}\n")
+    with pytest.raises(ValueError) as e:
+        load_reproduce().declared_launches(tmp_path / "figx.yaml")
+    assert str(e.value).startswith(message)
