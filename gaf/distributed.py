@@ -49,8 +49,8 @@ import torch.distributed as dist
 from torch import nn
 
 from gaf.batchnorm import running_stats, sequential_average, sequential_cumulative_average, tracked_batchnorms
-from gaf.filter import (AdaptiveTau, Tau, agreement_weights_unchecked, check_gaf_settings, check_merge, check_n,
-                        check_threshold, gram_matrix, resolve_tau)
+from gaf.filter import (AdaptiveTau, Tau, agreement_weights_unchecked, check_gaf_settings, check_n, gram_matrix,
+                        resolve_tau)
 from gaf.step import LossFn, StepStats, count_correct, micrograds, param_views, set_grads, trainable_parameters
 from gaf.torchrun import TORCHRUN_VARS, init_from_env, is_main, local_slice, shutdown  # noqa: F401 (re-exported)
 
@@ -204,8 +204,7 @@ def distributed_filter(
     _check_local_grads(local_grads)
     k, n_local = _size(group), local_grads.shape[0]
     check_n(k * n_local, f"{k} rank(s) x {n_local} local")
-    check_threshold(tau)
-    check_merge(merge)
+    check_gaf_settings(tau, merge)
     _check_mode(mode)
     threshold = resolve_tau(tau, local_grads.device)
     weights, accepted, distances, shards = decide_across_ranks(local_grads, threshold, merge, mode, group, counter)
@@ -320,7 +319,7 @@ class DistributedGAFStep:
         before = _snapshot_batchnorm(self.batchnorms)
         micro = micrograds(self.model, self.loss_fn, self.params, self._rows, zip(xs, ys))
         _merge_batchnorm(self.batchnorms, before, self.group, self.counter)
-        threshold, accepted, distances = self._filter_and_step(self._grads)
+        threshold, accepted, distances, stepped = self._filter_and_step(self._grads)
         loss_sum = torch.zeros((), dtype=torch.float32, device=micro.losses.device)
         for loss in micro.losses:  # summed in this order, then over ranks
             loss_sum += loss * b
@@ -330,22 +329,23 @@ class DistributedGAFStep:
         samples = self.world_size * n_local * b
         tau = torch.as_tensor(threshold, dtype=torch.float32, device=totals.device).reshape(())
         return StepStats(totals[0] / samples, totals[1].round().long(), distances.float(), accepted[1:].sum(),
-                         accepted[1:].any(), tau, samples)
+                         stepped, tau, samples)
 
     def _filter_and_step(self, grads: torch.Tensor):
         """Decide over all ranks and step where some later micro-gradient agreed: ``(threshold,
-        accepted, distances)``."""
+        accepted, distances, stepped)``."""
         threshold = resolve_tau(self.tau, grads.device)
         weights, accepted, distances, shards = decide_across_ranks(grads, threshold, self.merge, self.mode,
                                                                    self.group, self.counter)
         if isinstance(self.tau, AdaptiveTau):
             self.tau.observe(distances)
-        if bool(accepted[1:].any()):  # identical on every rank, so every rank takes the same branch
+        stepped = accepted[1:].any()
+        if bool(stepped):  # identical on every rank, so every rank takes the same branch
             set_grads(self.params, aggregate_across_ranks(weights, shards, self.mode, self.size, self.group,
                                                           self.counter))
             self.optimizer.step()
         self.model.zero_grad(set_to_none=True)
-        return threshold, accepted, distances
+        return threshold, accepted, distances, stepped
 
 
 class DistributedMeanStep:

@@ -245,7 +245,7 @@ class FastGAFStep(_FastStep):
         # call: a captured graph reads it, so a new value needs no recapture
         self._tau_tensor = torch.zeros((), dtype=torch.float64, device=self.device)
         self._tau_float: float | None = None
-        self.tau, self.merge = tau, merge
+        self._tau, self.merge = tau, merge  # checked above; a new tau is checked by the setter
         self.batched = _BatchedMicrograds(model, self.params) if batched else None
         self._grads: torch.Tensor | None = None  # (n, P) micro-gradients, allocated on first use
         self._rows: list[list[torch.Tensor]] = []
