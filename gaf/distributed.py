@@ -33,10 +33,8 @@ Bytes are counted in a ``CommCounter`` as a ring algorithm sends them (all-reduc
 2(K-1)/K x size, all-gather (K-1) x local size, all-to-all (K-1)/K x size), which is
 what NCCL's ring and gloo's pairwise exchanges send, headers aside.
 
-Sampling (for the trainer): every rank draws the same global (n, b) index tensor from
-the shared seed and takes its rows with ``local_slice``; joining the process group
-(``init_from_env``), ``is_main``, ``shutdown`` and ``local_slice`` live in ``gaf.torchrun``
-and are re-exported here.
+Joining the process group (``init_from_env``), ``is_main``, ``shutdown`` and each rank's
+rows of a step (``local_slice``) live in ``gaf.torchrun`` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -354,8 +352,7 @@ class DistributedMeanStep:
     ``stepper(xs, ys)`` with this rank's ``xs`` (n_local, b, ...): one forward/backward
     over the rank's n_local * b samples, the flat gradient all-reduced and divided by
     K, an optimizer step; ``StepStats.unfiltered`` of the whole step, on every rank.
-    Without BatchNorm this equals one process
-    stepping on the whole K * n_local * b batch. BatchNorm normalises per rank (as DDP
+    Without BatchNorm this equals one process stepping on the whole K * n_local * b batch. BatchNorm normalises per rank (as DDP
     without SyncBatchNorm) and running statistics are averaged over ranks: the mean is
     the whole batch's, the variance the mean of per-rank variances (it omits the spread
     of the rank means), and ``num_batches_tracked`` advances by one per step.

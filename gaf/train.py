@@ -166,7 +166,7 @@ def _run_owned(cfg: RunConfig, run_dir: Path, rank: int, world: int, device: tor
     if summary is not None and summary.get("status") in ("finished", "diverged"):
         log.info("%s: already %s; nothing to do", run_dir, summary["status"])
         return summary
-    trainer = Trainer(cfg, run_dir, rank, world, device)
+    trainer = Trainer(cfg, run_dir, rank, world, device, config)
     if ckpt is not None:
         trainer.restore(ckpt)
     elif trainer.is_main:
@@ -280,9 +280,9 @@ class Trainer:
     """One run's data, model, optimizer, stepper and counters; ``train()`` runs the loop
     from wherever ``state`` stands (0, or a restored checkpoint) and writes the files."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, rank: int, world: int, device: torch.device):
+    def __init__(self, cfg: RunConfig, run_dir: Path, rank: int, world: int, device: torch.device, config: dict):
         self.cfg, self.run_dir, self.rank, self.world, self.device = cfg, run_dir, rank, world, device
-        self.is_main = rank == 0
+        self.config, self.is_main = config, rank == 0
         self.summary_path, self.ckpt_path = run_dir / "summary.json", run_dir / "checkpoint.pt"
         torch.manual_seed(cfg.seed)
         if device.type == "cuda":  # fixed shapes: cuDNN picks the fastest convolutions once
@@ -340,8 +340,8 @@ class Trainer:
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         if self.is_main:  # the summary first: a run directory with files but no summary is not a run's
             write_summary(self.summary_path, self.cfg, self._state(), env, self.ds, "running", started)
-            write_json(self.run_dir / "config.json", self.cfg.to_dict())
-        self.logger = WandbLogger(self.cfg, self.run_dir) if self.is_main else None
+            write_json(self.run_dir / "config.json", self.config)
+        self.logger = WandbLogger(self.cfg, self.run_dir, self.config) if self.is_main else None
         status, last = self._loop()
         self.clock.stop()
         if self.logger:
@@ -486,7 +486,7 @@ class Trainer:
 
     def _save_checkpoint(self, it: int, elapsed: float) -> None:
         save_checkpoint(self.ckpt_path, {
-            "config": self.cfg.to_dict(), "state": self._state(iter=it, elapsed=elapsed),
+            "config": self.config, "state": self._state(iter=it, elapsed=elapsed),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
             "aug_rng": self.aug_gen.get_state(), "torch_rng": torch.get_rng_state(),
