@@ -1,4 +1,4 @@
-"""GAF across ranks: torch.distributed glue for ``torchrun``.
+"""GAF across ranks under ``torch.distributed``: the reductions and the steppers.
 
 Each rank holds n_local micro-gradients; in rank order they are the n = K * n_local
 micro-gradients of one GAF step (rank 0's first), so a K-rank run takes the same
@@ -24,39 +24,35 @@ cheaply (the trainer calls it at every validation).
 BatchNorm: per-rank batch statistics (no SyncBatchNorm), as the sequential algorithm
 normalises each microbatch by its own statistics. Running statistics are made equal
 on every rank and equal to what one process running the n microbatches in rank order
-would hold. With momentum a, n_local = m updates on a rank starting from r0 give
-``R_j = (1-a)^m r0 + D_j``; the sequential result over all ranks is
-``(1-a)^(K m) r0 + sum_j (1-a)^((K-1-j) m) D_j``. Each rank all-gathers the ranks'
-post-forward running mean/var (a few KB), rebuilds that sum in fp64 and writes it;
-``num_batches_tracked`` advances by K * m. For ``momentum=None`` (cumulative average)
-``(t0+m) R_j - t0 r0`` is rank j's sum of batch statistics and the result is
-``(t0 r0 + sum_j S_j) / (t0 + K m)`` with t0 the count before the step. Both are
-tested against the single-process run.
+would hold: each rank all-gathers the ranks' post-forward running mean/var (a few KB)
+and rebuilds the sequential result in fp64 (``gaf.batchnorm``, for an exponential and
+a cumulative average alike); ``num_batches_tracked`` advances by K * n_local. Tested
+against the single-process run.
 
 Bytes are counted in a ``CommCounter`` as a ring algorithm sends them (all-reduce
 2(K-1)/K x size, all-gather (K-1) x local size, all-to-all (K-1)/K x size), which is
 what NCCL's ring and gloo's pairwise exchanges send, headers aside.
 
-Sampling (for the trainer): every rank draws the same global (n, b) index tensor from
-the shared seed and takes its rows with ``local_slice``.
+Joining the process group (``init_from_env``), ``is_main``, ``shutdown`` and each rank's
+rows of a step (``local_slice``) live in ``gaf.torchrun`` and are re-exported here.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections import Counter
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from gaf.filter import AdaptiveTau, Tau, agreement_weights, check_merge, gram_matrix, resolve_tau
-from gaf.step import assign_flat_grad, flat_grad, trainable_parameters, unfiltered_stats
+from gaf.batchnorm import running_stats, sequential_average, sequential_cumulative_average, tracked_batchnorms
+from gaf.filter import (AdaptiveTau, Tau, agreement_weights_unchecked, check_gaf_settings, check_n, gram_matrix,
+                        resolve_tau)
+from gaf.step import LossFn, StepStats, count_correct, micrograds, param_views, set_grads, trainable_parameters
+from gaf.torchrun import TORCHRUN_VARS, init_from_env, is_main, local_slice, shutdown  # noqa: F401 (re-exported)
 
 MODES = ("gram", "allgather")
-TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 class ReplicaDriftError(RuntimeError):
@@ -200,35 +196,45 @@ def distributed_filter(
     """``filter_gradients`` over the stack of all ranks' micro-gradients; call on every rank.
 
     Returns ``(aggregate (P,), weights (n,), accepted (n,), distances (n-1,))``,
-    identical on every rank. (The stepper inlines this to skip the aggregate's
-    all-gather when the step is skipped.)
+    identical on every rank. (The stepper runs its two halves, ``decide_across_ranks`` and
+    ``aggregate_across_ranks``, apart: a skipped step needs no aggregate.)
     """
-    check_merge(merge)
+    _check_local_grads(local_grads)
+    k, n_local = _size(group), local_grads.shape[0]
+    check_n(k * n_local, f"{k} rank(s) x {n_local} local")
+    check_gaf_settings(tau, merge)
     _check_mode(mode)
+    threshold = resolve_tau(tau, local_grads.device)
+    weights, accepted, distances, shards = decide_across_ranks(local_grads, threshold, merge, mode, group, counter)
+    aggregate = aggregate_across_ranks(weights, shards, mode, local_grads.shape[1], group, counter)
+    return aggregate, weights, accepted, distances
+
+
+def decide_across_ranks(local_grads: torch.Tensor, tau: float | torch.Tensor, merge: str, mode: str, group=None,
+                        counter: CommCounter | None = None):
+    """The GAF decision over all ranks' micro-gradients, on validated arguments: ``(weights,
+    accepted, distances, shards)``, identical on every rank; ``shards`` is what
+    ``aggregate_across_ranks`` forms the aggregate from (this rank's gradient shards in gram
+    mode, every full micro-gradient in allgather mode)."""
     if mode == "gram":
         gram, shards, _ = gram_shard_reduce(local_grads, group, counter)
-        weights, accepted, distances = agreement_weights(gram, tau, merge)
-        return weighted_aggregate(weights, shards, group, local_grads.shape[1], counter), weights, accepted, distances
-    grads = allgather_gradients(local_grads, group, counter)
-    weights, accepted, distances = agreement_weights(gram_matrix(grads), tau, merge)
-    return weights.to(grads.dtype) @ grads, weights, accepted, distances
+    else:
+        shards = allgather_gradients(local_grads, group, counter)
+        gram = gram_matrix(shards)
+    return (*agreement_weights_unchecked(gram, tau, merge), shards)
+
+
+def aggregate_across_ranks(weights: torch.Tensor, shards: torch.Tensor, mode: str, size: int, group=None,
+                           counter: CommCounter | None = None) -> torch.Tensor:
+    """The aggregate ``weights @ F`` (P,) from ``decide_across_ranks``'s shards, on every rank."""
+    if mode == "gram":
+        return weighted_aggregate(weights, shards, group, size, counter)
+    return weights.to(shards.dtype) @ shards
 
 
 # ---------------------------------------------------------------------------------
 # BatchNorm running statistics
 # ---------------------------------------------------------------------------------
-
-
-def _tracked_batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [
-        m for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None
-    ]
-
-
-def _running_stats(layers) -> list[torch.Tensor]:
-    """Every layer's running_mean and running_var, in the order they are flattened and communicated."""
-    return [buf for m in layers for buf in (m.running_mean, m.running_var)]
 
 
 def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -244,22 +250,17 @@ def _merge_batchnorm(layers, before, group, counter: CommCounter | None) -> None
     k = _size(group)
     if k == 1 or not layers:
         return
-    gathered = _all_gather(_flat(_running_stats(layers)), group, counter, "batchnorm").double()  # (K, total)
-    ranks_first = torch.arange(k - 1, -1, -1, device=gathered.device, dtype=torch.float64)  # K-1-j
+    gathered = _all_gather(_flat(running_stats(layers)), group, counter, "batchnorm").double()  # (K, total)
     offset = 0
     for m, (mean0, var0, count0) in zip(layers, before):
         c = m.running_mean.numel()
         steps = (m.num_batches_tracked - count0).double()  # local updates m (identical on all ranks)
         for buf, r0 in ((m.running_mean, mean0), (m.running_var, var0)):
-            r_j, r0 = gathered[:, offset : offset + c], r0.reshape(-1).double()
-            if m.momentum is None:  # cumulative average: t * r_t = t0 * r0 + sum of stats
-                t0 = count0.double()
-                sums = (t0 + steps) * r_j - t0 * r0
-                merged = (t0 * r0 + sums.sum(0)) / (t0 + k * steps)
+            runs, r0 = gathered[:, offset : offset + c], r0.reshape(-1).double()
+            if m.momentum is None:
+                merged = sequential_cumulative_average(r0, runs, count0.double(), steps)
             else:
-                decay = (1.0 - m.momentum) ** steps  # (1-a)^m
-                contrib = r_j - decay * r0  # D_j
-                merged = decay**k * r0 + ((decay ** ranks_first)[:, None] * contrib).sum(0)
+                merged = sequential_average(r0, runs, (1.0 - m.momentum) ** steps)
             buf.copy_(merged.reshape(buf.shape).to(buf.dtype))
             offset += c
         m.num_batches_tracked.copy_(count0 + k * (m.num_batches_tracked - count0))
@@ -281,97 +282,68 @@ def _check_inputs(xs: torch.Tensor, ys: torch.Tensor) -> None:
 
 
 class DistributedGAFStep:
-    """One GAF step over all ranks' microbatches; the stepper contract, rank-local inputs.
-
-    ``stepper(xs, ys)`` with this rank's ``xs`` (n_local, b, ...) and ``ys``
-    (n_local, b) returns GLOBAL metrics, identical on every rank: ``loss`` (mean over
-    all K * n_local * b samples), ``correct`` (count over all samples), ``distances``
-    (n-1,), ``accepted`` (0-d int64), ``stepped`` (0-d bool), ``tau`` (0-d fp32).
+    """One GAF step over all ranks' microbatches, from this rank's ``xs`` (n_local, b, ...) and
+    ``ys`` (n_local, b): ``StepStats`` (gaf.step) of the whole step, identical on every rank.
 
     The step decision is read on the host once per step (a Python ``if`` on a bool
     that is identical on every rank) so that a skipped step leaves the optimizer
     untouched and skips the aggregate's all-gather. ``counter`` holds the bytes sent.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        tau: Tau,
-        merge: str = "halving",
-        mode: str = "gram",
-        group=None,
-    ):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, tau: Tau,
+                 merge: str = "halving", mode: str = "gram", group=None):
         _require_process_group(type(self).__name__)
-        check_merge(merge)
+        check_gaf_settings(tau, merge)
         _check_mode(mode)
-        resolve_tau(tau)  # validate now, not mid-run
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.tau, self.merge, self.mode, self.group = tau, merge, mode, group
         self.params = trainable_parameters(model)
         self.size = sum(p.numel() for p in self.params)
-        self.batchnorms = _tracked_batchnorms(model)
+        self.batchnorms = [m for _, m in tracked_batchnorms(model)]
         self.world_size = _size(group)
         self.counter = CommCounter()
-        self._grads: torch.Tensor | None = None
+        self._grads: torch.Tensor | None = None  # (n_local, P) this rank's micro-gradients
+        self._rows: list[list[torch.Tensor]] = []
         check_replicas(model, group)  # different seeds or checkpoints fail here, not later
 
-    def __call__(self, xs: torch.Tensor, ys: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, xs: torch.Tensor, ys: torch.Tensor) -> StepStats:
         _check_inputs(xs, ys)
         n_local, b = ys.shape
-        if self.world_size * n_local < 2:
-            raise ValueError(f"GAF needs n >= 2 micro-gradients, got {self.world_size} rank(s) x {n_local} local")
-        device = self.params[0].device
+        check_n(self.world_size * n_local, f"{self.world_size} rank(s) x {n_local} local")
         if self._grads is None or self._grads.shape[0] != n_local:
-            self._grads = torch.empty(n_local, self.size, dtype=self.params[0].dtype, device=device)
-        grads = self._grads
-        model, counter = self.model, self.counter
-        model.train()
+            self._grads = torch.empty(n_local, self.size, dtype=self.params[0].dtype, device=self.params[0].device)
+            self._rows = [param_views(row, self.params) for row in self._grads]
+        self.model.train()
         before = _snapshot_batchnorm(self.batchnorms)
-        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-        correct = torch.zeros((), dtype=torch.float32, device=device)
-        for i in range(n_local):
-            model.zero_grad(set_to_none=True)
-            out = model(xs[i])
-            loss = self.loss_fn(out, ys[i])
-            loss.backward()
-            flat_grad(self.params, out=grads[i])
-            loss_sum += loss.detach().float() * b
-            if out.dim() == 2:
-                correct += (out.detach().argmax(1) == ys[i]).sum()
-        _merge_batchnorm(self.batchnorms, before, self.group, counter)
+        micro = micrograds(self.model, self.loss_fn, self.params, self._rows, zip(xs, ys))
+        _merge_batchnorm(self.batchnorms, before, self.group, self.counter)
+        threshold, accepted, distances, stepped = self._filter_and_step(self._grads)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=micro.losses.device)
+        for loss in micro.losses:  # summed in this order, then over ranks
+            loss_sum += loss * b
+        totals = torch.stack([loss_sum, micro.correct.sum().float()])
+        _all_reduce(totals, self.group, self.counter, "metrics")
+        self.counter.steps += 1
+        samples = self.world_size * n_local * b
+        tau = torch.as_tensor(threshold, dtype=torch.float32, device=totals.device).reshape(())
+        return StepStats(totals[0] / samples, totals[1].round().long(), distances.float(), accepted[1:].sum(),
+                         stepped, tau, samples)
 
-        tau = resolve_tau(self.tau, device)
-        if self.mode == "gram":
-            gram, shards, _ = gram_shard_reduce(grads, self.group, counter)
-        else:
-            shards = allgather_gradients(grads, self.group, counter)  # every full micro-gradient
-            gram = gram_matrix(shards)
-        weights, accepted, distances = agreement_weights(gram, tau, self.merge)
+    def _filter_and_step(self, grads: torch.Tensor):
+        """Decide over all ranks and step where some later micro-gradient agreed: ``(threshold,
+        accepted, distances, stepped)``."""
+        threshold = resolve_tau(self.tau, grads.device)
+        weights, accepted, distances, shards = decide_across_ranks(grads, threshold, self.merge, self.mode,
+                                                                   self.group, self.counter)
         if isinstance(self.tau, AdaptiveTau):
             self.tau.observe(distances)
         stepped = accepted[1:].any()
         if bool(stepped):  # identical on every rank, so every rank takes the same branch
-            if self.mode == "gram":
-                agg = weighted_aggregate(weights, shards, self.group, self.size, counter)
-            else:
-                agg = weights.to(shards.dtype) @ shards
-            assign_flat_grad(self.params, agg)
+            set_grads(self.params, aggregate_across_ranks(weights, shards, self.mode, self.size, self.group,
+                                                          self.counter))
             self.optimizer.step()
-        model.zero_grad(set_to_none=True)
-
-        totals = torch.stack([loss_sum, correct])
-        _all_reduce(totals, self.group, counter, "metrics")
-        counter.steps += 1
-        return {
-            "loss": totals[0] / (self.world_size * n_local * b),
-            "correct": totals[1].round().long(),
-            "distances": distances.float(),
-            "accepted": accepted[1:].sum(),
-            "stepped": stepped,
-            "tau": torch.as_tensor(tau, dtype=torch.float32, device=device).reshape(()),
-        }
+        self.model.zero_grad(set_to_none=True)
+        return threshold, accepted, distances, stepped
 
 
 class DistributedMeanStep:
@@ -379,53 +351,52 @@ class DistributedMeanStep:
 
     ``stepper(xs, ys)`` with this rank's ``xs`` (n_local, b, ...): one forward/backward
     over the rank's n_local * b samples, the flat gradient all-reduced and divided by
-    K, an optimizer step. Metrics are global (contract of ``DistributedGAFStep``;
-    ``distances`` empty, ``tau`` NaN). Without BatchNorm this equals one process
-    stepping on the whole K * n_local * b batch. BatchNorm normalises per rank (as DDP
+    K, an optimizer step; ``StepStats.unfiltered`` of the whole step, on every rank.
+    Without BatchNorm this equals one process stepping on the whole K * n_local * b batch. BatchNorm normalises per rank (as DDP
     without SyncBatchNorm) and running statistics are averaged over ranks: the mean is
     the whole batch's, the variance the mean of per-rank variances (it omits the spread
     of the rank means), and ``num_batches_tracked`` advances by one per step.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], group=None):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, group=None):
         _require_process_group(type(self).__name__)
         self.model, self.optimizer, self.loss_fn, self.group = model, optimizer, loss_fn, group
         self.params = trainable_parameters(model)
-        self.batchnorms = _tracked_batchnorms(model)
+        self.size = sum(p.numel() for p in self.params)
+        self.batchnorms = [m for _, m in tracked_batchnorms(model)]
         self.world_size = _size(group)
         self.counter = CommCounter()
         check_replicas(model, group)
 
-    def __call__(self, xs: torch.Tensor, ys: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, xs: torch.Tensor, ys: torch.Tensor) -> StepStats:
         _check_inputs(xs, ys)
         x, y = xs.flatten(0, 1), ys.flatten()
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
         out = self.model(x)
         loss = self.loss_fn(out, y)
-        loss.backward()
-        grad = flat_grad(self.params)
+        grad = torch.empty(self.size, dtype=self.params[0].dtype, device=self.params[0].device)
+        torch._foreach_copy_(param_views(grad, self.params),
+                             list(torch.autograd.grad(loss, self.params, materialize_grads=True)))
         _all_reduce(grad, self.group, self.counter, "gradients")
-        assign_flat_grad(self.params, grad / self.world_size)
+        set_grads(self.params, grad / self.world_size)
         self.optimizer.step()
         self.model.zero_grad(set_to_none=True)
         if self.batchnorms:
-            bufs = _running_stats(self.batchnorms)
+            bufs = running_stats(self.batchnorms)
             stats = _flat(bufs)
             _all_reduce(stats, self.group, self.counter, "batchnorm")
             stats /= self.world_size
             for buf, part in zip(bufs, stats.split([b.numel() for b in bufs])):
                 buf.copy_(part.view_as(buf))
-        correct = (out.detach().argmax(1) == y).sum().float() if out.dim() == 2 else loss.new_zeros(())
-        totals = torch.stack([loss.detach().float() * y.numel(), correct.float()])
+        totals = torch.stack([loss.detach().float() * y.numel(), count_correct(out, y).float()])
         _all_reduce(totals, self.group, self.counter, "metrics")
         self.counter.steps += 1
-        return unfiltered_stats(totals[0] / (self.world_size * y.numel()), totals[1].round().long())
+        samples = self.world_size * y.numel()
+        return StepStats.unfiltered(totals[0] / samples, totals[1].round().long(), samples)
 
 
 # ---------------------------------------------------------------------------------
-# Replica check, process group, sampling
+# Replica check
 # ---------------------------------------------------------------------------------
 
 
@@ -476,88 +447,3 @@ def check_replicas(model: nn.Module, group=None, rtol: float = 1e-6) -> None:
         "Every rank must apply the same update: check that all ranks use the same seed, "
         "model, optimizer and checkpoint, and that nothing rank-local changes parameters or buffers."
     )
-
-
-def _export_submitit_env() -> bool:
-    """Inside a job of the submitit launcher (SLURM), let submitit set torchrun's variables."""
-    if "SUBMITIT_EXECUTOR" not in os.environ:
-        return False
-    try:
-        from submitit.helpers import TorchDistributedEnvironment
-    except ImportError:
-        return False
-    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    return True
-
-
-def init_from_env(backend: str | None = None) -> tuple[int, int, int, torch.device]:
-    """Join the process group that ``torchrun`` (or a submitit SLURM job) describes.
-
-    Returns ``(rank, world_size, local_rank, device)``. ``backend`` None picks nccl when
-    CUDA is available, else gloo. With nccl the device is ``cuda:LOCAL_RANK`` (or
-    ``cuda:0`` where each process sees one GPU) and is made current; with gloo it is
-    the CPU. Under the submitit launcher (``hydra/launcher=slurm``) the variables come
-    from ``submitit.helpers.TorchDistributedEnvironment``.
-    """
-    missing = [v for v in TORCHRUN_VARS if v not in os.environ]
-    if missing and _export_submitit_env():
-        missing = [v for v in TORCHRUN_VARS if v not in os.environ]
-    if missing:
-        raise ValueError(
-            f"distributed=true needs torchrun's environment, but {', '.join(missing)} "
-            f"{'is' if len(missing) == 1 else 'are'} not set. Launch with e.g. "
-            "`torchrun --nproc_per_node=2 experiments/train.py distributed=true ...` "
-            "(or the submitit launcher on SLURM), or set distributed=false."
-        )
-    try:
-        rank, world_size, local_rank = (int(os.environ[v]) for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    except ValueError:
-        got = {v: os.environ[v] for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        raise ValueError(f"torchrun's RANK, WORLD_SIZE and LOCAL_RANK must be integers, got {got}") from None
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend not in ("nccl", "gloo"):
-        raise ValueError(f"backend must be 'nccl', 'gloo' or None, got {backend!r}")
-    if backend == "nccl":
-        if not torch.cuda.is_available():
-            raise ValueError("backend 'nccl' needs CUDA, which is not available; use backend 'gloo' on CPU")
-        count = torch.cuda.device_count()
-        if local_rank >= count and count != 1:
-            raise ValueError(f"LOCAL_RANK={local_rank} but this process sees {count} GPUs: "
-                             "use --nproc_per_node <= the GPU count")
-        device = torch.device("cuda", local_rank if local_rank < count else 0)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if not dist.is_initialized():
-        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size,
-                                device_id=device if backend == "nccl" else None)
-    return rank, world_size, local_rank, device
-
-
-def is_main() -> bool:
-    """True on rank 0 (or without a process group): the rank that writes metrics and checkpoints."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def shutdown() -> None:
-    """Leave the process group (no-op without one)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def local_slice(global_indices: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """This rank's rows of the global (n, b) microbatch index tensor every rank drew alike.
-
-    Rows [rank * n_local, (rank + 1) * n_local) with n_local = n / world_size, so rank
-    order is microbatch order and K ranks see what one process with n microbatches sees.
-    """
-    if not (isinstance(world_size, int) and world_size >= 1):
-        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
-    if not (isinstance(rank, int) and 0 <= rank < world_size):
-        raise ValueError(f"rank must be an integer in [0, {world_size}), got {rank!r}")
-    n = len(global_indices)
-    if n % world_size:
-        raise ValueError(f"the number of microbatches n={n} must be divisible by the world size {world_size}")
-    n_local = n // world_size
-    return global_indices[rank * n_local : (rank + 1) * n_local]

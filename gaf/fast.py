@@ -29,9 +29,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from gaf.filter import AdaptiveTau, Tau, agreement_weights, check_merge, gram_matrix, resolve_tau
+from gaf.batchnorm import running_stats, sequential_average, tracked_batchnorms
+from gaf.filter import (AdaptiveTau, Tau, agreement_weights_unchecked, check_gaf_settings, check_n, check_threshold,
+                        gram_matrix, resolve_tau)
 from gaf.optim import MaskedOptimizer
-from gaf.step import trainable_parameters, unfiltered_stats
+from gaf.step import LossFn, StepStats, count_correct, micrograds, param_views, trainable_parameters
 
 # ----------------------------------------------------------------------------- the step
 
@@ -50,28 +52,6 @@ def _ieee_matmul(device: torch.device):
         torch.set_float32_matmul_precision(previous)
 
 
-def _param_views(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """One view per parameter of a flat buffer, (P,) or (n, P): consecutive columns viewed
-    as (*leading, *p.shape) in p's memory layout (channels_last weights included)."""
-    leading, views, offset = flat.shape[:-1], [], 0
-    for p in params:
-        chunk = flat[..., offset : offset + p.numel()]
-        if p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last):
-            o, i, h, w = p.shape
-            views.append(chunk.view(*leading, o, h, w, i).movedim(-1, -3))
-        else:
-            views.append(chunk.view(*leading, *p.shape))
-        offset += p.numel()
-    return views
-
-
-def _count_correct(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Top-1 hits of class scores ``out`` (..., C) against ``y`` (...); 0 for other outputs."""
-    if out.dim() == y.dim() + 1:
-        return (out.detach().argmax(-1) == y).sum()
-    return torch.zeros((), dtype=torch.long, device=y.device)
-
-
 def _channels_last(xs: torch.Tensor) -> torch.Tensor:
     """(n, b, C, H, W) so that every xs[i] is channels_last."""
     return xs.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
@@ -82,7 +62,7 @@ class CudaGraphs:
     stand-in in their place and check the bookkeeping around them on a CPU."""
 
     @staticmethod
-    def warmup(fn: Callable[[], dict]) -> dict:
+    def warmup(fn: Callable[[], StepStats]) -> StepStats:
         """Run ``fn`` eagerly on a side stream, as torch asks before a capture."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -92,13 +72,18 @@ class CudaGraphs:
         return out
 
     @staticmethod
-    def capture(fn: Callable[[], dict]) -> tuple[Callable[[], None], dict]:
-        """Record ``fn`` (nothing runs yet); return the replay and the static outputs it
-        overwrites at every replay."""
+    def capture(fn: Callable[[], StepStats]) -> Callable[[], StepStats]:
+        """Record ``fn`` (nothing runs yet); return the replay, which returns the static
+        outputs it overwrites at every replay."""
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = fn()
-        return graph.replay, out
+
+        def replay() -> StepStats:
+            graph.replay()
+            return out
+
+        return replay
 
 
 class StandInGraphs:
@@ -109,23 +94,24 @@ class StandInGraphs:
     def __init__(self):
         self.warmups = self.captures = self.replays = 0
 
-    def warmup(self, fn: Callable[[], dict]) -> dict:
+    def warmup(self, fn: Callable[[], StepStats]) -> StepStats:
         self.warmups += 1
         return fn()
 
-    def capture(self, fn: Callable[[], dict]) -> tuple[Callable[[], None], dict]:
+    def capture(self, fn: Callable[[], StepStats]) -> Callable[[], StepStats]:
         self.captures += 1
-        static: dict = {}
+        static: list[StepStats] = []  # made by the first replay, overwritten by the next
 
-        def replay() -> None:
+        def replay() -> StepStats:
             self.replays += 1
             out = fn()
-            if not static:
-                static.update({k: v.clone() for k, v in out.items()})
-            for k, v in out.items():
-                static[k].copy_(v)
+            if static:
+                static[0].copy_(out)
+            else:
+                static.append(out.clone())
+            return static[0]
 
-        return replay, static
+        return replay
 
 
 class _FastStep:
@@ -142,8 +128,7 @@ class _FastStep:
 
     warmup = 3
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, *,
                  amp_dtype: torch.dtype | None = None, channels_last: bool = False, compile: bool | str = False,
                  graphs=None):
         if amp_dtype not in (None, torch.bfloat16):
@@ -167,7 +152,7 @@ class _FastStep:
         self.forward = torch.compile(model, dynamic=False) if compile is True else model
         self.size = sum(p.numel() for p in self.params)
         self._agg = torch.zeros(self.size, dtype=self.params[0].dtype, device=self.device)
-        self._grad_views = _param_views(self._agg, self.params)
+        self._grad_views = param_views(self._agg, self.params)
         self._replay = None  # the captured step, once there is one
         self._graph_key = None
         self._graph_deps = None
@@ -179,12 +164,6 @@ class _FastStep:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=False)
 
-    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor):
-        with torch.enable_grad(), self._autocast():
-            out = self.forward(x)
-            loss = self.loss_fn(out, y)
-        return loss, _count_correct(out, y)
-
     def _set_grads(self) -> None:
         for p, g in zip(self.params, self._grad_views):
             p.grad = g
@@ -193,30 +172,29 @@ class _FastStep:
         for p in self.params:
             p.grad = None
 
-    def _check(self, xs: torch.Tensor, ys: torch.Tensor, min_n: int) -> None:
+    def _check(self, xs: torch.Tensor, ys: torch.Tensor) -> None:
         if not (isinstance(xs, torch.Tensor) and isinstance(ys, torch.Tensor)):
             raise ValueError("xs and ys must be tensors")
-        if xs.dim() < 3 or ys.dim() != 2 or tuple(xs.shape[:2]) != tuple(ys.shape):
-            raise ValueError(f"xs must be (n, b, ...) and ys (n, b), got {tuple(xs.shape)} and {tuple(ys.shape)}")
-        if xs.shape[0] < min_n:
-            raise ValueError(f"GAF needs n >= {min_n} microbatches, got n={xs.shape[0]}")
+        if xs.dim() < 3 or ys.dim() != 2 or tuple(xs.shape[:2]) != tuple(ys.shape) or ys.numel() == 0:
+            raise ValueError(f"xs must be (n, b, ...) and ys (n, b), n and b >= 1, got {tuple(xs.shape)} and "
+                             f"{tuple(ys.shape)}")
         if xs.device != self.device or ys.device != self.device:
             raise ValueError(f"xs and ys must be on the model's device {self.device}, got {xs.device} and {ys.device}")
 
-    def _run(self, xs: torch.Tensor, ys: torch.Tensor) -> dict:  # the step; subclasses
+    def _run(self, xs: torch.Tensor, ys: torch.Tensor) -> StepStats:  # the step; subclasses
         raise NotImplementedError
 
     def _refresh(self) -> None:
         """Copy host-side settings into the device tensors the step reads (outside any graph)."""
         self.optimizer.refresh_lr()
 
-    def _call(self, xs: torch.Tensor, ys: torch.Tensor) -> dict:
+    def _call(self, xs: torch.Tensor, ys: torch.Tensor) -> StepStats:
         self._refresh()
         if not self.compile:
             return self._run(_channels_last(xs) if self.channels_last else xs, ys)
         return self._graphed(xs, ys)
 
-    def _graphed(self, xs: torch.Tensor, ys: torch.Tensor) -> dict:
+    def _graphed(self, xs: torch.Tensor, ys: torch.Tensor) -> StepStats:
         key = (tuple(xs.shape), xs.dtype, tuple(ys.shape), ys.dtype)
         if key != self._graph_key or self._graph_deps != self._deps():
             self._replay, self._graph_key, self._calls = None, key, 0
@@ -233,12 +211,11 @@ class _FastStep:
                 self._static_x = _channels_last(self._static_x)
             self._static_y = torch.empty_like(ys, memory_format=torch.contiguous_format)
             self._static_x.copy_(xs), self._static_y.copy_(ys)
-            self._replay, self._static_out = self.graphs.capture(lambda: self._run(self._static_x, self._static_y))
+            self._replay = self.graphs.capture(lambda: self._run(self._static_x, self._static_y))
             self._graph_deps = self._deps()
         else:
             self._static_x.copy_(xs), self._static_y.copy_(ys)  # copy_ also converts the layout
-        self._replay()
-        return {k: v.clone() for k, v in self._static_out.items()}  # the static outputs are overwritten next call
+        return self._replay().clone()  # the static outputs are overwritten next call
 
     def _deps(self) -> tuple:
         """What a captured graph holds by address besides parameters and inputs: a change
@@ -247,22 +224,19 @@ class _FastStep:
 
 
 class FastGAFStep(_FastStep):
-    """A GAF stepper (the stepper contract): ``step(xs (n, b, ...), ys (n, b)) -> dict``.
+    """A GAF stepper: ``step(xs (n, b, ...), ys (n, b)) -> StepStats`` (gaf.step).
 
     Equal to ``gaf_step`` (same micro-gradients, decision, aggregate and optimizer
-    update); returns device tensors ``loss`` (mean over n*b), ``correct``, ``distances``
-    (n-1,), ``accepted`` (later micro-gradients merged), ``stepped``, ``tau``.
-    ``tau`` may be a float, a 0-d tensor or an ``AdaptiveTau`` (observed every step).
+    update). ``tau`` may be a float, a 0-d tensor or an ``AdaptiveTau`` (observed every step).
     The optimizer must be a masked one (``build_optimizer(..., masked=True)``).
     ``batched=True`` computes the n micro-gradients in one ``vmap(grad)`` pass
     (``_BatchedMicrograds``): equal to the sequential passes up to summation order.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], tau: Tau, merge: str = "halving", *,
-                 amp_dtype: torch.dtype | None = None, channels_last: bool = False, compile: bool | str = False,
-                 batched: bool = False, graphs=None):
-        check_merge(merge)
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, tau: Tau,
+                 merge: str = "halving", *, amp_dtype: torch.dtype | None = None, channels_last: bool = False,
+                 compile: bool | str = False, batched: bool = False, graphs=None):
+        check_gaf_settings(tau, merge)
         if batched and compile is True:
             raise ValueError("batched=True works with compile=False or 'graph' (torch.compile of vmap is not used)")
         super().__init__(model, optimizer, loss_fn, amp_dtype=amp_dtype, channels_last=channels_last,
@@ -271,7 +245,7 @@ class FastGAFStep(_FastStep):
         # call: a captured graph reads it, so a new value needs no recapture
         self._tau_tensor = torch.zeros((), dtype=torch.float64, device=self.device)
         self._tau_float: float | None = None
-        self.tau, self.merge = tau, merge
+        self._tau, self.merge = tau, merge  # checked above; a new tau is checked by the setter
         self.batched = _BatchedMicrograds(model, self.params) if batched else None
         self._grads: torch.Tensor | None = None  # (n, P) micro-gradients, allocated on first use
         self._rows: list[list[torch.Tensor]] = []
@@ -282,11 +256,12 @@ class FastGAFStep(_FastStep):
 
     @tau.setter
     def tau(self, value: Tau) -> None:
-        resolve_tau(value)  # validate now, not at the next step
+        check_threshold(value)  # now, not at the next step
         self._tau = value
 
-    def __call__(self, xs: torch.Tensor, ys: torch.Tensor) -> dict:
-        self._check(xs, ys, min_n=2)
+    def __call__(self, xs: torch.Tensor, ys: torch.Tensor) -> StepStats:
+        self._check(xs, ys)
+        check_n(xs.shape[0])
         return self._call(xs, ys)
 
     def _own_tensor_tau(self) -> bool:
@@ -315,7 +290,7 @@ class FastGAFStep(_FastStep):
     def _buffers(self, n: int) -> torch.Tensor:
         if self._grads is None or self._grads.shape[0] != n:
             self._grads = torch.zeros(n, self.size, dtype=self._agg.dtype, device=self.device)
-            self._rows = [_param_views(row, self.params) for row in self._grads]
+            self._rows = [param_views(row, self.params) for row in self._grads]
         return self._grads
 
     def _threshold(self) -> torch.Tensor:
@@ -324,23 +299,16 @@ class FastGAFStep(_FastStep):
             return self._tau_tensor
         return resolve_tau(self._tau, self.device)
 
-    def _run(self, xs: torch.Tensor, ys: torch.Tensor) -> dict:
-        n = xs.shape[0]
-        grads = self._buffers(n)
+    def _run(self, xs: torch.Tensor, ys: torch.Tensor) -> StepStats:
+        grads = self._buffers(xs.shape[0])
         if self.batched is not None:
             losses, correct = self.batched(self, xs, ys, grads)
-        else:
-            losses, correct = [], torch.zeros((), dtype=torch.long, device=self.device)
-            for i in range(n):  # sequential passes: BatchNorm as in the reference (module docstring)
-                loss, right = self._forward_loss(xs[i], ys[i])
-                micro = torch.autograd.grad(loss, self.params, materialize_grads=True)
-                torch._foreach_copy_(self._rows[i], list(micro))
-                losses.append(loss.detach().float())
-                correct = correct + right
-            losses = torch.stack(losses)
+        else:  # sequential passes: BatchNorm as in the reference (module docstring)
+            micro = micrograds(self.forward, self.loss_fn, self.params, self._rows, zip(xs, ys), self._autocast)
+            losses, correct = micro.losses, micro.correct.sum()
         threshold = self._threshold()
         with _ieee_matmul(self.device):
-            weights, accepted, distances = agreement_weights(gram_matrix(grads), threshold, self.merge)
+            weights, accepted, distances = agreement_weights_unchecked(gram_matrix(grads), threshold, self.merge)
             stepped = accepted[1:].any()
             torch.mm(weights.to(grads.dtype)[None], grads, out=self._agg.view(1, -1))
         self._agg.masked_fill_(~stepped, 0.0)  # a skipped step must see finite (zero) grads
@@ -349,14 +317,8 @@ class FastGAFStep(_FastStep):
         self._clear_grads()
         if isinstance(self.tau, AdaptiveTau):
             self.tau.observe(distances)
-        return {
-            "loss": losses.mean(),
-            "correct": correct,
-            "distances": distances.float(),
-            "accepted": accepted[1:].sum(),
-            "stepped": stepped,
-            "tau": threshold.detach().to(torch.float32, copy=True),
-        }
+        return StepStats(losses.mean(), correct, distances.float(), accepted[1:].sum(), stepped,
+                         threshold.detach().to(torch.float32, copy=True), ys.numel())
 
 
 class _BatchedMicrograds:
@@ -366,9 +328,8 @@ class _BatchedMicrograds:
     passes of b images against one of n*b). Under vmap, BatchNorm normalises each
     microbatch with its own statistics (the vmap axis is folded into the channels), as
     the sequential passes do. Running statistics: each microbatch updates its own copy
-    of r0, r_k = (1-a) r0 + a s_k, and the sequential result follows exactly (in exact
-    arithmetic) as (1-a)^n r0 + sum_k (1-a)^(n-1-k) (r_k - (1-a) r0);
-    num_batches_tracked += n. Other buffers are shared; mutating one under vmap fails
+    of r0, r_k = (1-a) r0 + a s_k, and ``gaf.batchnorm.sequential_average`` gives the
+    sequential result (exactly, in exact arithmetic); num_batches_tracked += n. Other buffers are shared; mutating one under vmap fails
     loudly. Random ops draw differently per microbatch, as in sequential passes.
     """
 
@@ -377,27 +338,23 @@ class _BatchedMicrograds:
         self.model, self.params = model, params
         self.param_names = [names[id(p)] for p in params]
         self.norms = []  # (buffer-name prefix, module) of every BatchNorm that tracks running stats
-        for name, m in model.named_modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-                if m.momentum is None:
-                    raise ValueError(f"batched=True needs BatchNorm momentum set; {name or 'the model'} has None "
-                                     "(a cumulative average)")
-                self.norms.append((f"{name}." if name else "", m))
+        for name, m in tracked_batchnorms(model):
+            if m.momentum is None:
+                raise ValueError(f"batched=True needs BatchNorm momentum set; {name or 'the model'} has None "
+                                 "(a cumulative average)")
+            self.norms.append((f"{name}." if name else "", m))
         self._n = None
 
     def _prepare(self, n: int, device: torch.device) -> None:
-        """Per-n buffers: batched copies of the running stats, and the EMA coefficients."""
-        stats = [t for _, m in self.norms for t in (m.running_mean, m.running_var)]
-        q = torch.cat([torch.full((t.numel(),), 1.0 - m.momentum, dtype=t.dtype, device=device)
-                       for _, m in self.norms for t in (m.running_mean, m.running_var)]) if stats else None
+        """Per-n buffers: batched copies of the running stats, and each statistic's decay."""
+        stats = running_stats([m for _, m in self.norms])
+        self.decay = torch.cat([torch.full((t.numel(),), 1.0 - m.momentum, dtype=t.dtype, device=device)
+                                for _, m in self.norms for t in (m.running_mean, m.running_var)]) if stats else None
         self.stats = stats
         # one contiguous (n, *shape) copy per statistic: the BatchNorm batching rule would
         # update a copy of a strided view, and the update would be lost
         self.batched_stats = [t.new_zeros(n, *t.shape) for t in stats]
         self.counts = torch.zeros(len(self.norms), n, dtype=torch.long, device=device)
-        self.q_pow_n = q ** n if stats else None
-        self.coeff = q[None] ** torch.arange(n - 1, -1, -1, device=device, dtype=q.dtype)[:, None] if stats else None
-        self.q = q
         self.views, batched = {}, iter(self.batched_stats)
         for j, (prefix, m) in enumerate(self.norms):
             self.views[prefix + "running_mean"], self.views[prefix + "running_var"] = next(batched), next(batched)
@@ -410,7 +367,7 @@ class _BatchedMicrograds:
         n = xs.shape[0]
         if self._n != n or (self.stats and self.stats[0] is not self.norms[0][1].running_mean):
             self._prepare(n, xs.device)
-            self.rows = _param_views(grads, self.params)
+            self.rows = param_views(grads, self.params)
         if self.stats:
             r0 = torch.cat([t.reshape(-1) for t in self.stats])
             torch._foreach_copy_(self.batched_stats, [t.expand(n, *t.shape) for t in self.stats])
@@ -426,27 +383,30 @@ class _BatchedMicrograds:
                                         randomness="different")(params, self.views, xs, ys)
         torch._foreach_copy_(self.rows, [micro[name] for name in self.param_names])
         if self.stats:  # the sequential running statistics, from the n one-step updates
-            delta = torch.cat([b.reshape(n, -1) for b in self.batched_stats], dim=1) - self.q * r0
-            updated = self.q_pow_n * r0 + (self.coeff * delta).sum(0)
+            runs = torch.cat([b.reshape(n, -1) for b in self.batched_stats], dim=1)
+            updated = sequential_average(r0, runs, self.decay)
             torch._foreach_copy_(self.stats, [u.view_as(t) for u, t in zip(updated.split([t.numel() for t in self.stats]),
                                                                             self.stats)])
             torch._foreach_add_([m.num_batches_tracked for _, m in self.norms], n)
-        return losses, _count_correct(out, ys)
+        return losses, count_correct(out, ys)
 
 
 class FastPlainStep(_FastStep):
     """Plain averaging in the same machinery: one forward/backward over all n*b images and
-    an (always taken) optimizer step. Returns the stepper contract with empty distances."""
+    an (always taken) optimizer step; ``StepStats.unfiltered``."""
 
-    def __call__(self, xs: torch.Tensor, ys: torch.Tensor) -> dict:
-        self._check(xs, ys, min_n=1)
+    def __call__(self, xs: torch.Tensor, ys: torch.Tensor) -> StepStats:
+        self._check(xs, ys)
         return self._call(xs, ys)
 
-    def _run(self, xs: torch.Tensor, ys: torch.Tensor) -> dict:
-        loss, correct = self._forward_loss(xs.flatten(0, 1), ys.flatten())
+    def _run(self, xs: torch.Tensor, ys: torch.Tensor) -> StepStats:
+        x, y = xs.flatten(0, 1), ys.flatten()
+        with torch.enable_grad(), self._autocast():
+            out = self.forward(x)
+            loss = self.loss_fn(out, y)
         grads = torch.autograd.grad(loss, self.params, materialize_grads=True)
         torch._foreach_copy_(self._grad_views, list(grads))
         self._set_grads()
         self.optimizer.masked_update(None)
         self._clear_grads()
-        return unfiltered_stats(loss, correct)
+        return StepStats.unfiltered(loss, count_correct(out, y), y.numel())

@@ -64,8 +64,11 @@ class AdaptiveTau:
         elif self._buffer.device != device:
             self._buffer, self._count = self._buffer.to(device), self._count.to(device)
 
-    def current(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The threshold for the next decision, as a 0-d float32 tensor on ``device``."""
+    def current(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The threshold for the next decision, as a 0-d float32 tensor on ``device`` (None:
+        where the history lives, the CPU before any). A step calls it once, on its gradients' device."""
+        if device is None:
+            device = self._buffer.device if self._buffer is not None else "cpu"
         self._ensure(torch.device(device))
         filled = self._count.clamp(max=self.window)
         valid = (torch.arange(self.window, device=self._buffer.device) < filled).float()
@@ -121,21 +124,45 @@ def check_tau(tau: float) -> float:
     return float(tau)
 
 
+def check_threshold(tau: Tau) -> None:
+    """Validate a threshold of any kind: a number in [0, 2], a one-value tensor (read at every
+    step, so it may change in place) or an ``AdaptiveTau`` (checked when it was made)."""
+    if isinstance(tau, AdaptiveTau):
+        return
+    if isinstance(tau, torch.Tensor):
+        if tau.numel() != 1:
+            raise ValueError(f"tau tensor must hold one value, got shape {tuple(tau.shape)}")
+        return
+    check_tau(tau)
+
+
 def check_merge(merge: str) -> str:
     if merge not in MERGES:
         raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
     return merge
 
 
-def resolve_tau(tau: Tau, device: torch.device | str = "cpu") -> float | torch.Tensor:
-    """The threshold to decide with now: a checked float, or a 0-d tensor (no sync)."""
+def check_n(n: int, counted: str = "") -> None:
+    """GAF compares later micro-gradients with the first: it needs at least two."""
+    if n < 2:
+        raise ValueError(f"GAF needs n >= 2 micro-gradients (one per microbatch), got n={n}"
+                         + (f" ({counted})" if counted else ""))
+
+
+def check_gaf_settings(tau: Tau, merge: str) -> None:
+    """The settings of a GAF step, validated once where a step is set up or entered."""
+    check_threshold(tau)
+    check_merge(merge)
+
+
+def resolve_tau(tau: Tau, device: torch.device | str) -> float | torch.Tensor:
+    """The threshold to decide with now (validated by ``check_threshold`` beforehand): a float,
+    or a 0-d tensor (no sync). Call it once per step: an ``AdaptiveTau`` computes it."""
     if isinstance(tau, AdaptiveTau):
         return tau.current(device)
     if isinstance(tau, torch.Tensor):
-        if tau.numel() != 1:
-            raise ValueError(f"tau tensor must hold one value, got shape {tuple(tau.shape)}")
         return tau.reshape(())
-    return check_tau(tau)
+    return float(tau)
 
 
 def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -174,17 +201,24 @@ def agreement_weights(
     ``weights @ F`` and a step should be taken iff ``accepted[1:].any()``.
     ``tau`` may be a float or a 0-d tensor (an adaptive threshold).
     """
-    check_merge(merge)
     if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
         raise ValueError(f"gram must be a square (n, n) matrix, got shape {tuple(gram.shape)}")
+    check_n(gram.shape[0])
+    check_merge(merge)
+    if not isinstance(tau, torch.Tensor):
+        check_tau(tau)
+    return agreement_weights_unchecked(gram, tau, merge)
+
+
+def agreement_weights_unchecked(
+    gram: torch.Tensor, tau: float | torch.Tensor, merge: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``agreement_weights`` on arguments validated once where the step was set up: what a
+    stepper calls at every step."""
     n = gram.shape[0]
-    if n < 2:
-        raise ValueError(f"GAF needs n >= 2 micro-gradients, got n={n}")
     g = gram.double() if gram.device.type == "cpu" else gram.float()
     if isinstance(tau, torch.Tensor):  # compared in the distances' precision, as a Python number is
         tau = tau.to(device=g.device, dtype=g.dtype)
-    else:
-        check_tau(tau)
     eye = torch.eye(n, dtype=g.dtype, device=g.device)
     w = eye[0].clone()
     count = torch.ones((), dtype=g.dtype, device=g.device)  # micro-gradients merged
@@ -221,24 +255,29 @@ class NonFiniteGradientError(ValueError):
     """A micro-gradient holds NaN or Inf (training diverged): there is nothing to filter."""
 
 
+def check_finite(grads: torch.Tensor) -> None:
+    """Raise ``NonFiniteGradientError`` naming the micro-gradients (rows) that hold NaN or Inf
+    (one host sync)."""
+    finite = torch.isfinite(grads).all(dim=1)
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite).flatten().tolist()
+        raise NonFiniteGradientError(f"micro-gradient(s) {bad} contain NaN or Inf; cannot filter")
+
+
 def filter_gradients(grads: torch.Tensor, tau: Tau, merge: str = "halving") -> FilterResult:
     """Filter flattened micro-gradients ``grads`` (n, P) by agreement; the readable API.
 
     Raises ValueError on bad shapes, n < 2, tau outside [0, 2], an unknown merge,
     or a non-finite micro-gradient (naming its index).
     """
-    check_merge(merge)
     if not isinstance(grads, torch.Tensor) or grads.dim() != 2:
         shape = tuple(grads.shape) if isinstance(grads, torch.Tensor) else type(grads).__name__
         raise ValueError(f"grads must be an (n, P) tensor of flattened micro-gradients, got {shape}")
-    if grads.shape[0] < 2:
-        raise ValueError(f"GAF needs n >= 2 micro-gradients, got n={grads.shape[0]}")
-    finite = torch.isfinite(grads).all(dim=1)
-    if not bool(finite.all()):
-        bad = torch.nonzero(~finite).flatten().tolist()
-        raise NonFiniteGradientError(f"micro-gradient(s) {bad} contain NaN or Inf; cannot filter")
-    threshold = resolve_tau(tau, grads.device)
-    weights, accepted, distances = agreement_weights(gram_matrix(grads), threshold, merge)
+    check_n(grads.shape[0])
+    check_gaf_settings(tau, merge)
+    check_finite(grads)
+    weights, accepted, distances = agreement_weights_unchecked(gram_matrix(grads), resolve_tau(tau, grads.device),
+                                                               merge)
     if isinstance(tau, AdaptiveTau):
         tau.observe(distances)
     aggregate = weights.to(grads.dtype) @ grads

@@ -8,9 +8,9 @@ validation: train/val loss and accuracy, and the memorisation probe), ``summary.
 ``checkpoint.pt`` (written atomically at every validation).
 
 Re-using a run directory resumes from its checkpoint; a finished run is a no-op.
-The step itself is a *stepper* (see ``make_stepper``): ``stepper(xs, ys)`` takes n
-microbatches as one (n, b, C, H, W) tensor and returns device tensors, so the fast
-path (``gaf.fast``) and the distributed path (``gaf.distributed``) plug in here.
+The step itself is a *stepper* (``gaf.steppers.make_stepper``): ``stepper(xs, ys)`` takes
+n microbatches as one (n, b, C, H, W) tensor and returns ``gaf.step.StepStats`` (device
+tensors), so the readable, fast and distributed paths plug in alike.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -33,89 +33,20 @@ from torch import nn
 from gaf import data as gdata
 from gaf.augment import augment, normalize
 from gaf.checkpoint import CheckpointError, prior_run, save_checkpoint
-from gaf.config import COMPILE_MODES, OptimConfig, RunConfig, RunPlan, class_size_error, resolve, validate
-from gaf.distributed import (DistributedGAFStep, DistributedMeanStep, check_replicas, init_from_env,
-                             local_slice, shutdown)
-from gaf.fast import FastGAFStep, FastPlainStep
-from gaf.optim import build_optimizer as build_named_optimizer
-from gaf.filter import AdaptiveTau, NonFiniteGradientError
+from gaf.config import RunConfig, RunPlan, class_size_error, resolve, validate
+from gaf.distributed import check_replicas
+from gaf.filter import AdaptiveTau
 from gaf.models import build_model
 from gaf.samplers import BatchSampler, ClassBalancedSampler
 from gaf.log import CsvLog, WandbLogger
 from gaf.rundir import RunDirError, RunDirLock, environment, write_json, write_summary
-from gaf.step import gaf_step, unfiltered_stats
+from gaf.step import StepStats
+from gaf.steppers import build_optimizer, make_stepper
+from gaf.torchrun import init_from_env, local_slice, shutdown
 
 __all__ = ["CheckpointError", "RunConfig", "RunDirError", "run", "validate"]
 
 log = logging.getLogger(__name__)
-
-# ----------------------------------------------------------------------------- steppers
-
-
-def plain_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn) -> Callable:
-    """The baseline: one forward/backward over the whole batch and an optimizer step."""
-
-    def step(xs: torch.Tensor, ys: torch.Tensor) -> dict:
-        x, y = xs.flatten(0, 1), ys.flatten()
-        optimizer.zero_grad(set_to_none=True)
-        out = model(x)
-        loss = loss_fn(out, y)
-        loss.backward()
-        optimizer.step()
-        return unfiltered_stats(loss, (out.detach().argmax(1) == y).sum())
-
-    return step
-
-
-def reference_step(model, optimizer, loss_fn, tau, merge) -> Callable:
-    """GAF through the readable ``gaf_step`` (host syncs; the reference semantics)."""
-
-    def step(xs: torch.Tensor, ys: torch.Tensor) -> dict:
-        threshold = float(tau.current()) if isinstance(tau, AdaptiveTau) else tau
-        try:
-            out = gaf_step(model, optimizer, loss_fn, list(zip(xs, ys)), tau, merge)
-        except NonFiniteGradientError as e:  # recorded as the fast path records it: NaN distances, no step
-            out = {"loss": e.loss, "accuracy": e.accuracy, "distances": [math.nan] * (len(xs) - 1),
-                   "accepted": 0, "stepped": False}
-        dev = xs.device
-        return {
-            "loss": torch.tensor(out["loss"], device=dev),
-            "correct": torch.tensor(round(out["accuracy"] * ys.numel()), device=dev),
-            "distances": torch.tensor(out["distances"], device=dev),
-            "accepted": torch.tensor(out["accepted"], device=dev),
-            "stepped": torch.tensor(out["stepped"], device=dev),
-            "tau": torch.tensor(threshold, dtype=torch.float32, device=dev),
-        }
-
-    return step
-
-
-def build_optimizer(cfg: OptimConfig, params, masked: bool = False) -> torch.optim.Optimizer:
-    """torch.optim's SGD/Adam/AdamW, or (fast path) their masked twins that apply a skipped
-    step as a mask on the device."""
-    return build_named_optimizer(cfg.name, params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                 weight_decay=cfg.weight_decay, betas=cfg.betas, masked=masked)
-
-
-def make_stepper(cfg: RunConfig, model, optimizer, loss_fn, tau, fast: bool) -> Callable:
-    """The baseline steps plainly. Averaging with measured distances (figures 1, 4, 5) is
-    GAF at tau = 2 with the mean merge, which accepts everything (tested)."""
-    if cfg.distributed:
-        if cfg.method.name == "baseline":  # every rank a slice of the batch, one all-reduce
-            return DistributedMeanStep(model, optimizer, loss_fn)
-        return DistributedGAFStep(model, optimizer, loss_fn, tau, cfg.method.merge, mode=cfg.dist_mode)
-    if fast:
-        t = cfg.train
-        options = dict(amp_dtype=torch.bfloat16 if t.amp else None,
-                       channels_last=t.amp if t.channels_last is None else t.channels_last,
-                       compile=COMPILE_MODES[t.compile])
-        if cfg.method.name == "baseline":
-            return FastPlainStep(model, optimizer, loss_fn, **options)
-        return FastGAFStep(model, optimizer, loss_fn, tau, cfg.method.merge, batched=cfg.train.batched, **options)
-    if cfg.method.name == "baseline":
-        return plain_step(model, optimizer, loss_fn)
-    return reference_step(model, optimizer, loss_fn, tau, cfg.method.merge)
-
 
 # ----------------------------------------------------------------------------- data
 
@@ -265,6 +196,59 @@ class MemorisationProbe:
         return cls(ds.train_x[idx], ds.train_y[idx], ds.clean_y[idx], ds.flipped[idx])
 
 
+class RunClock:
+    """A run's two times, carried across relaunches in the checkpoint's ``state``
+    (``elapsed``, ``train_time``).
+
+    Wall time: since the run first started, everything included (set-up aside). Training
+    time: the steps alone, counted at each flush, where the host has waited for the steps'
+    results (on CUDA a step returns before the GPU ran it); validation is not counted.
+    """
+
+    def __init__(self):
+        self.wall_before = 0.0  # wall time of earlier launches (and of this one, once stopped)
+        self.training = 0.0
+        self._started = self._counted_to = time.perf_counter()
+
+    def start(self) -> None:
+        """The loop begins."""
+        self._started = self._counted_to = time.perf_counter()
+
+    def wall(self) -> float:
+        return self.wall_before + time.perf_counter() - self._started
+
+    def count_training(self) -> None:
+        """The steps since the last count are done: their time is training time."""
+        now = time.perf_counter()
+        self.training += now - self._counted_to
+        self._counted_to = now
+
+    def skip(self) -> None:
+        """The time since the last count was not training (validation, checkpointing)."""
+        self._counted_to = time.perf_counter()
+
+    def stop(self) -> None:
+        self.wall_before = self.wall()
+
+    def state_dict(self) -> dict:
+        return {"elapsed": self.wall_before, "train_time": self.training}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.wall_before, self.training = state["elapsed"], state["train_time"]
+
+
+@dataclass
+class StepRecord:
+    """One step as the trainer holds it until a flush: the stepper's stats (device tensors)
+    and the trainer's own bookkeeping."""
+
+    iter: int
+    images_seen: int
+    lr: float
+    time_s: float  # wall time when the step was issued (on CUDA the GPU may still be running it)
+    stats: StepStats
+
+
 METRICS_COLUMNS = ["iter", "images_seen", "loss", "acc", "tau", "accepted", "stepped", "lr", "d_mean"]
 EVAL_COLUMNS = ["iter", "epoch", "images_seen", "lr", "train_loss", "train_acc", "val_loss", "val_acc",
                 "mem_clean_acc", "mem_flipped_noisy_acc", "mem_flipped_true_acc", "time_s"]
@@ -302,11 +286,15 @@ class Trainer:
                               METRICS_COLUMNS + self.distance_keys + ["time_s"])
         self.evals = CsvLog(run_dir / "eval.csv", EVAL_COLUMNS)
         self.state = {"iter": 0, "images_seen": 0, "steps_taken": 0, "best_val_acc": float("nan"),
-                      "final_val_acc": float("nan"), "elapsed": 0.0, "train_time": 0.0}
-        self.pending: list[tuple[int, int, dict]] = []  # (iter, images_seen, device tensors) not yet written
+                      "final_val_acc": float("nan")}
+        self.clock = RunClock()
+        self.pending: list[StepRecord] = []  # steps not yet written
         self.since_eval: list[dict] = []  # metrics rows since the last validation
         self.logger: WandbLogger | None = None
-        self.t_start = self._chunk_start = time.perf_counter()
+
+    def _state(self, **overrides) -> dict:
+        """The counters and the clock's times, as checkpoints and summaries hold them."""
+        return {**self.state, **self.clock.state_dict(), **overrides}
 
     def restore(self, ckpt: dict) -> None:
         """Continue from a checkpoint; rows written after it are dropped (they are recomputed)."""
@@ -318,7 +306,8 @@ class Trainer:
         torch.set_rng_state(ckpt["torch_rng"])
         if isinstance(self.tau, AdaptiveTau):
             self.tau.load_state_dict(ckpt["adaptive_tau"])
-        self.state.update(ckpt["state"])
+        self.clock.load_state_dict(ckpt["state"])
+        self.state.update({k: v for k, v in ckpt["state"].items() if k in self.state})
         if self.is_main:
             self.metrics.truncate_after(self.state["iter"])
             self.evals.truncate_after(self.state["iter"])
@@ -329,23 +318,23 @@ class Trainer:
         env = environment(self.device)
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         if self.is_main:  # the summary first: a run directory with files but no summary is not a run's
-            write_summary(self.summary_path, self.cfg, self.state, env, self.ds, "running", started)
+            write_summary(self.summary_path, self.cfg, self._state(), env, self.ds, "running", started)
             write_json(self.run_dir / "config.json", self.config)
         self.logger = WandbLogger(self.cfg, self.run_dir, self.config) if self.is_main else None
         status, last = self._loop()
-        self.state["elapsed"] += time.perf_counter() - self.t_start
+        self.clock.stop()
         if self.logger:
             self.logger.finish()
         if not self.is_main:
             return {"status": status}
         if status == "stopped":  # what ran, and where a relaunch goes on from
             resume = self.state["iter"]
-            summary = write_summary(self.summary_path, self.cfg, {**self.state, "iter": last}, env, self.ds, status,
+            summary = write_summary(self.summary_path, self.cfg, self._state(iter=last), env, self.ds, status,
                                     started, resumes_from=resume)
             log.info("%s: stopped after iteration %d (train.stop_after); a relaunch resumes from the checkpoint at "
                      "iteration %d", self.run_dir, last, resume)
             return summary
-        summary = write_summary(self.summary_path, self.cfg, self.state, env, self.ds, status, started)
+        summary = write_summary(self.summary_path, self.cfg, self._state(), env, self.ds, status, started)
         log.info("%s: %s; best val acc %.4f, %.0f images/s", self.run_dir, status, self.state["best_val_acc"],
                  summary.get("images_per_s", 0))
         return summary
@@ -353,7 +342,7 @@ class Trainer:
     def _loop(self) -> tuple[str, int]:
         """(status, last iteration run): finished, diverged or stopped."""
         cfg, start = self.cfg, self.state["iter"]
-        self.t_start = self._chunk_start = time.perf_counter()
+        self.clock.start()
         progress = _progress(cfg, start, self.is_main)
         self.model.train()
         it = start
@@ -367,7 +356,7 @@ class Trainer:
                 if at_eval:
                     if not self._validate_and_checkpoint(it):
                         return "diverged", it
-                    self._chunk_start = time.perf_counter()  # validation is not training time
+                    self.clock.skip()  # validation is not training time
                     self.state["iter"] = it  # the last checkpointed iteration
                     progress.set_postfix(val_acc=f"{self.state['final_val_acc']:.3f}")
                 if cfg.train.stop_after is not None and it >= cfg.train.stop_after:
@@ -385,25 +374,23 @@ class Trainer:
             if cfg.method.name == "baseline":  # (1, B) -> (world, B / world)
                 xs, ys = xs.unflatten(1, (world, -1))[0], ys.unflatten(1, (world, -1))[0]
             xs, ys = local_slice(xs, self.rank, world), local_slice(ys, self.rank, world)
-        out = self.stepper(xs, ys)
-        out["lr"] = self.optimizer.param_groups[0]["lr"]
-        # issued, not finished: on CUDA the GPU may still be working on it (train_time is synced)
-        out["batch"], out["time"] = images, state["elapsed"] + time.perf_counter() - self.t_start
+        stats = self.stepper(xs, ys)
         state["images_seen"] += images
-        self.pending.append((it, state["images_seen"], out))
+        self.pending.append(StepRecord(it, state["images_seen"], self.optimizer.param_groups[0]["lr"],
+                                       self.clock.wall(), stats))
 
     def _pending_rows(self) -> list[dict]:
         """The pending steps as metrics rows (one host sync for all of them)."""
         pending, n_dist = self.pending, self.n_dist
-        stacked = {k: torch.stack([torch.as_tensor(p[2][k]).float().reshape(-1) for p in pending]).cpu()
+        stacked = {k: torch.stack([getattr(r.stats, k).float().reshape(-1) for r in pending]).cpu()
                    for k in ("loss", "correct", "accepted", "stepped", "tau")}
-        dists = torch.stack([p[2]["distances"].float() for p in pending]).cpu() if n_dist else None
+        dists = torch.stack([r.stats.distances.float() for r in pending]).cpu() if n_dist else None
         rows = []
-        for j, (it, seen, out) in enumerate(pending):
-            row = {"iter": it, "images_seen": seen, "loss": float(stacked["loss"][j]),
-                   "acc": float(stacked["correct"][j]) / out["batch"], "tau": round(float(stacked["tau"][j]), 6),
+        for j, r in enumerate(pending):
+            row = {"iter": r.iter, "images_seen": r.images_seen, "loss": float(stacked["loss"][j]),
+                   "acc": float(stacked["correct"][j]) / r.stats.samples, "tau": round(float(stacked["tau"][j]), 6),
                    "accepted": int(stacked["accepted"][j]), "stepped": int(stacked["stepped"][j]),
-                   "lr": out["lr"], "time_s": round(out["time"], 3)}
+                   "lr": r.lr, "time_s": round(r.time_s, 3)}
             if n_dist:
                 row["d_mean"] = float(dists[j].mean())
                 row.update({f"d{k}": float(dists[j, k - 1]) for k in range(1, n_dist + 1)})
@@ -415,9 +402,7 @@ class Trainer:
         if not self.pending:
             return True
         rows = self._pending_rows()  # waits for the GPU: the time up to here is the steps' real time
-        now = time.perf_counter()
-        self.state["train_time"] += now - self._chunk_start
-        self._chunk_start = now
+        self.clock.count_training()
         self.pending.clear()
         self.since_eval.extend(rows)
         self.state["steps_taken"] += sum(r["stepped"] for r in rows)
@@ -458,7 +443,7 @@ class Trainer:
             self._save_checkpoint(it, row["time_s"])
             log.info("%s: iteration %d/%d: val acc %.4f (best %.4f), flipped labels fitted %.3f, %.0f images/s",
                      self.run_dir, it, self.cfg.train.iterations, val_acc, state["best_val_acc"],
-                     row["mem_flipped_noisy_acc"], state["images_seen"] / max(state["train_time"], 1e-9))
+                     row["mem_flipped_noisy_acc"], state["images_seen"] / max(self.clock.training, 1e-9))
         return True
 
     def _eval_row(self, it: int, val_loss: float, val_acc: float, probe_preds: torch.Tensor) -> dict:
@@ -473,14 +458,14 @@ class Trainer:
             "mem_clean_acc": _acc((probe_preds == probe.noisy_y)[~probe.flipped]),
             "mem_flipped_noisy_acc": _acc((probe_preds == probe.noisy_y)[probe.flipped]),
             "mem_flipped_true_acc": _acc((probe_preds == probe.true_y)[probe.flipped]),
-            "time_s": round(state["elapsed"] + time.perf_counter() - self.t_start, 3),
+            "time_s": round(self.clock.wall(), 3),
         }
         since.clear()
         return row
 
     def _save_checkpoint(self, it: int, elapsed: float) -> None:
         save_checkpoint(self.ckpt_path, {
-            "config": self.config, "state": {**self.state, "iter": it, "elapsed": elapsed},
+            "config": self.config, "state": self._state(iter=it, elapsed=elapsed),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
             "aug_rng": self.aug_gen.get_state(), "torch_rng": torch.get_rng_state(),

@@ -254,11 +254,11 @@ def check_against_reference(args, device, data: DeviceImages, plan: torch.Tensor
             reference.load_state_dict(model.state_dict())
             ref = gaf_step(reference, still, loss_fn, list(zip(xs, ys)), args.tau)
             out = stepper(xs, ys)
-            ours, theirs = out["distances"].double().cpu(), torch.tensor(ref["distances"], dtype=torch.float64)
+            ours, theirs = out.distances.double().cpu(), torch.tensor(ref["distances"], dtype=torch.float64)
             worst = max(worst, float((ours - theirs).abs().max()))
             same += int(((ours <= args.tau) == (theirs <= args.tau)).sum())
             total += len(theirs)
-            taken += int(out["stepped"])
+            taken += int(out.stepped)
     return dict(n=plan.shape[1], steps=steps, max_distance_diff=worst, same_decisions=same / max(total, 1),
                 decisions=total, stepped=taken)
 

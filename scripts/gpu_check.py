@@ -206,7 +206,7 @@ def check_sync_free(ctx) -> dict:
                 for _ in range(ctx.sync_steps):
                     out = step(*draw_batch(sampler, ds, gen, ctx.device))
             figures[f"{kind}_{label}_steps_without_sync"] = ctx.sync_steps
-            assert torch.isfinite(out["loss"]).item()
+            assert torch.isfinite(out.loss).item()
     return dict(status="PASS", figures=figures,
                 detail=f"{ctx.sync_steps} steady-state steps each under set_sync_debug_mode('error')"
                 if ctx.device.type == "cuda"
@@ -230,12 +230,12 @@ def check_fp32_equal(ctx) -> dict:
             tau.fill_(schedule[s % len(schedule)])
             ref = gaf_step(ref_model, ref_opt, nn.CrossEntropyLoss(), list(zip(xs, ys)), tau)
             e, g = eager(xs, ys), graphed(xs, ys)
-            decisions = {ref["stepped"], bool(e["stepped"]), bool(g["stepped"])}
+            decisions = {ref["stepped"], bool(e.stepped), bool(g.stepped)}
             same += len(decisions) == 1
             stepped.append(ref["stepped"])
             theirs = torch.tensor(ref["distances"], dtype=torch.float64)
-            worst_d = max(worst_d, float((e["distances"].double().cpu() - theirs).abs().max()),
-                          float((g["distances"].double().cpu() - e["distances"].double().cpu()).abs().max()))
+            worst_d = max(worst_d, float((e.distances.double().cpu() - theirs).abs().max()),
+                          float((g.distances.double().cpu() - e.distances.double().cpu()).abs().max()))
         params = [p for p in ref_model.parameters()]
         figures = dict(
             steps=ctx.equal_steps, taken=sum(stepped), identical_decisions=same,
@@ -295,7 +295,7 @@ def check_compile(ctx) -> dict:
         worst = 0.0
         for xs, ys in random_batches(ctx, FastGAFStep.warmup + 3, n, b):
             c, e = compiled(xs, ys), eager(xs, ys)
-            worst = max(worst, float((c["distances"] - e["distances"]).abs().max()))
+            worst = max(worst, float((c.distances - e.distances).abs().max()))
         figures[f"{name}_max_distance_diff"] = worst
         figures[f"{name}_state_diff"] = max_diff(compiled_model, eager_model)
         figures[f"{name}_seconds"] = round(time.perf_counter() - start, 1)
@@ -330,7 +330,7 @@ def check_batched(ctx) -> dict:
             batches = random_batches(ctx, FastGAFStep.warmup + 3, n, b)
             for xs, ys in batches:
                 s, v = seq(xs, ys), vm(xs, ys)
-                same += bool(torch.equal(s["accepted"], v["accepted"]))
+                same += bool(torch.equal(s.accepted, v.accepted))
             figures[f"{label}_state_diff"] = max_diff(vmap_model, seq_model)
             figures[f"{label}_counts_equal"] = counts_equal(vmap_model, seq_model)
             figures[f"{label}_identical_decisions"] = f"{same}/{len(batches)}"

@@ -118,7 +118,7 @@ def equivalence_worker(rank, world_size, port, configs, outdir):
         metrics = []
         for s in range(STEPS):
             out = stepper(local_slice(xs[s], rank, world_size), local_slice(ys[s], rank, world_size))
-            metrics.append({k: v.clone() for k, v in out.items()})
+            metrics.append({k: v.clone() for k, v in out.tensors().items()})
         torch.save({"state": state(model, optimizer), "metrics": metrics}, f"{outdir}/{c['name']}_rank{rank}.pt")
     shutdown()
 
@@ -185,7 +185,7 @@ def mean_worker(rank, world_size, port, outdir):
     for name, model in (("mlp", make_mlp()), ("batchnorm", make_model())):
         optimizer = make_optimizer(model)
         stepper = DistributedMeanStep(model, optimizer, nn.CrossEntropyLoss())
-        losses = [float(stepper(local_slice(xs[s], rank, world_size), local_slice(ys[s], rank, world_size))["loss"])
+        losses = [float(stepper(local_slice(xs[s], rank, world_size), local_slice(ys[s], rank, world_size)).loss)
                   for s in range(STEPS)]
         torch.save((state(model, optimizer), losses), f"{outdir}/{name}_rank{rank}.pt")
     shutdown()

@@ -11,6 +11,7 @@ from torch import nn
 from gaf import AdaptiveTau, gaf_step
 from gaf.fast import FastGAFStep, FastPlainStep, StandInGraphs
 from gaf.optim import MaskedAdam, MaskedAdamW, MaskedSGD, build_optimizer
+from gaf.step import StepStats
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -198,14 +199,15 @@ def run_pair(n, tau, merge, optim, steps=4, seed=0, tau_ref=None, bias=True, **f
     for xs, ys in make_batches(steps, n, seed=seed + 7):
         ref = gaf_step(ref_model, ref_opt, loss_fn, list(zip(xs, ys)), tau if tau_ref is None else tau_ref, merge)
         out = step(xs, ys)
-        assert set(out) == {"loss", "correct", "distances", "accepted", "stepped", "tau"}
-        assert all(isinstance(v, torch.Tensor) for v in out.values())
-        assert out["distances"].shape == (n - 1,) and out["distances"].dtype == torch.float32
-        assert out["loss"].dtype == torch.float32 and out["tau"].dtype == torch.float32
-        assert int(out["accepted"]) == ref["accepted"] and bool(out["stepped"]) == ref["stepped"]
-        assert out["distances"].tolist() == pytest.approx(ref["distances"], abs=1e-6)
-        assert float(out["loss"]) == pytest.approx(ref["loss"], rel=1e-6)
-        assert int(out["correct"]) == round(ref["accuracy"] * xs.shape[0] * xs.shape[1])
+        assert isinstance(out, StepStats) and out.samples == xs.shape[0] * xs.shape[1]
+        assert set(out.tensors()) == {"loss", "correct", "distances", "accepted", "stepped", "tau"}
+        assert all(isinstance(v, torch.Tensor) for v in out.tensors().values())
+        assert out.distances.shape == (n - 1,) and out.distances.dtype == torch.float32
+        assert out.loss.dtype == torch.float32 and out.tau.dtype == torch.float32
+        assert int(out.accepted) == ref["accepted"] and bool(out.stepped) == ref["stepped"]
+        assert out.distances.tolist() == pytest.approx(ref["distances"], abs=1e-6)
+        assert float(out.loss) == pytest.approx(ref["loss"], rel=1e-6)
+        assert int(out.correct) == round(ref["accuracy"] * xs.shape[0] * xs.shape[1])
         decisions.append(ref["stepped"])
     return ref_model, fast_model, ref_opt, fast_opt, decisions
 
@@ -262,13 +264,13 @@ def test_fast_step_skipped_changes_nothing_but_bn_running_stats():
     opt = build_optimizer("sgd", model.parameters(), lr=0.1, weight_decay=1e-2, masked=True)
     step = FastGAFStep(model, opt, nn.CrossEntropyLoss(), tau=2.0)
     (xs, ys), (xs2, ys2) = make_batches(2, 3)
-    assert bool(step(xs, ys)["stepped"])  # a real step creates the momentum buffers
+    assert bool(step(xs, ys).stepped)  # a real step creates the momentum buffers
     params = [p.detach().clone() for p in model.parameters()]
     state = copy.deepcopy(opt.state_dict())
     running = model[1].running_mean.clone()
     step.tau = 0.0  # distinct micro-gradients never agree at 0
     out = step(xs2, ys2)
-    assert not bool(out["stepped"]) and int(out["accepted"]) == 0
+    assert not bool(out.stepped) and int(out.accepted) == 0
     for p, q in zip(params, model.parameters()):
         assert_same(p, q)
     for key, st in state["state"].items():
@@ -291,8 +293,8 @@ def test_fast_step_channels_last_and_bf16_on_cpu():
     out = step(xs, ys)
     ref = gaf_step(small_cnn(), torch.optim.SGD(small_cnn().parameters(), lr=0.05), nn.CrossEntropyLoss(),
                    list(zip(xs, ys)), 2.0)
-    assert out["distances"].dtype == torch.float32 and model[0].weight.dtype == torch.float32
-    assert out["distances"].tolist() == pytest.approx(ref["distances"], abs=0.05)
+    assert out.distances.dtype == torch.float32 and model[0].weight.dtype == torch.float32
+    assert out.distances.tolist() == pytest.approx(ref["distances"], abs=0.05)
 
 
 def test_fast_plain_step_equals_a_torch_step():
@@ -306,7 +308,7 @@ def test_fast_plain_step_equals_a_torch_step():
         loss.backward()
         ref_opt.step()
         out = step(xs, ys)
-        assert float(out["loss"]) == float(loss.detach()) and bool(out["stepped"])
+        assert float(out.loss) == float(loss.detach()) and bool(out.stepped)
     assert_models_equal(ref_model, fast_model, ref_opt, fast_opt)
 
 
@@ -366,10 +368,10 @@ def test_changing_a_float_tau_changes_decision_and_report():
     step = FastGAFStep(model, opt, nn.CrossEntropyLoss(), tau=2.0)
     xs, ys = make_batches(1, 3)[0]
     out = step(xs, ys)
-    assert bool(out["stepped"]) and float(out["tau"]) == 2.0
+    assert bool(out.stepped) and float(out.tau) == 2.0
     step.tau = 0.0
     out = step(xs, ys)
-    assert not bool(out["stepped"]) and float(out["tau"]) == 0.0
+    assert not bool(out.stepped) and float(out.tau) == 0.0
     with pytest.raises(ValueError, match="2.5"):
         step.tau = 2.5
 
@@ -390,11 +392,11 @@ def test_graph_bookkeeping_with_a_stand_in():
             step.tau = eager.tau = 0.0  # a float: no recapture, but the decision follows it
         outs.append(step(xs, ys))
         ref = eager(xs, ys)
-        for k in ref:
-            assert torch.equal(outs[-1][k], ref[k]), (i, k)
+        for k, v in ref.tensors().items():
+            assert torch.equal(getattr(outs[-1], k), v), (i, k)
     assert (graphs.warmups, graphs.captures, graphs.replays) == (FastGAFStep.warmup, 1, 3)
-    assert not bool(outs[-1]["stepped"]) and bool(outs[-2]["stepped"])
-    assert float(outs[3]["tau"]) == 2.0  # an earlier result is not overwritten by later replays
+    assert not bool(outs[-1].stepped) and bool(outs[-2].stepped)
+    assert float(outs[3].tau) == 2.0  # an earlier result is not overwritten by later replays
     assert_models_equal(twin, model, twin_opt, opt)
     w = FastGAFStep.warmup
     small = [(xs[:2], ys[:2]) for xs, ys in batches[6:8]]
@@ -421,8 +423,8 @@ def test_torch_compile_of_the_forward_through_the_fast_step_on_cpu():
     eager = FastGAFStep(twin, twin_opt, nn.CrossEntropyLoss(), tau=0.97)
     for xs, ys in make_batches(FastGAFStep.warmup + 2, 3):
         out, ref = step(xs, ys), eager(xs, ys)
-        assert out["distances"].tolist() == pytest.approx(ref["distances"].tolist(), abs=1e-5)
-        assert int(out["accepted"]) == int(ref["accepted"])
+        assert out.distances.tolist() == pytest.approx(ref.distances.tolist(), abs=1e-5)
+        assert int(out.accepted) == int(ref.accepted)
     assert graphs.captures == 1 and graphs.replays == 2
     assert_models_equal(twin, model, twin_opt, opt, exact=False, tol=1e-5)
 
@@ -465,5 +467,5 @@ def test_graphed_step_recaptures_when_an_adaptive_history_is_reloaded():
     twin_tau.load_state_dict(copy.deepcopy(saved))
     for xs, ys in batches[w + 2:]:
         out, ref = step(xs, ys), eager(xs, ys)
-        assert torch.equal(out["tau"], ref["tau"]) and torch.equal(out["accepted"], ref["accepted"])
+        assert torch.equal(out.tau, ref.tau) and torch.equal(out.accepted, ref.accepted)
     assert graphs.warmups == 2 * w and graphs.captures == 2

@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+import gaf.steppers as steppers
 import gaf.train as train
 from gaf.config import RunConfig
 from gaf.data import random_dataset
@@ -62,7 +63,7 @@ def test_draw_batch_is_the_augmented_normalised_step():
 def test_channels_last_is_its_own_key(amp, channels_last, expected):
     cfg = config(fast=True, amp=amp, channels_last=channels_last)
     model = train.build_model("tiny", 5)
-    opt = train.build_optimizer(cfg.optim, model.parameters(), masked=True)
-    stepper = train.make_stepper(cfg, model, opt, torch.nn.CrossEntropyLoss(), 0.97, fast=True)
+    opt = steppers.build_optimizer(cfg.optim, model.parameters(), masked=True)
+    stepper = steppers.make_stepper(cfg, model, opt, torch.nn.CrossEntropyLoss(), 0.97, fast=True)
     assert isinstance(stepper, FastGAFStep)
     assert stepper.channels_last is expected and (stepper.amp_dtype is torch.bfloat16) is amp
