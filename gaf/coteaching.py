@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from gaf.step import StepStats
+
 
 def small_loss_indices(losses: torch.Tensor, keep: int) -> torch.Tensor:
     """Indices of the ``keep`` smallest losses (ties broken by position: deterministic)."""
@@ -57,7 +59,7 @@ class CoTeachingStep:
         ramp = 1.0 if self.ramp_epochs == 0 else min(epochs / self.ramp_epochs, 1.0)
         return self.forget_rate * ramp
 
-    def __call__(self, xs: torch.Tensor, ys: torch.Tensor):
+    def __call__(self, xs: torch.Tensor, ys: torch.Tensor) -> StepStats:
         x, y = xs.flatten(0, 1), ys.flatten()
         keep = kept_count(len(y), self.forget_fraction())
         outs, losses = [], []
@@ -75,7 +77,7 @@ class CoTeachingStep:
             loss[pick].mean().backward()
             optimizer.step()
         self.images_seen += len(y)
-        return losses[0].detach().mean(), (outs[0].detach().argmax(1) == y).sum()
+        return StepStats.unfiltered(losses[0].detach().mean(), (outs[0].detach().argmax(1) == y).sum(), len(y))
 
     def state_dict(self) -> dict:
         peer, peer_optimizer = self.nets[1], self.optimizers[1]

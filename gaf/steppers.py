@@ -15,9 +15,12 @@ import torch
 from torch import nn
 
 from gaf.config import COMPILE_MODES, OptimConfig, RunConfig
+from gaf.coteaching import CoTeachingStep
 from gaf.distributed import DistributedGAFStep, DistributedMeanStep
 from gaf.fast import FastGAFStep, FastPlainStep
 from gaf.filter import Tau
+from gaf.losses import build_loss
+from gaf.models import build_model
 from gaf.optim import build_optimizer as build_named_optimizer
 from gaf.step import LossFn, PlainStep, ReferenceGAFStep, StepStats
 
@@ -51,3 +54,22 @@ def make_stepper(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimi
     if baseline:
         return PlainStep(model, optimizer, loss_fn)
     return ReferenceGAFStep(model, optimizer, loss_fn, tau, merge)
+
+
+def make_loss(cfg: RunConfig, num_classes: int, reduction: str = "mean") -> LossFn:
+    """The training loss ``cfg.loss`` names (gaf.losses), for data of ``num_classes`` classes."""
+    c = cfg.loss
+    return build_loss(c.name, num_classes, smoothing=c.smoothing, q=c.q, alpha=c.alpha, beta=c.beta,
+                      reduction=reduction)
+
+
+def make_coteaching(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer, ds) -> CoTeachingStep:
+    """Co-teaching's stepper: a peer of ``model``'s architecture (its own initialisation, drawn
+    from the seeded generator after the first), its own optimizer, the loss per sample. The
+    forget rate defaults to the fraction of flipped training labels."""
+    m = cfg.method
+    peer = build_model(cfg.model.name, ds.num_classes, width=cfg.model.width, blocks=cfg.model.blocks)
+    peer = peer.to(next(model.parameters()).device)
+    forget = m.forget_rate if m.forget_rate is not None else float(ds.flipped.float().mean())
+    return CoTeachingStep(model, peer, optimizer, build_optimizer(cfg.optim, peer.parameters()),
+                          make_loss(cfg, ds.num_classes, reduction="none"), forget, m.ramp_epochs, len(ds.train_y))

@@ -41,7 +41,7 @@ from gaf.samplers import BatchSampler, ClassBalancedSampler
 from gaf.log import CsvLog, WandbLogger
 from gaf.rundir import RunDirError, RunDirLock, environment, write_json, write_summary
 from gaf.step import StepStats
-from gaf.steppers import build_optimizer, make_stepper
+from gaf.steppers import build_optimizer, make_coteaching, make_loss, make_stepper
 from gaf.torchrun import init_from_env, local_slice, shutdown
 
 __all__ = ["CheckpointError", "RunConfig", "RunDirError", "run", "validate"]
@@ -277,7 +277,9 @@ class Trainer:
         m = cfg.method
         self.tau: float | AdaptiveTau = (AdaptiveTau(m.tau, m.adaptive_k, m.adaptive_window)
                                          if m.adaptive_k is not None else m.tau)
-        self.stepper = make_stepper(cfg, self.model, self.optimizer, nn.CrossEntropyLoss(), self.tau, fast)
+        self.stepper = (make_coteaching(cfg, self.model, self.optimizer, self.ds) if m.name == "coteaching" else
+                        make_stepper(cfg, self.model, self.optimizer, make_loss(cfg, self.ds.num_classes), self.tau,
+                                     fast))
         self.aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         self.probe = MemorisationProbe.draw(self.ds, cfg.train.memorisation_samples, cfg.seed + 2, device)
         self.n_dist = m.n_micro - 1 if m.name == "gaf" else 0
@@ -306,6 +308,8 @@ class Trainer:
         torch.set_rng_state(ckpt["torch_rng"])
         if isinstance(self.tau, AdaptiveTau):
             self.tau.load_state_dict(ckpt["adaptive_tau"])
+        if ckpt.get("stepper") is not None:  # a stepper's own state (co-teaching's peer)
+            self.stepper.load_state_dict(ckpt["stepper"])
         self.clock.load_state_dict(ckpt["state"])
         self.state.update({k: v for k, v in ckpt["state"].items() if k in self.state})
         if self.is_main:
@@ -470,6 +474,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
             "aug_rng": self.aug_gen.get_state(), "torch_rng": torch.get_rng_state(),
             "adaptive_tau": self.tau.state_dict() if isinstance(self.tau, AdaptiveTau) else None,
+            "stepper": self.stepper.state_dict() if hasattr(self.stepper, "state_dict") else None,
         })
 
 

@@ -19,7 +19,7 @@ def tiny_config(**sections) -> RunConfig:
         "train": {"iterations": 6, "val_every": 2, "memorisation_samples": 100, "progress": False},
         "device": "cpu",
     }
-    if sections.get("method", {}).get("name") == "baseline":  # GAF's keys have no effect on it
+    if sections.get("method", {}).get("name") in ("baseline", "coteaching"):  # GAF's keys have no effect on them
         base["method"] = {}
     if sections.get("data", {}).get("name", "random") != "random":  # nor random data's sizes on real data
         base["data"] = {}

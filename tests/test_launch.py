@@ -17,7 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 WHERE = {
     "gaf": ({"method": {"name": "gaf"}}, {"method": {"name": "baseline"}}),
     "adaptive": ({"method": {"adaptive_k": 1.0}}, {}),
-    "baseline": ({"method": {"name": "baseline"}}, {"method": {"name": "gaf"}}),
+    "batch": ({"method": {"name": "baseline"}}, {"method": {"name": "gaf"}}),
+    "coteaching": ({"method": {"name": "coteaching"}, "train": {"fast": False}}, {"method": {"name": "gaf"}}),
+    "label_smoothing": ({"loss": {"name": "label_smoothing"}}, {"loss": {"name": "ce"}}),
+    "gce": ({"loss": {"name": "gce"}}, {"loss": {"name": "ce"}}),
+    "sce": ({"loss": {"name": "sce"}}, {"loss": {"name": "gce"}}),
     "cifar100n": ({"data": {"name": "cifar100n"}}, {"data": {"name": "cifar100"}}),
     "substitutable": ({"data": {"name": "cifar100"}}, {"data": {"name": "cifar10_jpeg"}}),
     "fallback": ({"data": {"fallback": "cifar10"}}, {}),
@@ -32,7 +36,9 @@ OTHER = {"data.label_file": "labels.pt", "data.fallback": "cifar10", "data.fallb
          "data.jpeg_path": "copy.tar.gz", "data.random_train": 700, "data.random_test": 70, "method.tau": 0.5,
          "method.n_micro": 3, "method.per_class": 2, "method.merge": "mean", "method.replacement": True,
          "method.adaptive_k": 1.0, "method.adaptive_window": 50, "method.batch_size": 64, "optim.momentum": 0.5,
-         "optim.nesterov": False, "optim.betas": [0.8, 0.99], "dist_mode": "allgather"}
+         "optim.nesterov": False, "optim.betas": [0.8, 0.99], "dist_mode": "allgather",
+         "method.forget_rate": 0.3, "method.ramp_epochs": 5.0, "loss.smoothing": 0.2, "loss.q": 0.5,
+         "loss.alpha": 1.0, "loss.beta": 2.0}
 CONDITIONAL = [(key, f.metadata["rule"].applies) for key, f, _ in settings(RunConfig) if f.metadata["rule"].applies]
 
 
