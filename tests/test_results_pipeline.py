@@ -288,7 +288,7 @@ def test_committed_results_regenerate_portably(tmp_path):
                if p.read_bytes() != (ROOT / "results" / p.relative_to(copy)).read_bytes()]
     assert changed == [], f"regeneration changed {changed}: run `make figures` and commit the result"
     assert sorted(p.relative_to(copy).as_posix() for p in copy.rglob("*.inputs.json")) == \
-        sorted(f"{name}/{name}.inputs.json" for name in plot.FIGURES)
+        sorted(f"{name}/{name}.inputs.json" for name in plot.FIGURES if (ROOT / "results" / name).is_dir())
 
 
 def test_committed_figures_are_current_so_make_figures_keeps_them(tmp_path):
