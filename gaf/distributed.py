@@ -352,10 +352,11 @@ class DistributedMeanStep:
     ``stepper(xs, ys)`` with this rank's ``xs`` (n_local, b, ...): one forward/backward
     over the rank's n_local * b samples, the flat gradient all-reduced and divided by
     K, an optimizer step; ``StepStats.unfiltered`` of the whole step, on every rank.
-    Without BatchNorm this equals one process stepping on the whole K * n_local * b batch. BatchNorm normalises per rank (as DDP
-    without SyncBatchNorm) and running statistics are averaged over ranks: the mean is
-    the whole batch's, the variance the mean of per-rank variances (it omits the spread
-    of the rank means), and ``num_batches_tracked`` advances by one per step.
+    Without BatchNorm this equals one process stepping on the whole K * n_local * b
+    batch. BatchNorm normalises per rank (as DDP without SyncBatchNorm) and running
+    statistics are averaged over ranks: the mean is the whole batch's, the variance the
+    mean of per-rank variances (it omits the spread of the rank means), and
+    ``num_batches_tracked`` advances by one per step.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, group=None):
