@@ -50,7 +50,7 @@ class CsvLog:
 class WandbLogger:
     """wandb, when asked for: offline by default, never a login prompt."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, config: dict):
+    def __init__(self, cfg: RunConfig, run_dir: Path):
         self.run = None
         if cfg.wandb.mode == "disabled":
             return
@@ -58,7 +58,7 @@ class WandbLogger:
 
         os.environ.setdefault("WANDB_SILENT", "true")
         run_id = "".join(c if c.isalnum() else "-" for c in str(run_dir.resolve()))[-64:]
-        self.run = wandb.init(project=cfg.wandb.project, mode=cfg.wandb.mode, dir=str(run_dir), config=config,
+        self.run = wandb.init(project=cfg.wandb.project, mode=cfg.wandb.mode, dir=str(run_dir), config=cfg.to_dict(),
                               id=run_id, resume="allow", name=run_dir.name)
 
     def log(self, row: dict, step: int) -> None:

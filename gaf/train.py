@@ -27,14 +27,13 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from gaf import data as gdata
 from gaf.augment import augment, normalize
 from gaf.checkpoint import CheckpointError, prior_run, save_checkpoint
 from gaf.config import RunConfig, RunPlan, class_size_error, resolve, validate
 from gaf.distributed import check_replicas
+from gaf.evaluation import MemorisationProbe, accuracy, evaluate, is_finite
 from gaf.filter import AdaptiveTau
 from gaf.models import build_model
 from gaf.samplers import BatchSampler, ClassBalancedSampler
@@ -91,30 +90,6 @@ def draw_batch(sampler, ds: gdata.ImageDataset, generator: torch.Generator, devi
     return normalize(x, ds.mean, ds.std).unflatten(0, idx.shape), ds.train_y[idx]
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ds, batch_size: int) -> tuple[float, torch.Tensor]:
-    """Mean loss and predictions over uint8 images ``x`` (no augmentation)."""
-    model.eval()
-    loss_sum, preds = 0.0, []
-    for i in range(0, len(x), batch_size):
-        xb = normalize(x[i : i + batch_size], ds.mean, ds.std)
-        out = model(xb).float()
-        loss_sum += float(F.cross_entropy(out, y[i : i + batch_size], reduction="sum"))
-        preds.append(out.argmax(1))
-    model.train()
-    return loss_sum / max(len(x), 1), torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
-
-
-def is_finite(model: nn.Module) -> bool:
-    """Every floating parameter and buffer finite (one host sync)."""
-    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
-
-
-def _acc(mask: torch.Tensor) -> float:
-    return float(mask.float().mean()) if mask.numel() else float("nan")
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -143,18 +118,17 @@ def run(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
         _check_shares(cfg, world)
         run_dir.mkdir(parents=True, exist_ok=True)
         with RunDirLock(run_dir) if rank == 0 else contextlib.nullcontext():  # rank 0 writes the files
-            config = cfg.to_dict()
-            summary, ckpt = prior_run(run_dir, config)
+            summary, ckpt = prior_run(run_dir, cfg.to_dict())
             if summary is not None and summary.get("status") in ("finished", "diverged"):
                 log.info("%s: already %s; nothing to do", run_dir, summary["status"])
                 return summary
-            trainer = Trainer(cfg, run_dir, rank, world, device, config, plan)
+            trainer = Trainer(cfg, run_dir, rank, world, device, plan)
             if ckpt is not None:
                 trainer.restore(ckpt)
             elif trainer.is_main:  # a fresh start: no rows of an attempt that never checkpointed
                 for p in (trainer.metrics.path, trainer.evals.path):
                     p.unlink(missing_ok=True)
-            return trainer.train()
+            return trainer.run()
 
 
 @contextlib.contextmanager
@@ -178,22 +152,6 @@ def _check_shares(cfg: RunConfig, world: int) -> None:
     if split % world:
         raise ValueError(f"{what}={split} must be a multiple of the number of ranks ({world}): "
                          "every rank takes an equal share of each step")
-
-
-@dataclass
-class MemorisationProbe:
-    """A fixed random subset of the training set, probed at every validation: are the
-    flipped samples fitted to their noisy labels (memorised) or to their true ones?"""
-
-    x: torch.Tensor
-    noisy_y: torch.Tensor
-    true_y: torch.Tensor
-    flipped: torch.Tensor
-
-    @classmethod
-    def draw(cls, ds: gdata.ImageDataset, samples: int, seed: int, device: torch.device) -> "MemorisationProbe":
-        idx = torch.randperm(len(ds.train_y), generator=torch.Generator().manual_seed(seed))[:samples].to(device)
-        return cls(ds.train_x[idx], ds.train_y[idx], ds.clean_y[idx], ds.flipped[idx])
 
 
 class RunClock:
@@ -255,13 +213,12 @@ EVAL_COLUMNS = ["iter", "epoch", "images_seen", "lr", "train_loss", "train_acc",
 
 
 class Trainer:
-    """One run's data, model, optimizer, stepper and counters; ``train()`` runs the loop
+    """One run's data, model, optimizer, stepper and counters; ``run()`` runs the loop
     from wherever ``state`` stands (0, or a restored checkpoint) and writes the files."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, rank: int, world: int, device: torch.device, config: dict,
-                 plan: RunPlan):
+    def __init__(self, cfg: RunConfig, run_dir: Path, rank: int, world: int, device: torch.device, plan: RunPlan):
         self.cfg, self.run_dir, self.rank, self.world, self.device = cfg, run_dir, rank, world, device
-        self.config, self.is_main = config, rank == 0
+        self.is_main = rank == 0
         self.summary_path, self.ckpt_path = run_dir / "summary.json", run_dir / "checkpoint.pt"
         torch.manual_seed(cfg.seed)
         if device.type == "cuda":  # fixed shapes: cuDNN picks the fastest convolutions once
@@ -317,14 +274,14 @@ class Trainer:
             self.evals.truncate_after(self.state["iter"])
             log.info("%s: resuming at iteration %d", self.run_dir, self.state["iter"])
 
-    def train(self) -> dict:
+    def run(self) -> dict:
         """The loop, then the summary: finished, diverged, or stopped (train.stop_after)."""
         env = environment(self.device)
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         if self.is_main:  # the summary first: a run directory with files but no summary is not a run's
             write_summary(self.summary_path, self.cfg, self._state(), env, self.ds, "running", started)
-            write_json(self.run_dir / "config.json", self.config)
-        self.logger = WandbLogger(self.cfg, self.run_dir, self.config) if self.is_main else None
+            write_json(self.run_dir / "config.json", self.cfg.to_dict())
+        self.logger = WandbLogger(self.cfg, self.run_dir) if self.is_main else None
         status, last = self._loop()
         self.clock.stop()
         if self.logger:
@@ -431,7 +388,7 @@ class Trainer:
             log.error("%s: non-finite validation loss or weights at iteration %d; stopping. The last good "
                       "checkpoint (iteration %d) is kept.", self.run_dir, it, self.state["iter"])
             return False
-        val_acc = _acc(preds == ds.test_y)
+        val_acc = accuracy(preds == ds.test_y)
         _, probe_preds = evaluate(self.model, self.probe.x, self.probe.noisy_y, ds, batch)
         self.scheduler.step(val_loss)
         row = self._eval_row(it, val_loss, val_acc, probe_preds)
@@ -452,16 +409,14 @@ class Trainer:
 
     def _eval_row(self, it: int, val_loss: float, val_acc: float, probe_preds: torch.Tensor) -> dict:
         """One eval.csv row; the train columns average the metrics rows since the last one."""
-        since, probe, state = self.since_eval, self.probe, self.state
+        since, state = self.since_eval, self.state
         row = {
             "iter": it, "epoch": round(state["images_seen"] / len(self.ds.train_y), 4),
             "images_seen": state["images_seen"], "lr": self.optimizer.param_groups[0]["lr"],
             "train_loss": sum(r["loss"] for r in since) / max(len(since), 1),
             "train_acc": sum(r["acc"] for r in since) / max(len(since), 1),
             "val_loss": val_loss, "val_acc": val_acc,
-            "mem_clean_acc": _acc((probe_preds == probe.noisy_y)[~probe.flipped]),
-            "mem_flipped_noisy_acc": _acc((probe_preds == probe.noisy_y)[probe.flipped]),
-            "mem_flipped_true_acc": _acc((probe_preds == probe.true_y)[probe.flipped]),
+            **self.probe.accuracies(probe_preds),
             "time_s": round(self.clock.wall(), 3),
         }
         since.clear()
@@ -469,7 +424,7 @@ class Trainer:
 
     def _save_checkpoint(self, it: int, elapsed: float) -> None:
         save_checkpoint(self.ckpt_path, {
-            "config": self.config, "state": self._state(iter=it, elapsed=elapsed),
+            "config": self.cfg.to_dict(), "state": self._state(iter=it, elapsed=elapsed),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
             "aug_rng": self.aug_gen.get_state(), "torch_rng": torch.get_rng_state(),
