@@ -3,12 +3,15 @@
     python scripts/gpu_evidence.py                          # CUDA: at most --budget-s (480 s) of wall time
     python scripts/gpu_evidence.py --out $OUT/gpu-small     # the device call (README: carrying the data)
     python scripts/gpu_evidence.py --device cpu --quick     # the dry run the tests run: a tiny model, a minute
+    python scripts/gpu_evidence.py --robust                 # with experiment=robust's arms (shorter runs)
 
 torchvision's ResNet18 (10 classes) on all of the CIFAR-10 JPEG copy (5,000 / 1,000 images per
 class) with the paper's optimizer, at 0%, 40% and 80% symmetric label noise, three arms per noise
 level and seed: the batch-128 baseline; plain averaging of n = 2 class-balanced microbatches of
 100 images (m = 10; tau = 2, mean merge: every step taken, every distance logged); and GAF
 (tau = 0.97) on the very same microbatches (the same seed draws the same microbatch sequence).
+--robust adds what a practitioner would use instead, on the baseline's batches: label smoothing
+0.1, GCE, SCE and co-teaching (readable path), and GAF + GCE: eight arms in the same budget.
 Four steps, each printed as it goes:
 
  1. preflight  gpu_check's sync-free check (a few hundred steady-state steps of the fast step,
@@ -23,9 +26,9 @@ Four steps, each printed as it goes:
  3. plan       make_plan / run_length: the longest run length (at most 16,000 iterations) for
                which the runs, k at a time, end within what is left of --budget-s (counted from
                the script's start); both seeds only if they reach the cap, else seed 0, else the
-               40% triplet alone. Printed, with the time it predicts.
- 4. sweep      the waves of k runs, the 40% triplet first; all outputs are rewritten as each
-               noise level's triplet completes, so a call cut short returns what it finished.
+               40% arms alone. Printed, with the time it predicts.
+ 4. sweep      the waves of k runs, the 40% arms first; all outputs are rewritten as each
+               noise level's arms complete, so a call cut short returns what it finished.
 
 Outputs, in --out (at most 8 files, no checkpoints; a few MB): runs.csv, curves.csv, evals.csv,
 provenance.json as scripts/collect.py writes them (provenance.json also holds, under
@@ -70,12 +73,29 @@ from gaf.sources import DataError, cifar10_jpeg_file  # noqa: E402
 from gaf.train import run  # noqa: E402
 
 EXPERIMENT = "gpu-small"
-NOISES = (0.4, 0.0, 0.8)  # the 40% triplet first: a short budget still answers the main question
-ARMS = {"baseline": {"name": "baseline", "batch_size": 128},
-        "averaging": {"name": "gaf", "n_micro": 2, "tau": 2.0, "merge": "mean"},
-        "gaf": {"name": "gaf", "n_micro": 2, "tau": 0.97, "merge": "mean"}}
-LABEL = {"baseline": "baseline (batch 128)", "averaging": "averaging (tau 2)", "gaf": "GAF (tau 0.97)"}
-COLOR = {"baseline": plot.COLOR["baseline"], "averaging": "#2ca02c", "gaf": plot.COLOR["gaf"]}
+NOISES = (0.4, 0.0, 0.8)  # the 40% arms first: a short budget still answers the main question
+# An arm: its method and training loss (cross-entropy unless given), and the train keys it needs.
+BASELINE = {"name": "baseline", "batch_size": 128}
+ON_MICROBATCHES = {"name": "gaf", "n_micro": 2, "merge": "mean"}  # averaging and GAF: the same microbatches
+ARMS = {"baseline": {"method": BASELINE},
+        "averaging": {"method": {**ON_MICROBATCHES, "tau": 2.0}},
+        "gaf": {"method": {**ON_MICROBATCHES, "tau": 0.97}}}
+ROBUST_ARMS = {  # --robust: what a practitioner would use instead (experiment=robust's arms)
+    "label_smoothing": {"method": BASELINE, "loss": {"name": "label_smoothing"}},
+    "gce": {"method": BASELINE, "loss": {"name": "gce"}},
+    "sce": {"method": BASELINE, "loss": {"name": "sce"}},
+    "coteaching": {"method": {**BASELINE, "name": "coteaching"}, "train": {"fast": False}},  # the readable path
+    "gaf_gce": {"method": {**ON_MICROBATCHES, "tau": 0.97}, "loss": {"name": "gce"}},
+}
+# results_data.arm's name of each arm's runs (how the runs' rows are told apart), and its label here
+NAMED = {"baseline": "baseline (CE)", "averaging": "averaging (tau 2)", "gaf": "GAF", "label_smoothing": "label smoothing",
+         "gce": "GCE", "sce": "SCE", "coteaching": "co-teaching", "gaf_gce": "GAF + GCE"}
+LABEL = {"baseline": "baseline (batch 128)", "averaging": "averaging (tau 2)", "gaf": "GAF (tau 0.97)",
+         "label_smoothing": "label smoothing 0.1", "gce": "GCE (q 0.7)", "sce": "SCE", "coteaching": "co-teaching",
+         "gaf_gce": "GAF + GCE"}
+COLOR = {"baseline": plot.COLOR["baseline"], "averaging": "#2ca02c", "gaf": plot.COLOR["gaf"],
+         "label_smoothing": "#ff7f0e", "gce": "#9467bd", "sce": "#8c564b", "coteaching": "#e377c2",
+         "gaf_gce": "#17becf"}
 SAFETY = 0.9  # the plan fills this share of the time left: the speed model is a straight line
 GRACE_S = 60  # runs still going this long after --budget-s are ended (a device call is cut at 600 s)
 MAX_CURVE_ROWS = 1000  # per run in curves.csv: 18 runs stay a few MB
@@ -118,21 +138,23 @@ class Run(NamedTuple):
         return f"noise{round(100 * self.noise)}-{self.arm}-seed{self.seed}"
 
 
-def sweep_runs(seeds: int) -> list[Run]:
-    """Every run in the order they are made: seed by seed, the 40% triplet first."""
-    return [Run(noise, arm, seed) for seed in range(seeds) for noise in NOISES for arm in ARMS]
+def sweep_runs(seeds: int, arms=ARMS) -> list[Run]:
+    """Every run in the order they are made: seed by seed, the 40% arms first."""
+    return [Run(noise, arm, seed) for seed in range(seeds) for noise in NOISES for arm in arms]
 
 
 def run_config(a, r: Run, iterations: int, compile: str, validations: int, experiment: str = EXPERIMENT) -> dict:
     """One run's RunConfig as a dict; the optimizer is RunConfig's default, the paper's (SGD, lr 0.01,
     Nesterov momentum 0.9, weight decay 1e-2, ReduceLROnPlateau 0.1 / 100 validations)."""
-    s = a.scale
-    method = dict(ARMS[r.arm], **({"per_class": s.per_class} if ARMS[r.arm]["name"] == "gaf" else {}))
+    s, arm = a.scale, {**ARMS, **ROBUST_ARMS}[r.arm]
+    method = dict(arm["method"], **({"per_class": s.per_class} if arm["method"]["name"] == "gaf" else {}))
+    train = {"fast": True, "compile": compile, **arm.get("train", {})}
     return {"data": {"name": "cifar10_jpeg", "jpeg_path": a.jpeg, "noise": r.noise,
                      "train_per_class": s.train_per_class, "test_per_class": s.test_per_class},
-            "model": {"name": s.model}, "method": method,
-            "train": {"iterations": iterations, "val_every": iterations // validations, "fast": True,
-                      "compile": compile, "memorisation_samples": s.memorisation_samples, "progress": False},
+            "model": {"name": s.model}, "method": method, "loss": arm.get("loss", {"name": "ce"}),
+            "train": {"iterations": iterations, "val_every": iterations // validations, **train,
+                      "compile": compile if train["fast"] else "none",
+                      "memorisation_samples": s.memorisation_samples, "progress": False},
             "device": a.device, "seed": r.seed, "experiment": experiment, "scale": "custom"}
 
 
@@ -310,13 +332,13 @@ def longest(budget_s: float, speeds: list[Speed], runs: int, scale: Scale) -> tu
     return length(speed), speed
 
 
-def make_plan(budget_s: float, speeds: list[Speed], scale: Scale, seeds: int) -> Plan:
-    """Every seed if some k runs them all at the cap; else seed 0's nine runs at the longest length
-    that fits, if at least the floor; else the 40% triplet alone (at the floor if even that does
-    not fit, said as over the budget)."""
-    every = sweep_runs(seeds)
-    options = ([(every, scale.cap)] if seeds > 1 else []) + [(every[: len(NOISES) * len(ARMS)], scale.floor),
-                                                            (every[: len(ARMS)], scale.floor)]
+def make_plan(budget_s: float, speeds: list[Speed], scale: Scale, seeds: int, arms=ARMS) -> Plan:
+    """Every seed if some k runs them all at the cap; else seed 0's runs at the longest length that
+    fits, if at least the floor; else the 40% arms alone (at the floor if even that does not fit,
+    said as over the budget)."""
+    every = sweep_runs(seeds, arms)
+    options = ([(every, scale.cap)] if seeds > 1 else []) + [(every[: len(NOISES) * len(arms)], scale.floor),
+                                                            (every[: len(arms)], scale.floor)]
     tried = []
     for runs, need in options:
         its, speed = longest(budget_s, speeds, len(runs), scale)
@@ -335,7 +357,7 @@ def make_plan(budget_s: float, speeds: list[Speed], scale: Scale, seeds: int) ->
 
 def sweep(a, plan: Plan, compile: str, work: Path, out: Path, record: dict) -> None:
     """The plan's waves in order until the deadline; every output is rewritten after each wave
-    that completes a noise level's three arms, and after the last."""
+    that completes a noise level's arms, and after the last."""
     waves = [plan.runs[i : i + plan.k] for i in range(0, len(plan.runs), plan.k)]
     start = time.perf_counter()
     for w, wave in enumerate(waves, 1):
@@ -350,7 +372,7 @@ def sweep(a, plan: Plan, compile: str, work: Path, out: Path, record: dict) -> N
         record.update(sweep_wall_s=round(now - start, 1), wall_s=round(now - a.t0, 1),
                       images_per_s=round(record["images_seen"] / (now - start)))
         late = now >= a.deadline
-        if late or w == len(waves) or w * plan.k % len(ARMS) == 0:
+        if late or w == len(waves) or w * plan.k % len(a.arms) == 0:
             write_outputs(out, work, record, a.scale)
         if late:
             print(f"FAIL the deadline (--budget-s + {GRACE_S} s) has passed: {len(waves) - w} waves not made",
@@ -388,12 +410,14 @@ def collect_and_draw(out: Path, work: Path, record: dict, scale: Scale) -> None:
 
 
 def arm_of(row) -> str:
-    return "baseline" if row["method.name"] == "baseline" else "averaging" if row["method.tau"] >= 2 else "gaf"
+    """The arm a run's row is (results_data.arm names it)."""
+    name = results_data.arm(row)
+    return next(arm for arm, named in NAMED.items() if named == name)
 
 
 def ordered(runs: pd.DataFrame) -> pd.DataFrame:
-    """By noise, then arm (baseline, averaging, GAF), then seed."""
-    arm = runs.apply(lambda row: list(ARMS).index(arm_of(row)), axis=1)
+    """By noise, then arm (baseline, averaging, GAF, then --robust's), then seed."""
+    arm = runs.apply(lambda row: list(NAMED).index(arm_of(row)), axis=1)
     return runs.assign(_arm=arm).sort_values(["data.noise", "_arm", "seed"]).drop(columns="_arm")
 
 
@@ -420,7 +444,8 @@ def figure(r, out: Path, m: int) -> list[Path]:
     # the data's source; the noise is in the panel titles
     source = results_data.note_texts(r.runs).str.split(": ").str[0]
     models = results_data.models_of(r.runs)
-    plot.titled(fig, f"{models}: the batch-128 baseline, plain averaging and GAF on the same n = 2 "
+    others = ", the robust methods" if len(set(r.runs.apply(arm_of, axis=1)) - set(ARMS)) else ""
+    plot.titled(fig, f"{models}: the batch-128 baseline{others}, plain averaging and GAF on the same n = 2 "
                      f"microbatches of {10 * m} images. Solid: validation accuracy; dashed: flipped training labels "
                      f"fitted; beneath: averaging's micro-gradient distance",
                 SimpleNamespace(**{**vars(r), "runs": r.runs.assign(data_note=source)}))
@@ -487,6 +512,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=None, help="wall seconds from start to the last run's end "
                    f"(default {GPU.budget_s:.0f}; {QUICK.budget_s:.0f} with --quick)")
     p.add_argument("--seeds", type=int, default=2, help="seeds to run where time allows (seed 0 first)")
+    p.add_argument("--robust", action="store_true", help="add experiment=robust's arms: label smoothing, GCE, "
+                   "SCE, co-teaching (readable path) and GAF + GCE, at the same length")
     p.add_argument("--jpeg", default=None, help="the CIFAR-10 JPEG copy (default: data/, then the offline copy)")
     p.add_argument("--out", default=None, help="where the outputs go (default results/gpu-small on CUDA, "
                    "outputs/gpu-evidence for --quick)")
@@ -501,6 +528,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.seeds < 1:
         p.error(f"--seeds must be >= 1, got {a.seeds}")
     a.scale = QUICK if a.quick else GPU
+    a.arms = {**ARMS, **ROBUST_ARMS} if a.robust else ARMS
     a.budget_s = a.scale.budget_s if a.budget_s is None else a.budget_s
     a.out = Path(a.out or ROOT / ("outputs/gpu-evidence" if a.quick else f"results/{EXPERIMENT}"))
     try:
@@ -531,7 +559,7 @@ def main(argv=None) -> dict | None:
         speeds, compile = measure_or_fall_back(a, work, compile)
         record["compile"] = compile
         left = a.budget_s - (time.perf_counter() - t0)
-        plan = make_plan(SAFETY * left, speeds, a.scale, a.seeds)
+        plan = make_plan(SAFETY * left, speeds, a.scale, a.seeds, a.arms)
         print(plan.describe(left), flush=True)
         record["speeds"] = [asdict(s) for s in speeds]
         record["plan"] = {"runs": [r.name for r in plan.runs], "k": plan.k, "iterations": plan.iterations,

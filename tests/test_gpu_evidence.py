@@ -15,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import collect  # noqa: E402
+from gaf.config import validate  # noqa: E402
 import gpu_evidence as ge  # noqa: E402
 from cifar_fixtures import write_jpeg_tar  # noqa: E402
 
@@ -110,6 +111,24 @@ def test_the_arms_differ_only_in_the_method_and_the_control_in_tau_alone(tmp_pat
     ge.RunConfig.from_dict(configs["gaf"])  # a valid RunConfig
 
 
+def test_robust_adds_the_practitioners_arms_each_a_valid_run_named_as_results_name_it(tmp_path):
+    jpeg = write_jpeg_tar(tmp_path / "c.tar.gz", CIFAR10, 4, 1)
+    assert list(ge.parse_args(["--device", "cpu", "--quick", "--jpeg", str(jpeg)]).arms) == list(ge.ARMS)
+    a = ge.parse_args(["--device", "cpu", "--quick", "--jpeg", str(jpeg), "--robust"])
+    assert list(a.arms) == [*ge.ARMS, *ge.ROBUST_ARMS] and len(a.arms) == 8
+    for arm in a.arms:
+        c = ge.run_config(a, ge.Run(0.4, arm, 0), 40, "none", 4)
+        validate(ge.RunConfig.from_dict(c))
+        row = {"method.name": c["method"]["name"], "method.tau": c["method"].get("tau", math.nan),
+               "loss.name": c["loss"]["name"]}
+        assert ge.arm_of(row) == arm
+    coteaching = ge.run_config(a, ge.Run(0.4, "coteaching", 0), 40, "graph", 4)["train"]
+    assert (coteaching["fast"], coteaching["compile"]) == (False, "none")  # its readable path has no graphs
+    assert ge.run_config(a, ge.Run(0.4, "gaf_gce", 0), 40, "graph", 4)["train"]["compile"] == "graph"
+    plan = ge.make_plan(10_000, [ge.Speed(1, 0.001, 0.1, 1.0)], GPU, seeds=1, arms=a.arms)
+    assert len(plan.runs) == 24 and [r.arm for r in plan.runs[:8]] == list(a.arms)
+
+
 def test_speed_from_a_measurement_reproduces_its_wall_time(tmp_path):
     d = tmp_path / "run"
     d.mkdir()
@@ -136,7 +155,8 @@ def test_graph_capture_only_where_it_equals_eager():
 def fake_sweep(monkeypatch, tmp_path, k: int, late: bool) -> tuple[list, list]:
     """gpu_evidence.sweep with launch and write_outputs recorded instead of run."""
     now = time.perf_counter()
-    a = SimpleNamespace(t0=now, deadline=now - 1 if late else now + 600, scale=ge.QUICK, jpeg=None, device="cpu")
+    a = SimpleNamespace(t0=now, deadline=now - 1 if late else now + 600, scale=ge.QUICK, jpeg=None, device="cpu",
+                        arms=ge.ARMS)
     launched, written = [], []
     monkeypatch.setattr(ge, "launch", lambda a, configs, dirs: launched.append([d.name for d in dirs])
                         or {"images": 10 * len(dirs), "wall_s": 1.0})
