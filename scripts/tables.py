@@ -248,7 +248,8 @@ def write_premise(df, results_dir):
 
 def robust_table(results_dir, scale=None):
     """One row per (noise, arm) of experiment=robust: best and final validation accuracy (mean and
-    std over seeds, %) and the flipped training labels fitted at the end (%). None if no runs."""
+    std over seeds, %), the flipped training labels fitted at the end (%) and the images seen.
+    None if no runs."""
     r = load(results_dir, "robust", scale)
     if r is None:
         return None
@@ -262,6 +263,7 @@ def robust_table(results_dir, scale=None):
             v = 100 * g[f"{k}_val_acc"]
             row[f"{k} (%)"], row[f"{k} std"] = v.mean(), v.std() if len(g) > 1 else np.nan
         row["flipped fitted (%)"] = g["fitted"].mean()
+        row["images seen"] = int(g["images_seen"].mean())
         rows.append(row)
     df = pd.DataFrame(rows)
     df = df.sort_values(["noise (%)", "arm"], key=lambda c: c.map(arm_order) if c.name == "arm" else c)
@@ -280,7 +282,9 @@ def write_robust(df, results_dir):
             "mean merge) on the same class-balanced microbatches as each other. Accuracies in % on the "
             "validation set: best = best over the run, final = at its end (mean over seeds; std where there "
             "are two or more). Flipped fitted = share of the probed training samples whose label was flipped "
-            "that the network predicts as the flipped label at the end (memorisation). Our symmetric noise always "
+            "that the network predicts as the flipped label at the end (memorisation). Images seen = training images "
+            "a run consumed (co-teaching: each of its two networks): at the same iteration count the arms on "
+            "batches see method.batch_size images per step, GAF and averaging n x m x classes. Our symmetric noise always "
             "changes a label; published numbers whose noise may keep it are not directly comparable.",
             "", markdown_table(df, digits=1), "", "Provenance:", *_provenance_lines([r]), ""]
     path.parent.mkdir(parents=True, exist_ok=True)
