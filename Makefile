@@ -5,6 +5,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SCALE  ?= paper
 ARGS   ?=
+# Test workers (pytest-xdist): one per core, each test single-threaded; JOBS=0 runs the suite in-process.
+JOBS   ?= $(shell nproc 2>/dev/null || echo 1)
 
 .PHONY: venv test test-fast test-without-shared train reproduce figures bench bench-dist gpu-check gpu-evidence clean
 
@@ -15,14 +17,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)  ## the whole suite, CPU only, no network
-	$(PY) -m pytest tests
+test: $(STAMP)  ## the whole suite, CPU only, no network, one worker per core
+	$(PY) -m pytest tests -n $(JOBS)
 
 test-fast: $(STAMP)  ## skip the end-to-end runs
-	$(PY) -m pytest tests -m "not slow"
+	$(PY) -m pytest tests -n $(JOBS) -m "not slow"
 
 test-without-shared: $(STAMP)  ## the data-dependent tests again, as on a clone without ../shared
-	empty=$$(mktemp -d) && GAF_OFFLINE_DATA=$$empty $(PY) -m pytest tests -m data_sources; \
+	empty=$$(mktemp -d) && GAF_OFFLINE_DATA=$$empty $(PY) -m pytest tests -n $(JOBS) -m data_sources; \
 	status=$$?; rmdir $$empty; exit $$status
 
 train: $(STAMP)  ## a short real GAF run on the CIFAR-10 JPEG copy, on CPU

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import torch
 
-from gaf.config import describe_differences, same_run
-from gaf.rundir import RUN_FILES, RunDirError, read_json
+from gaf.rundir import RUN_FILES, RunDirError, describe_differences, read_json, same_run
 
 
 class CheckpointError(RunDirError):

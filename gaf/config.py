@@ -288,47 +288,6 @@ def _from_dict(cls, d: dict, prefix: str):
     return cls(**kwargs)
 
 
-# How a run is driven, not what it computes: changing these between launches of one run
-# directory is allowed (e.g. resume a run stopped by train.stop_after, without a progress bar).
-OPERATIONAL_KEYS = {"train": ("stop_after", "progress"), "wandb": ("mode", "project")}
-
-
-def differences(a: dict, b: dict, prefix: str = "") -> list[tuple[str, object, object]]:
-    """(dotted key, value in a, value in b) for every leaf where two config dicts differ
-    (operational keys aside)."""
-    out = []
-    for k in sorted(set(a) | set(b), key=str):
-        key, x, y = f"{prefix}{k}", a.get(k), b.get(k)
-        section, _, name = key.partition(".")
-        if name and name in OPERATIONAL_KEYS.get(section, ()):
-            continue
-        if isinstance(x, dict) and isinstance(y, dict):
-            out += differences(x, y, key + ".")
-        elif x != y:
-            out.append((key, x, y))
-    return out
-
-
-def completed(d: dict) -> dict:
-    """``d`` with every setting it lacks at its default: a run saved before a setting existed
-    ran as that setting's default does (the loss section: cross-entropy)."""
-    def merged(base: dict, over: dict) -> dict:
-        return {**base, **{k: merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-                           for k, v in over.items()}}
-    return merged(RunConfig().to_dict(), d)
-
-
-def same_run(a: dict | None, b: dict) -> bool:
-    """Whether two config dicts describe the same computation (operational keys aside)."""
-    return a is not None and not differences(completed(a), completed(b))
-
-
-def describe_differences(here: dict, there: dict) -> str:
-    """'method.tau=0.5 (it has 0.97), seed=1 (it has 0)' for an error message."""
-    return ", ".join(f"{k}={json.dumps(x)} (it has {json.dumps(y)})"
-                     for k, x, y in differences(completed(here), completed(there)))
-
-
 def settings(obj, prefix: str = ""):
     """Every leaf setting of a config dataclass (or the class): (dotted key, Field, value or None)."""
     for f in dataclasses.fields(obj):

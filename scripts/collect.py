@@ -26,6 +26,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
+from gaf.config import RunConfig, settings
 from gaf.rundir import run_status
 
 # Columns every runs.csv has, in this order (missing config keys are left empty).
@@ -214,8 +215,8 @@ def collect(run_roots=("multirun", "outputs"), results_dir="results", max_curve_
         return {}
     command = command or "collect(run_roots=%r, results_dir=%r)" % (run_roots, str(results_dir))
     out = {}
-    for experiment, runs in pd.DataFrame(rows).groupby("experiment", sort=True):
-        runs, dropped = dedupe(runs)
+    for experiment in sorted({row["experiment"] for row in rows}):
+        runs, dropped = dedupe(experiment_runs(rows, experiment))
         runs = runs.drop(columns=["_point", "_time"])
         other = other_scales(results_dir / experiment, set(runs["scale"]))
         if other is not None:
@@ -265,6 +266,18 @@ def _stack(frames, run_ids):
         return pd.DataFrame(columns=["run_id"])
     df = pd.concat(parts, ignore_index=True)
     return df[["run_id"] + [c for c in df.columns if c != "run_id"]]
+
+
+# Numeric settings that may be null (a model's width, a data subset) are floats in every runs.csv,
+# whether or not one of its runs has them null: a file does not depend on what is collected beside it.
+NULLABLE_NUMBERS = [key for key, f, _ in settings(RunConfig)
+                    if f.metadata["rule"].optional and f.metadata["rule"].kind in ("int", "float")]
+
+
+def experiment_runs(rows, experiment):
+    """One experiment's rows as a frame of its own (its columns' types are its runs' alone)."""
+    runs = pd.DataFrame([row for row in rows if row["experiment"] == experiment])
+    return runs.astype({key: float for key in NULLABLE_NUMBERS if key in runs})
 
 
 # Provenance that says when and how collect ran, not what was collected.

@@ -20,8 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import plot  # noqa: E402  (the figures' style, pinned fonts and helpers)
 from collect import flatten  # noqa: E402
 
-from gaf.config import differences  # noqa: E402
-from gaf.rundir import RunDirError, read_json, run_status  # noqa: E402
+from gaf.rundir import RunDirError, differences, read_json, run_status  # noqa: E402
 
 
 def read_run(run_dir: Path) -> dict:

@@ -15,6 +15,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 import gaf.config as schema
+import gaf.rundir as rundir
 from gaf.config import RunConfig, RunPlan, check_fast_path_options, resolve, settings, validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -435,10 +436,10 @@ def test_a_run_saved_before_a_setting_existed_ran_at_its_default():
     cross-entropy default (a finished sweep point stays a no-op), and not as any other loss."""
     old = RunConfig().to_dict()
     del old["loss"], old["method"]["forget_rate"], old["method"]["ramp_epochs"]
-    assert schema.same_run(old, RunConfig().to_dict())
+    assert rundir.same_run(old, RunConfig().to_dict())
     gce = RunConfig.from_dict({"loss": {"name": "gce"}}).to_dict()
-    assert not schema.same_run(old, gce)
-    assert schema.describe_differences(gce, old) == 'loss.name="gce" (it has "ce")'
+    assert not rundir.same_run(old, gce)
+    assert rundir.describe_differences(gce, old) == 'loss.name="gce" (it has "ce")'
 
 
 @pytest.mark.parametrize("d, match", [

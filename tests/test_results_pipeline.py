@@ -412,6 +412,18 @@ def test_notebook_executes_headless_on_synthetic_results(pipeline, tmp_path, mon
     assert any(str(pipeline["results"]) in o.get("text", "") for o in outputs if o.output_type == "stream")
 
 
+def test_an_experiments_files_do_not_depend_on_what_is_collected_beside_it(tmp_path):
+    """The premise's widths are all set; figure 6's runs have none (null): collected together or
+    alone, the premise's runs.csv is the same bytes (a width is a float either way)."""
+    synth.write_experiment(tmp_path / "alone" / "multirun", "premise")
+    synth.write_experiment(tmp_path / "both" / "multirun", "premise")
+    synth.write_experiment(tmp_path / "both" / "multirun", "fig6", started_at=dt.datetime(2025, 1, 2))
+    for name in ("alone", "both"):
+        collect.collect([tmp_path / name / "multirun"], tmp_path / name / "results")
+    alone, both = ((tmp_path / name / "results" / "premise" / "runs.csv").read_text() for name in ("alone", "both"))
+    assert alone == both and pd.read_csv(io.StringIO(alone))["model.width"].dtype == float
+
+
 def test_ad_hoc_runs_are_collected_only_when_asked(tmp_path):
     synth.write_experiment(tmp_path / "multirun", "fig9")
     synth.write_run(tmp_path / "outputs" / "single" / "custom" / "seed=1",

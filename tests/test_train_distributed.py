@@ -33,7 +33,8 @@ def rows(path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("k, extra, mode", [(2, ["method.n_micro=2"], []),
-                                           (3, ["method.n_micro=3"], ["dist_mode=allgather"])])
+                                           (3, ["method.n_micro=3"], ["dist_mode=allgather"]),
+                                           (2, ["method.n_micro=2", "loss=sce"], [])])  # a robust loss too
 def test_torchrun_equals_one_process(tmp_path, k, extra, mode):
     single, dist = tmp_path / "single", tmp_path / "dist"
     launch(COMMON + GAF + extra, single)
