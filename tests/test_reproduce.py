@@ -98,7 +98,7 @@ def test_a_job_count_below_one_is_refused_naming_it(tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # refused before anything is made
 
 
-@pytest.mark.parametrize("scale, runs", [("tiny", 32), ("small", 62), ("paper", 62)])
+@pytest.mark.parametrize("scale, runs", [("tiny", 48), ("small", 150), ("paper", 150)])
 def test_every_presets_declared_launches_compose_and_validate(scale, runs):
     """What reproduce.py runs is what the presets declare (their `launches`), every point valid."""
     reproduce = load_reproduce()
