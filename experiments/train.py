@@ -16,7 +16,6 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from gaf.rundir import RunDirError
-from gaf.train import run
 from launch import run_config  # also registers the resolvers config.yaml's folder names use
 
 
@@ -24,7 +23,10 @@ from launch import run_config  # also registers the resolvers config.yaml's fold
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     try:
-        summary = run(run_config(cfg, hydra_cfg.overrides.task), hydra_cfg.runtime.output_dir)
+        settings = run_config(cfg, hydra_cfg.overrides.task)
+        from gaf.train import run  # torch and the models load once the settings are known to be good
+
+        summary = run(settings, hydra_cfg.runtime.output_dir)
     except (ValueError, RunDirError) as e:  # bad settings, missing data, a run directory in use or unreadable
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
