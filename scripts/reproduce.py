@@ -1,7 +1,7 @@
 """Regenerate the paper's evidence: every preset's launches at one scale, then collect and plot.
 
     python scripts/reproduce.py --scale tiny            # the whole pipeline on a CPU, minutes
-    python scripts/reproduce.py --scale small --jobs 4  # about one GPU-hour, 4 runs share the GPU
+    python scripts/reproduce.py --scale small --jobs 4  # GPU-hours (150 runs), 4 runs share the GPU
     python scripts/reproduce.py --scale paper           # the paper's lengths (CIFAR-100 required)
 
 What runs is declared in the presets: each one's `launches` (configs/experiment/*.yaml), its
