@@ -56,7 +56,10 @@ def test_plain_averaging_is_gaf_accepting_every_micro_gradient_with_the_mean_mer
 
 
 def swept_value_reached(point, key: str, value: str) -> bool:
-    """Whether the composed config of one sweep point holds the swept value (a group: its name)."""
+    """Whether the composed config of one sweep point holds the swept value (a group: its name; a
+    group without a node of its own, such as arm: Hydra's record of the choice)."""
+    if OmegaConf.select(point, key) is None and key in point.hydra.runtime.choices:
+        return point.hydra.runtime.choices[key] == value
     got = OmegaConf.select(point, key)
     got = got.name if OmegaConf.is_config(got) else got
     try:
@@ -78,11 +81,27 @@ def test_every_preset_composes_at_every_scale(preset, scale):
             # Every value of every swept key composes, validates, and reaches the config.
             for key, values in params.items():
                 for value in str(values).split(","):
-                    point = compose("config", overrides=[f"experiment={preset}", f"scale={scale}", f"{key}={value}"])
+                    point = compose("config", overrides=[f"experiment={preset}", f"scale={scale}", f"{key}={value}"],
+                                    return_hydra_config=True)
                     to_run_config(point)
                     assert swept_value_reached(point, key, value), (key, value)
     if scale == "tiny":
         assert rc.model.name in ("cnn4", "tiny", "vit_tiny")
+
+
+@pytest.mark.parametrize("scale", ["tiny", "small"])
+def test_each_arm_is_its_method_and_loss_at_any_scale(scale):
+    """arm=X sets the method and the loss (and co-teaching's readable path), after the scale."""
+    expected = {"baseline": ("baseline", "ce"), "label_smoothing": ("baseline", "label_smoothing"),
+                "gce": ("baseline", "gce"), "sce": ("baseline", "sce"), "coteaching": ("coteaching", "ce"),
+                "averaging": ("gaf", "ce"), "gaf": ("gaf", "ce"), "gaf_gce": ("gaf", "gce")}
+    assert {p.stem for p in (CONFIGS / "arm").glob("*.yaml")} == set(expected)
+    for arm, (method, loss) in expected.items():
+        rc = to_run_config(composed(["experiment=robust", f"scale={scale}", f"arm={arm}", "data.noise=0.4", "seed=0"]))
+        assert (rc.method.name, rc.loss.name) == (method, loss), arm
+        if method == "gaf":
+            assert (rc.method.tau, rc.method.merge) == ((2.0, "mean") if arm == "averaging" else (0.97, "halving"))
+        assert rc.train.fast is ({"tiny": True, "small": None}[scale] if method != "coteaching" else False)
 
 
 def test_paper_scale_uses_the_papers_settings():
