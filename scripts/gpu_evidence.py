@@ -74,7 +74,8 @@ from gaf.train import run  # noqa: E402
 
 EXPERIMENT = "gpu-small"
 NOISES = (0.4, 0.0, 0.8)  # the 40% arms first: a short budget still answers the main question
-# An arm: its method and training loss (cross-entropy unless given), and the train keys it needs.
+# An arm: its method and training loss (cross-entropy unless given), and the train keys it needs;
+# named as configs/arm/ names them (spelled out here: the lent GPU has no Hydra to compose them).
 BASELINE = {"name": "baseline", "batch_size": 128}
 ON_MICROBATCHES = {"name": "gaf", "n_micro": 2, "merge": "mean"}  # averaging and GAF: the same microbatches
 ARMS = {"baseline": {"method": BASELINE},
