@@ -441,11 +441,12 @@ def figure(r, out: Path, m: int) -> list[Path]:
         ax[0, j].set_title(f"{noise:.0%} noise")
         ax[0, j].set_ylabel("accuracy (%)" if j == 0 else "%")
         ax[1, j].set_xlabel("iteration")
-        plot.legend(ax[0, j], loc="best")
+    robust = bool(set(r.runs.apply(arm_of, axis=1)) - set(ARMS))
+    plot.legend(ax[0, 0], loc="best", fontsize=6 if robust else None)  # the arms' colours, once
     # the data's source; the noise is in the panel titles
     source = results_data.note_texts(r.runs).str.split(": ").str[0]
     models = results_data.models_of(r.runs)
-    others = ", the robust methods" if len(set(r.runs.apply(arm_of, axis=1)) - set(ARMS)) else ""
+    others = ", the robust methods" if robust else ""
     plot.titled(fig, f"{models}: the batch-128 baseline{others}, plain averaging and GAF on the same n = 2 "
                      f"microbatches of {10 * m} images. Solid: validation accuracy; dashed: flipped training labels "
                      f"fitted; beneath: averaging's micro-gradient distance",
@@ -466,7 +467,8 @@ def table_markdown(out: Path, record: dict) -> str:
             rows.append(table_row(row, e, c))
     plan = record.get("plan", {})
     return "\n".join([
-        f"# {EXPERIMENT}: {results_data.models_of(runs)}, baseline vs averaging vs GAF on the same microbatches", "",
+        f"# {EXPERIMENT}: {results_data.models_of(runs)}, baseline vs averaging vs GAF on the same microbatches"
+        f"{' (and the robust methods)' if set(runs.apply(arm_of, axis=1)) - set(ARMS) else ''}", "",
         f"{record['card']}, torch {record['torch']}, {record['date']}; `{record['command']}`; "
         f"{plan.get('iterations', 0):,} iterations per run, {plan.get('k')} at once ({plan.get('why')}); "
         f"train.compile={record.get('compile')}; {record['images_per_s']:,} images/s over the sweep, "
@@ -488,7 +490,7 @@ def table_row(row, e: pd.DataFrame, c: pd.DataFrame) -> dict:
             "fitted (%)": 100 * e["mem_flipped_noisy_acc"].iloc[-1] if row["data.noise"] > 0 else math.nan,
             "steps taken (%)": 100 * (c["stepped_win"] * c["stride"]).sum() / its,
             "images seen": f"{int(c['images_seen'].max()):,}",
-            "distance, 2nd half": "—" if arm == "baseline" else f"{distance:.3f}"}
+            "distance, 2nd half": "—" if math.isnan(distance) else f"{distance:.3f}"}  # batch arms measure none
 
 
 def check_sizes(out: Path) -> None:
