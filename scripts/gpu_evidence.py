@@ -147,14 +147,14 @@ def sweep_runs(seeds: int, arms=ARMS) -> list[Run]:
 def run_config(a, r: Run, iterations: int, compile: str, validations: int, experiment: str = EXPERIMENT) -> dict:
     """One run's RunConfig as a dict; the optimizer is RunConfig's default, the paper's (SGD, lr 0.01,
     Nesterov momentum 0.9, weight decay 1e-2, ReduceLROnPlateau 0.1 / 100 validations)."""
-    s, arm = a.scale, {**ARMS, **ROBUST_ARMS}[r.arm]
+    s, arm = a.scale, a.arms[r.arm]
     method = dict(arm["method"], **({"per_class": s.per_class} if arm["method"]["name"] == "gaf" else {}))
-    train = {"fast": True, "compile": compile, **arm.get("train", {})}
+    fast = arm.get("train", {}).get("fast", True)
     return {"data": {"name": "cifar10_jpeg", "jpeg_path": a.jpeg, "noise": r.noise,
                      "train_per_class": s.train_per_class, "test_per_class": s.test_per_class},
             "model": {"name": s.model}, "method": method, "loss": arm.get("loss", {"name": "ce"}),
-            "train": {"iterations": iterations, "val_every": iterations // validations, **train,
-                      "compile": compile if train["fast"] else "none",
+            "train": {"iterations": iterations, "val_every": iterations // validations, "fast": fast,
+                      "compile": compile if fast else "none",
                       "memorisation_samples": s.memorisation_samples, "progress": False},
             "device": a.device, "seed": r.seed, "experiment": experiment, "scale": "custom"}
 
@@ -412,8 +412,12 @@ def collect_and_draw(out: Path, work: Path, record: dict, scale: Scale) -> None:
 
 def arm_of(row) -> str:
     """The arm a run's row is (results_data.arm names it)."""
-    name = results_data.arm(row)
-    return next(arm for arm, named in NAMED.items() if named == name)
+    return {named: arm for arm, named in NAMED.items()}[results_data.arm(row)]
+
+
+def with_robust_arms(runs: pd.DataFrame) -> bool:
+    """Whether --robust's arms are among the runs."""
+    return bool(set(runs.apply(arm_of, axis=1)) - set(ARMS))
 
 
 def ordered(runs: pd.DataFrame) -> pd.DataFrame:
@@ -441,7 +445,7 @@ def figure(r, out: Path, m: int) -> list[Path]:
         ax[0, j].set_title(f"{noise:.0%} noise")
         ax[0, j].set_ylabel("accuracy (%)" if j == 0 else "%")
         ax[1, j].set_xlabel("iteration")
-    robust = bool(set(r.runs.apply(arm_of, axis=1)) - set(ARMS))
+    robust = with_robust_arms(r.runs)
     plot.legend(ax[0, 0], loc="best", fontsize=6 if robust else None)  # the arms' colours, once
     # the data's source; the noise is in the panel titles
     source = results_data.note_texts(r.runs).str.split(": ").str[0]
@@ -468,7 +472,7 @@ def table_markdown(out: Path, record: dict) -> str:
     plan = record.get("plan", {})
     return "\n".join([
         f"# {EXPERIMENT}: {results_data.models_of(runs)}, baseline vs averaging vs GAF on the same microbatches"
-        f"{' (and the robust methods)' if set(runs.apply(arm_of, axis=1)) - set(ARMS) else ''}", "",
+        f"{' (and the robust methods)' if with_robust_arms(runs) else ''}", "",
         f"{record['card']}, torch {record['torch']}, {record['date']}; `{record['command']}`; "
         f"{plan.get('iterations', 0):,} iterations per run, {plan.get('k')} at once ({plan.get('why')}); "
         f"train.compile={record.get('compile')}; {record['images_per_s']:,} images/s over the sweep, "

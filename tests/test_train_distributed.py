@@ -32,15 +32,15 @@ def rows(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("k, extra, mode", [(2, ["method.n_micro=2"], []),
-                                           (3, ["method.n_micro=3"], ["dist_mode=allgather"]),
-                                           # a robust loss too (its distances want another tau)
-                                           (2, ["method.n_micro=2", "loss=sce", "method.tau=0.95"], [])])
-def test_torchrun_equals_one_process(tmp_path, k, extra, mode):
+@pytest.mark.parametrize("k, settings, mode", [
+    (2, [*GAF, "method.n_micro=2"], []),
+    (3, [*GAF, "method.n_micro=3"], ["dist_mode=allgather"]),
+    # a robust loss too (its distances want another tau to both take and refuse steps)
+    (2, ["method.per_class=2", "method.tau=0.95", "method.n_micro=2", "loss=sce"], [])])
+def test_torchrun_equals_one_process(tmp_path, k, settings, mode):
     single, dist = tmp_path / "single", tmp_path / "dist"
-    gaf = [o for o in GAF if not (o.startswith("method.tau=") and any(e.startswith("method.tau=") for e in extra))]
-    launch(COMMON + gaf + extra, single)
-    launch(COMMON + gaf + extra + mode + ["distributed=true"], dist, nproc=k)
+    launch(COMMON + settings, single)
+    launch(COMMON + settings + mode + ["distributed=true"], dist, nproc=k)
     a = torch.load(single / "checkpoint.pt", weights_only=False)["model"]
     b = torch.load(dist / "checkpoint.pt", weights_only=False)["model"]
     for key in a:
