@@ -52,9 +52,19 @@ def bounded_dirname(name: str) -> str:
     return prefix.decode(errors="ignore") + tail
 
 
+# The groups config.yaml lists as optional. Hydra skips an optional group's option that does not
+# exist without a word, so each choice is checked here: one line naming the options.
+OPTIONAL_GROUPS = ("scale", "loss", "arm")
+
+
+def group_options(group: str) -> tuple[str, ...]:
+    """A config group's options (configs/<group>/)."""
+    return tuple(sorted(p.stem for p in (CONFIGS / group).glob("*.yaml")))
+
+
 def scale_options() -> tuple[str, ...]:
     """The scales a run may be at: the scale group's options (configs/scale/)."""
-    return tuple(sorted(p.stem for p in (CONFIGS / "scale").glob("*.yaml")))
+    return group_options("scale")
 
 
 def register_configs(store: ConfigStore | None = None) -> None:
@@ -72,12 +82,14 @@ def register_configs(store: ConfigStore | None = None) -> None:
             store.store(group="at_scale", name=f"{path.stem}_{scale}", node=adjustments, package="_global_")
 
 
-def check_scale(cfg) -> None:
-    """A ``scale=`` that names no option of configs/scale/ (the group is optional so that this is
-    one line, not Hydra's listing): an error. Needs the composed config's ``hydra`` node."""
-    chosen = cfg["hydra"]["runtime"]["choices"].get("scale")
-    if chosen is not None and chosen not in scale_options():
-        raise ValueError(f"scale must be one of {', '.join(scale_options())}, got {chosen!r}")
+def check_choices(cfg) -> None:
+    """A ``scale=``, ``loss=`` or ``arm=`` that names no option of its group: an error. Needs the
+    composed config's ``hydra`` node."""
+    choices = cfg["hydra"]["runtime"]["choices"]
+    for group in OPTIONAL_GROUPS:
+        chosen, options = choices.get(group), group_options(group)
+        if chosen is not None and chosen not in options:
+            raise ValueError(f"{group} must be one of {', '.join(options)}, got {chosen!r}")
 
 
 def settings_scale(cfg, overrides) -> str:
@@ -106,7 +118,7 @@ def run_config(cfg: DictConfig, overrides) -> RunConfig:
     command line, or a sweep point) give it, and dropped where a preset's rows, written for every
     method and data set, set it."""
     if "hydra" in cfg:
-        check_scale(cfg)
+        check_choices(cfg)
     job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
     container = OmegaConf.to_container(job, resolve=True)
     container["scale"] = settings_scale(container, overrides)
@@ -202,7 +214,7 @@ class LaunchChecks(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         try:
-            check_scale(config)
+            check_choices(config)
             points = sweep_points(config.hydra.sweeper.params, list(config.hydra.overrides.task))
             sweep_dir = config.hydra.sweep.dir
         except Exception as e:  # noqa: BLE001

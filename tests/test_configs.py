@@ -409,9 +409,14 @@ def test_the_scale_group_sets_what_its_file_says(scale):
     assert rc.scale == scale and {k: got[k] for k in meant} == meant
 
 
-def test_a_scale_that_is_no_option_is_one_line_naming_the_scales():
-    with pytest.raises(ValueError, match=r"^scale must be one of paper, small, tiny, got 'huge'$"):
-        to_run_config(composed(["scale=huge"], hydra=True), ["scale=huge"])
+@pytest.mark.parametrize("override, options", [
+    ("scale=huge", "paper, small, tiny"), ("loss=foo", "ce, gce, label_smoothing, sce"),
+    ("arm=foo", "averaging, baseline, coteaching, gaf, gaf_gce, gce, label_smoothing, sce")])
+def test_an_optional_groups_choice_that_is_no_option_is_one_line_naming_the_options(override, options):
+    """Hydra would skip them silently (the groups are optional): the run would train with the default."""
+    group, value = override.split("=")
+    with pytest.raises(ValueError, match=rf"^{group} must be one of {options}, got '{value}'$"):
+        to_run_config(composed([override], hydra=True), [override])
 
 
 def test_an_at_scale_block_naming_no_scale_is_refused(tmp_path, monkeypatch):

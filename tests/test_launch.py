@@ -123,6 +123,8 @@ TINY = ["data=random", "model=tiny", "device=cpu", "data.random_train=100", "dat
     (["method=gaf", "method.batch_size=64"], "error: method.batch_size=64 has no effect here: method=gaf"),
     (["data.label_file=x.pt"], "error: data.label_file=x.pt has no effect here: only data=cifar100n"),
     (["scale=huge"], "error: scale must be one of paper, small, tiny, got 'huge'"),
+    (["arm=foo"], "error: arm must be one of averaging, baseline, coteaching, gaf, gaf_gce, gce, label_smoothing, "
+                  "sce, got 'foo'"),
     (["seed=18446744073709551615"], "error: seed must be an integer in [0, 2147483647]"),
     (["experiment=fig6", "scale=tiny"], "error: experiment=fig6 is a sweep over data.noise, method, seed: run it "
                                         "with -m"),
