@@ -36,6 +36,7 @@ METHODS = ("gaf", "baseline", "coteaching")
 MERGES = ("halving", "mean")  # gaf.filter.MERGES
 LOSSES = ("ce", "label_smoothing", "gce", "sce")  # gaf.losses.LOSSES
 OPTIMIZERS = ("sgd", "adam", "adamw")  # gaf.optim.OPTIMIZERS
+SCHEDULES = ("plateau", "cosine")  # gaf.schedule.SCHEDULES
 DIST_MODES = ("gram", "allgather")  # gaf.distributed.MODES
 # train.compile -> FastGAFStep's compile argument.
 COMPILE_MODES = {"none": False, "graph": "graph", "full": True}
@@ -125,6 +126,8 @@ APPLIES = {
                "only random data (data=random, or data.fallback=random) has these sizes"),
     "sgd": (lambda c: c.optim.name == "sgd", "only optim=sgd has momentum"),
     "adam": (lambda c: c.optim.name in ("adam", "adamw"), "only optim=adam and optim=adamw have betas"),
+    "plateau": (lambda c: c.optim.schedule == "plateau",
+                "only optim.schedule=plateau reduces the lr on validation loss"),
     "distributed": (lambda c: c.distributed, "distributed=false runs in one process"),
 }
 
@@ -209,9 +212,11 @@ class OptimConfig:
     nesterov: bool = setting(True, "bool", applies="sgd")
     weight_decay: float = setting(1e-2, "float", low=0)
     betas: tuple[float, float] = setting((0.9, 0.999), "pair", low=0, high=1, open_high=True, applies="adam")
-    # ReduceLROnPlateau on validation loss, stepped per validation
-    plateau_factor: float = setting(0.1, "float", low=0, high=1, open_low=True, open_high=True)
-    plateau_patience: int = setting(100, "int", low=0)
+    # the lr schedule (gaf.schedule): plateau (the paper's: ReduceLROnPlateau on validation loss, stepped per
+    # validation) | cosine (lr * 0.5 * (1 + cos(pi (t - 1) / train.iterations)) at iteration t = 1..)
+    schedule: str = setting("plateau", "choice", choices=SCHEDULES)
+    plateau_factor: float = setting(0.1, "float", low=0, high=1, open_low=True, open_high=True, applies="plateau")
+    plateau_patience: int = setting(100, "int", low=0, applies="plateau")
 
 
 @dataclass

@@ -35,9 +35,10 @@ class CoTeachingStep:
     """One co-teaching step on the batch ``(xs (n, b, ...), ys (n, b))``, flattened.
 
     ``per_sample_loss(logits, targets)`` returns one loss per sample (``reduction="none"``).
-    The peer's optimizer follows the first one's learning rate (the trainer's scheduler
-    adjusts the first). ``forget_rate`` is R's plateau; ``ramp_epochs`` T_k; ``train_size``
-    the training set's size, which turns images seen into epochs.
+    The peer's optimizer follows the first one's learning rate (the trainer's lr schedule,
+    gaf.schedule, sets the first's before each step). ``forget_rate`` is R's plateau;
+    ``ramp_epochs`` T_k; ``train_size`` the training set's size, which turns images seen into
+    epochs.
     """
 
     def __init__(self, model: nn.Module, peer: nn.Module, optimizer: torch.optim.Optimizer,

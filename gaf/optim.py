@@ -35,8 +35,8 @@ class MaskedOptimizer(torch.optim.Optimizer):
     bits, and no value ever travels to the host. Gradients must be finite on a masked-off
     step (``FastGAFStep`` zeroes them), since NaN * 0 is NaN.
 
-    The learning rate stays a Python float in ``param_groups`` (ReduceLROnPlateau writes
-    it); ``refresh_lr()`` copies it into a persistent float64 device tensor that the
+    The learning rate stays a Python float in ``param_groups`` (the lr schedule, gaf.schedule,
+    writes it); ``refresh_lr()`` copies it into a persistent float64 device tensor that the
     update reads, so a captured graph sees a changed lr without recapture. ``step``
     refreshes, then calls ``masked_update``; a graph captures only ``masked_update``.
     """

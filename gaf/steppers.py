@@ -1,4 +1,4 @@
-"""A run's optimizer and stepper, from its config.
+"""A run's optimizer, lr schedule and stepper, from its config.
 
 A stepper is called as ``stepper(xs (n, b, ...), ys (n, b))`` with one step's n
 microbatches and returns ``gaf.step.StepStats``. The baseline steps plainly; GAF runs the
@@ -22,6 +22,8 @@ from gaf.filter import Tau
 from gaf.losses import build_loss
 from gaf.models import build_model
 from gaf.optim import build_optimizer as build_named_optimizer
+from gaf.schedule import Schedule
+from gaf.schedule import build_schedule as build_named_schedule
 from gaf.step import LossFn, PlainStep, ReferenceGAFStep, StepStats
 
 Stepper = Callable[[torch.Tensor, torch.Tensor], StepStats]
@@ -32,6 +34,13 @@ def build_optimizer(cfg: OptimConfig, params, masked: bool = False) -> torch.opt
     step as a mask on the device."""
     return build_named_optimizer(cfg.name, params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                  weight_decay=cfg.weight_decay, betas=cfg.betas, masked=masked)
+
+
+def build_schedule(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> Schedule:
+    """The lr schedule ``cfg.optim.schedule`` names (gaf.schedule), driving ``optimizer``."""
+    o = cfg.optim
+    return build_named_schedule(o.schedule, optimizer, lr=o.lr, iterations=cfg.train.iterations,
+                                plateau_factor=o.plateau_factor, plateau_patience=o.plateau_patience)
 
 
 def make_stepper(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, tau: Tau,

@@ -40,7 +40,7 @@ from gaf.samplers import BatchSampler, ClassBalancedSampler
 from gaf.log import CsvLog, WandbLogger
 from gaf.rundir import RunDirError, RunDirLock, environment, write_json, write_summary
 from gaf.step import StepStats
-from gaf.steppers import build_optimizer, make_coteaching, make_loss, make_stepper
+from gaf.steppers import build_optimizer, build_schedule, make_coteaching, make_loss, make_stepper
 from gaf.torchrun import init_from_env, local_slice, shutdown
 
 __all__ = ["CheckpointError", "RunConfig", "RunDirError", "run", "validate"]
@@ -229,8 +229,7 @@ class Trainer:
                                  blocks=cfg.model.blocks).to(device)
         fast = plan.fast
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters(), masked=fast)
-        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, mode="min", factor=cfg.optim.plateau_factor, patience=cfg.optim.plateau_patience)
+        self.schedule = build_schedule(cfg, self.optimizer)  # sets the lr: before each step, after each validation
         m = cfg.method
         self.tau: float | AdaptiveTau = (AdaptiveTau(m.tau, m.adaptive_k, m.adaptive_window)
                                          if m.adaptive_k is not None else m.tau)
@@ -259,7 +258,7 @@ class Trainer:
         """Continue from a checkpoint; rows written after it are dropped (they are recomputed)."""
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.schedule.load_state_dict(ckpt["scheduler"])
         self.sampler.load_state_dict(ckpt["sampler"])
         self.aug_gen.set_state(ckpt["aug_rng"])
         torch.set_rng_state(ckpt["torch_rng"])
@@ -335,6 +334,7 @@ class Trainer:
             if cfg.method.name == "baseline":  # (1, B) -> (world, B / world)
                 xs, ys = xs.unflatten(1, (world, -1))[0], ys.unflatten(1, (world, -1))[0]
             xs, ys = local_slice(xs, self.rank, world), local_slice(ys, self.rank, world)
+        self.schedule.before_step(it)  # the lr this step uses (and its metrics row shows)
         stats = self.stepper(xs, ys)
         state["images_seen"] += images
         self.pending.append(StepRecord(it, state["images_seen"], self.optimizer.param_groups[0]["lr"],
@@ -390,7 +390,7 @@ class Trainer:
             return False
         val_acc = accuracy(preds == ds.test_y)
         _, probe_preds = evaluate(self.model, self.probe.x, self.probe.noisy_y, ds, batch)
-        self.scheduler.step(val_loss)
+        self.schedule.after_validation(val_loss)
         row = self._eval_row(it, val_loss, val_acc, probe_preds)
         state = self.state
         state["final_val_acc"] = val_acc
@@ -426,7 +426,7 @@ class Trainer:
         save_checkpoint(self.ckpt_path, {
             "config": self.cfg.to_dict(), "state": self._state(iter=it, elapsed=elapsed),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
+            "scheduler": self.schedule.state_dict(), "sampler": self.sampler.state_dict(),
             "aug_rng": self.aug_gen.get_state(), "torch_rng": torch.get_rng_state(),
             "adaptive_tau": self.tau.state_dict() if isinstance(self.tau, AdaptiveTau) else None,
             "stepper": self.stepper.state_dict() if hasattr(self.stepper, "state_dict") else None,

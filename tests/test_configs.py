@@ -109,8 +109,8 @@ def test_paper_scale_uses_the_papers_settings():
     assert (rc.model.name, rc.data.name, rc.data.fallback) == ("resnet18", "cifar100", None)
     assert (rc.method.n_micro, rc.method.per_class, rc.method.merge) == (2, 1, "halving")
     o = rc.optim
-    assert (o.name, o.lr, o.momentum, o.nesterov, o.weight_decay, o.plateau_factor, o.plateau_patience) == \
-        ("sgd", 0.01, 0.9, True, 0.01, 0.1, 100)
+    assert (o.name, o.lr, o.momentum, o.nesterov, o.weight_decay, o.schedule, o.plateau_factor,
+            o.plateau_patience) == ("sgd", 0.01, 0.9, True, 0.01, "plateau", 0.1, 100)
     assert to_run_config(composed(["experiment=fig8", "scale=paper"])).model.name == "resnet34_cifar"
 
 
@@ -121,6 +121,19 @@ def test_canonical_overrides_reach_the_run_config():
     assert (rc.data.noise, rc.method.tau, rc.method.n_micro, rc.method.per_class, rc.method.merge) == \
         (0.4, 0.97, 4, 2, "mean")
     assert (rc.train.iterations, rc.train.val_every, rc.seed, rc.device, rc.data.root) == (7, 3, 5, "cpu", "/somewhere")
+
+
+def test_the_lr_schedule_is_chosen_on_the_command_line_with_any_optimizer():
+    """optim.schedule=cosine reaches the run; the plateau's settings given with it are refused
+    (they would be ignored), and a preset-free default keeps the paper's plateau."""
+    assert to_run_config(composed([])).optim.schedule == "plateau"
+    for optim in GROUPS["optim"]:
+        given = [f"optim={optim}", "optim.schedule=cosine"]
+        rc = to_run_config(composed(given), given)
+        assert (rc.optim.name, rc.optim.schedule) == (optim, "cosine")
+    given = ["optim.schedule=cosine", "optim.plateau_patience=5"]
+    with pytest.raises(ValueError, match=r"^optim.plateau_patience=5 has no effect here: only optim.schedule=plateau"):
+        to_run_config(composed(given), given)
 
 
 @pytest.mark.parametrize("launcher, key, value", [("shared_gpu", "n_jobs", 4), ("slurm", "gpus_per_node", 1)])
@@ -162,6 +175,7 @@ def test_two_point_multirun_and_noop_relaunch(tmp_path):
     ("data.noise=1.5", "error: data.noise must be a number in [0, 1), got 1.5"),
     ("data.noise=abc", "error: data.noise must be a number in [0, 1), got 'abc'"),
     ("device=gpu", "error: device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    ("optim.schedule=foo", "error: optim.schedule must be one of plateau, cosine, got 'foo'"),
 ])
 def test_cli_reports_a_bad_override_in_one_line(tmp_path, override, message):
     out = train_cli(["data=random", override, "model=tiny", f"hydra.run.dir={tmp_path}/r"], tmp_path)
@@ -325,13 +339,13 @@ def test_importing_the_schema_loads_neither_torch_nor_another_gaf_module():
 def test_the_schemas_choices_are_the_implementations():
     """The schema's literal choices against the registries of the modules that implement them
     (gaf.data takes its names from the schema; the models: tests/test_models.py)."""
-    from gaf import data, distributed, fast, filter, optim
+    from gaf import data, distributed, fast, filter, optim, schedule
     from gaf.optim import build_optimizer
 
     from gaf import losses
 
     assert schema.MERGES == filter.MERGES and schema.OPTIMIZERS == optim.OPTIMIZERS
-    assert schema.LOSSES == losses.LOSSES
+    assert schema.LOSSES == losses.LOSSES and schema.SCHEDULES == schedule.SCHEDULES
     assert schema.DIST_MODES == distributed.MODES
     assert (data.DATASETS, data.FALLBACKS, data.FALLBACK_WHEN) == (schema.DATASETS, schema.FALLBACKS,
                                                                   schema.FALLBACK_WHEN)
