@@ -47,9 +47,9 @@ gpu-check: $(STAMP)  ## every CUDA path checked in minutes: results/gpu/<date>-<
 	$(PY) scripts/gpu_check.py $(ARGS)
 
 # On a lent device (its own python3, no network, no .venv) this runs as it is, and writes into
-# $(OUT)/gpu-small where the device tool sets OUT; here it uses .venv.
-gpu-evidence:  ## the paper's regime on one GPU in <= 10 minutes: results/gpu-small/ (ARGS="--device cpu --quick" dry run)
-	$(if $(wildcard $(STAMP)),$(PY),python3) scripts/gpu_evidence.py $(if $(OUT),--out $(OUT)/gpu-small) $(ARGS)
+# $(OUT)/gpu-grid where the device tool sets OUT; here it uses .venv.
+gpu-evidence:  ## the decisive grid on one GPU, continued call after call: results/gpu-grid/ (ARGS="--device cpu --quick" dry run)
+	$(if $(wildcard $(STAMP)),$(PY),python3) scripts/gpu_evidence.py $(if $(OUT),--out $(OUT)/gpu-grid) $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -35,6 +35,7 @@ import contextlib
 import copy
 import datetime as dt
 import json
+import math
 import re
 import sys
 import tempfile
@@ -90,7 +91,7 @@ def context(args) -> SimpleNamespace:
         args=args, device=torch.device(args.device), quick=quick, seed=args.seed, tau=0.97,
         model="tiny" if quick else "resnet18", classes=10 if quick else 100, m=1,
         speed_n=[2] if quick else [2, 4, 10], speed_steps=3 if quick else 50, speed_warmup=1 if quick else 10,
-        sync_steps=5, equal_steps=8 if quick else 12, bf16_steps=6 if quick else 300, pool=500 if quick else 10000,
+        sync_steps=5, equal_n=3, merge="halving", bf16_steps=6 if quick else 300, pool=500 if quick else 10000,
         graphs=None if args.device == "cuda" else StandInGraphs(),
     )
     ctx.real, ctx.real_note = (None, "random images (--quick without --jpeg)") if quick and not args.jpeg \
@@ -213,47 +214,136 @@ def check_sync_free(ctx) -> dict:
                 else "CPU dry run: no host-device synchronisation exists to detect")
 
 
+# fp32-equal's bounds. Relative to the size of the step's change of each tensor, beyond one fp32
+# rounding of the state: summation order alone gives ~1e-6; a wrong merge weight or a BatchNorm
+# statistic not updated gives > 1e-2.
+RELATIVE_BOUND = 1e-4
+GRAPH_BOUND = 1e-6  # graphed against eager: the same kernels (measured exact on an H200)
+DISTANCE_BOUND = 1e-5  # absolute, on cosine distances in [0, 2]
+DECISION_MARGIN = 1e-4  # a decision may differ only where a distance is this close to tau
+FP32_EPS = torch.finfo(torch.float32).eps
+
+
+def tau_schedule(ctx) -> list[float]:
+    """Tau per step: every step taken (2) through the graph's warm-up and capture, then steps
+    taken, refused (0) and decided at the sweep's tau."""
+    warm = [2.0] * (FastGAFStep.warmup + 1)
+    return warm + [0.0, 2.0, ctx.tau, 0.0, 2.0, ctx.tau, 0.0, 2.0]
+
+
+def snapshot(model: nn.Module, opt) -> dict:
+    """Copies of what a step changes: parameters, momentum (zeros where none yet), BatchNorm
+    running statistics (the floating buffers) and integer buffers (num_batches_tracked)."""
+    params = list(model.parameters())
+    momentum = [opt.state.get(p, {}).get("momentum_buffer") for p in params]
+    return {"params": [p.detach().clone() for p in params],
+            "momentum": [torch.zeros_like(p) if m is None else m.detach().clone() for p, m in zip(params, momentum)],
+            "batchnorm": [b.detach().clone() for b in model.buffers() if b.is_floating_point()],
+            "counts": [int(b) for b in model.buffers() if not b.is_floating_point()]}
+
+
+@torch.no_grad()
+def restore(model: nn.Module, opt, snap: dict) -> None:
+    """Copy a snapshot into a model and its (masked) optimizer, in place: a captured graph keeps
+    reading the same tensors."""
+    for p, v in zip(model.parameters(), snap["params"]):
+        p.copy_(v)
+    for b, v in zip([b for b in model.buffers() if b.is_floating_point()], snap["batchnorm"]):
+        b.copy_(v)
+    for b, v in zip([b for b in model.buffers() if not b.is_floating_point()], snap["counts"]):
+        b.fill_(v)
+    for p, v in zip(model.parameters(), snap["momentum"]):
+        state = opt.state[p]
+        if state.get("momentum_buffer") is None:
+            state["momentum_buffer"] = v.clone()
+        else:
+            state["momentum_buffer"].copy_(v)
+
+
+def relative_change_diff(got: list, want: list, before: list) -> float:
+    """Worst over tensors of |change got - change wanted| / |change wanted| (L2 norms, float64),
+    each element's difference less one fp32 rounding of the stored value (an update that differs
+    in its last bit may round the state either way); where the wanted change is zero, any other
+    change counts as infinitely wrong."""
+    worst = 0.0
+    for g, w, b in zip(got, want, before):
+        g, w, b = g.double(), w.double(), b.double()
+        beyond_rounding = ((g - w).abs() - FP32_EPS * torch.maximum(g.abs(), w.abs())).clamp(min=0)
+        diff, size = float(beyond_rounding.norm()), float((w - b).norm())
+        worst = max(worst, diff / size if size > 0 else (0.0 if diff == 0 else math.inf))
+    return worst
+
+
+def max_abs(got: list, want: list) -> float:
+    return max((float((g.double() - w.double()).abs().max()) for g, w in zip(got, want)), default=0.0)
+
+
 def check_fp32_equal(ctx) -> dict:
-    """gaf_step, the eager fast step and the graphed one from one init, in strict fp32."""
-    n, b = 3, ctx.classes * ctx.m
+    """gaf_step, the eager fast step and the graphed one, one step at a time from the same state.
+
+    Before every step the reference's state (parameters, BatchNorm statistics, momentum) is
+    copied into the two fast models, so each step is compared on its own: a network's chaos
+    cannot grow a summation-order difference into a large one (free-running ResNet18 runs
+    part by 1e-2 within four steps). Each step's change of parameters, momentum and BatchNorm
+    statistics is compared with the reference's change, relative to its size; a decision may
+    differ only where a distance lies within ``DECISION_MARGIN`` of tau."""
+    n, b = ctx.equal_n, ctx.classes * ctx.m
     with strict_fp32():
         ref_model, eager_model, graph_model = fresh(ctx), fresh(ctx), fresh(ctx)
         ref_opt = torch.optim.SGD(ref_model.parameters(), **SGD)
         eager_opt, graph_opt = masked_sgd(eager_model), masked_sgd(graph_model)
         tau = torch.full((), 2.0, device=ctx.device)  # changed in place: the graph reads it by address
-        eager = FastGAFStep(eager_model, eager_opt, nn.CrossEntropyLoss(), tau)
+        loss = nn.CrossEntropyLoss()
+        eager = FastGAFStep(eager_model, eager_opt, loss, tau, ctx.merge)
         compile, graphs = graph_mode(ctx)
-        graphed = FastGAFStep(graph_model, graph_opt, nn.CrossEntropyLoss(), tau, compile=compile, graphs=graphs)
-        schedule = [2.0, 2.0, 2.0, 2.0, 0.0, 2.0, 0.0, 0.0, 2.0, 0.0, 2.0, 2.0]
-        same, stepped, worst_d = 0, [], 0.0
-        for s, (xs, ys) in enumerate(random_batches(ctx, ctx.equal_steps, n, b)):
-            tau.fill_(schedule[s % len(schedule)])
-            ref = gaf_step(ref_model, ref_opt, nn.CrossEntropyLoss(), list(zip(xs, ys)), tau)
+        graphed = FastGAFStep(graph_model, graph_opt, loss, tau, ctx.merge, compile=compile, graphs=graphs)
+        schedule = tau_schedule(ctx)
+        worst = dict(update=0.0, momentum=0.0, batchnorm=0.0, graph_vs_eager=0.0, distance=0.0, skipped_moved=0.0)
+        same = near = taken = 0
+        counts_ok = True
+        for s, (xs, ys) in enumerate(random_batches(ctx, len(schedule), n, b)):
+            tau.fill_(schedule[s])
+            before = snapshot(ref_model, ref_opt)
+            for model, opt in ((eager_model, eager_opt), (graph_model, graph_opt)):
+                restore(model, opt, before)
+            ref = gaf_step(ref_model, ref_opt, loss, list(zip(xs, ys)), tau, ctx.merge)
             e, g = eager(xs, ys), graphed(xs, ys)
+            after = {name: snapshot(m, o) for name, m, o in (("ref", ref_model, ref_opt), ("eager", eager_model,
+                     eager_opt), ("graph", graph_model, graph_opt))}
             decisions = {ref["stepped"], bool(e.stepped), bool(g.stepped)}
-            same += len(decisions) == 1
-            stepped.append(ref["stepped"])
             theirs = torch.tensor(ref["distances"], dtype=torch.float64)
-            worst_d = max(worst_d, float((e.distances.double().cpu() - theirs).abs().max()),
-                          float((g.distances.double().cpu() - e.distances.double().cpu()).abs().max()))
-        params = [p for p in ref_model.parameters()]
-        figures = dict(
-            steps=ctx.equal_steps, taken=sum(stepped), identical_decisions=same,
-            graph_vs_eager_state=max_diff(graph_model, eager_model),
-            fast_vs_gaf_step_state=max_diff(eager_model, ref_model),
-            graph_vs_eager_momentum=max_diff(momentum(graph_opt, list(graph_model.parameters())),
-                                             momentum(eager_opt, list(eager_model.parameters()))),
-            fast_vs_gaf_step_momentum=max_diff(momentum(eager_opt, list(eager_model.parameters())),
-                                               momentum(ref_opt, params)),
-            max_distance_diff=worst_d,
-            counts_equal=counts_equal(ref_model, eager_model) and counts_equal(eager_model, graph_model))
-    ok = (same == ctx.equal_steps and 0 < sum(stepped) < ctx.equal_steps and figures["counts_equal"]
-          and figures["graph_vs_eager_state"] <= 1e-6 and figures["graph_vs_eager_momentum"] <= 1e-6
-          and figures["fast_vs_gaf_step_state"] <= 1e-4 and figures["fast_vs_gaf_step_momentum"] <= 1e-4
-          and worst_d <= 1e-5)
+            worst["distance"] = max(worst["distance"], float((e.distances.double().cpu() - theirs).abs().max()),
+                                    float((g.distances.double().cpu() - theirs).abs().max()))
+            if len(decisions) > 1:  # allowed only within the margin of tau
+                near += bool((theirs - float(tau)).abs().min() <= DECISION_MARGIN)
+                continue
+            same += 1
+            taken += ref["stepped"]
+            for part in ("update", "momentum", "batchnorm"):
+                key = "params" if part == "update" else part
+                for name in ("eager", "graph"):
+                    worst[part] = max(worst[part], relative_change_diff(after[name][key], after["ref"][key],
+                                                                        before[key]))
+            worst["graph_vs_eager"] = max(worst["graph_vs_eager"], *(
+                relative_change_diff(after["graph"][k], after["eager"][k], before[k])
+                for k in ("params", "momentum", "batchnorm")))
+            if not ref["stepped"]:  # a skipped step leaves parameters and momentum bit for bit
+                worst["skipped_moved"] = max(worst["skipped_moved"], *(
+                    max_abs(after[name][k], before[k]) for name in ("eager", "graph") for k in ("params", "momentum")))
+            counts_ok &= after["ref"]["counts"] == after["eager"]["counts"] == after["graph"]["counts"]
+    steps = len(schedule)
+    figures = dict(steps=steps, taken=taken, identical_decisions=same, differing_within_margin=near,
+                   **{f"worst_{k}": v for k, v in worst.items()}, counts_equal=counts_ok)
+    ok = (same + near == steps and same >= steps - 1 and 0 < taken < same and counts_ok
+          and worst["update"] <= RELATIVE_BOUND and worst["momentum"] <= RELATIVE_BOUND
+          and worst["batchnorm"] <= RELATIVE_BOUND and worst["graph_vs_eager"] <= GRAPH_BOUND
+          and worst["distance"] <= DISTANCE_BOUND and worst["skipped_moved"] == 0.0)
     return dict(status="PASS" if ok else "FAIL", figures=figures,
-                detail="bounds: graph vs eager <= 1e-6, fast vs gaf_step <= 1e-4 (parameters, BN statistics, "
-                       "momentum), distances <= 1e-5, every decision identical, steps both taken and skipped")
+                detail=f"{ctx.model}, n={n} x {b} images, merge {ctx.merge}, each step from the reference's state: "
+                       f"change of parameters, momentum and BN statistics within {RELATIVE_BOUND:g} of the "
+                       f"reference's change (relative), graph vs eager within {GRAPH_BOUND:g}, distances within "
+                       f"{DISTANCE_BOUND:g}, skipped steps leave the state bit for bit, decisions identical except "
+                       f"within {DECISION_MARGIN:g} of tau, steps both taken and skipped")
 
 
 def check_bf16(ctx) -> dict:

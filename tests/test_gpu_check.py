@@ -44,3 +44,55 @@ def test_a_failing_check_is_reported_and_the_others_still_run(tmp_path, monkeypa
     assert exit_info.value.code == 1
     out = capsys.readouterr().out
     assert "FAIL sync-free" in out and "RuntimeError: planted" in out and "PASS compile" in out
+
+
+# ----------------------------------------------------------------------------- the preflight on ResNet18
+
+
+def resnet18_context(tmp_path):
+    """The preflight's setting with the sweep's real network, on few images (seconds on a CPU)."""
+    ctx = gpu_check.context(gpu_check.parse_args(["--device", "cpu", "--quick", "--out-dir", str(tmp_path)]))
+    ctx.model, ctx.classes, ctx.m, ctx.merge = "resnet18", 10, 1, "mean"
+    return ctx
+
+
+@pytest.mark.slow
+def test_fp32_equal_passes_on_resnet18_one_step_at_a_time(tmp_path):
+    result = gpu_check.check_fp32_equal(resnet18_context(tmp_path))
+    f = result["figures"]
+    assert result["status"] == "PASS", f
+    assert 0 < f["taken"] < f["identical_decisions"] == f["steps"]
+    assert f["worst_update"] <= gpu_check.RELATIVE_BOUND and f["worst_skipped_moved"] == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bug", ["merge weight", "batchnorm statistic"])
+def test_fp32_equal_fails_for_a_planted_bug_in_the_fast_step(tmp_path, monkeypatch, bug):
+    import torch
+
+    import gaf.fast
+
+    if bug == "merge weight":  # the aggregate's weights off by 5% (a wrong merge)
+        right = gaf.fast.agreement_weights_unchecked
+
+        def wrong(gram, tau, merge):
+            weights, accepted, distances = right(gram, tau, merge)
+            return weights * torch.linspace(1.05, 0.95, len(weights), dtype=weights.dtype), accepted, distances
+
+        monkeypatch.setattr(gaf.fast, "agreement_weights_unchecked", wrong)
+    else:  # one BatchNorm's running variance left as it was before the step
+        run = gaf.fast.FastGAFStep._run
+
+        def stale(self, xs, ys):
+            norm = [m for m in self.model.modules() if isinstance(m, torch.nn.BatchNorm2d)][3]
+            before = norm.running_var.clone()
+            out = run(self, xs, ys)
+            norm.running_var.copy_(before)
+            return out
+
+        monkeypatch.setattr(gaf.fast.FastGAFStep, "_run", stale)
+    result = gpu_check.check_fp32_equal(resnet18_context(tmp_path))
+    f = result["figures"]
+    assert result["status"] == "FAIL"
+    worst = f["worst_update"] if bug == "merge weight" else f["worst_batchnorm"]
+    assert worst > 100 * gpu_check.RELATIVE_BOUND, f

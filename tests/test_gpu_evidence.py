@@ -1,7 +1,7 @@
-"""scripts/gpu_evidence.py: the budget logic on made-up speeds, and the dry run end to end (no Hydra)."""
+"""scripts/gpu_evidence.py: the grid, the planner against recorded GPU calls, the merge with
+committed results, and the dry run end to end on a CPU with ResNet18 (no Hydra)."""
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -14,14 +14,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-import collect  # noqa: E402
+import evidence_report  # noqa: E402
 from gaf.config import validate  # noqa: E402
 import gpu_evidence as ge  # noqa: E402
 from cifar_fixtures import write_jpeg_tar  # noqa: E402
 
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-GPU = ge.GPU
-OUTPUTS = {"runs.csv", "curves.csv", "evals.csv", "provenance.json", "gpu-small.png", "gpu-small.pdf", "table.md",
+OUTPUTS = {"runs.csv", "curves.csv", "evals.csv", "provenance.json", "gpu-grid.png", "gpu-grid.pdf", "table.md",
            "preflight.md"}
 
 
@@ -35,230 +34,222 @@ def no_hydra_env(tmp_path) -> dict:
     return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
 
 
-# ----------------------------------------------------------------------------- the budget logic
+# ----------------------------------------------------------------------------- the grid
 
 
-def test_run_length_is_the_longest_that_fits():
-    speed = ge.Speed(k=3, iter_s=0.01, eval_s=0.5, start_s=10.0)
-    # 9 runs = 3 waves of 100 s: 100 - 10 s start - 20 validations x 0.5 s = 80 s = 8,000 iterations
-    assert ge.run_length(300, speed, 9, 20, cap=16_000) == 8000
-    for budget in (75.3, 300, 301.7, 500.9):
-        its = ge.run_length(budget, speed, 9, 20, cap=16_000)
-        assert its % 20 == 0
-        assert ge.predicted_s(speed, 9, its, 20) <= budget < ge.predicted_s(speed, 9, its + 20, 20)
-    assert ge.run_length(10_000, speed, 9, 20, cap=16_000) == 16_000  # capped
-    assert ge.run_length(30, speed, 9, 20, cap=16_000) == 0  # not even the start-up fits
-    assert ge.run_length(100, speed, 3, 20, cap=16_000) == ge.run_length(100, speed, 1, 20, cap=16_000) == 8000
+def test_the_grid_answers_40_percent_in_both_regimes_first_then_80_0_20_60_then_more_seeds():
+    runs = ge.grid(3)
+    assert len(runs) == len({r.name for r in runs}) == 2 * 5 * 3 * 3
+    cells = [(r.regime, r.noise, r.seed) for r in runs[::3]]
+    assert cells[:10] == [(g, n, 0) for n in (0.4, 0.8, 0.0, 0.2, 0.6) for g in ("R2", "R1")]
+    assert [c[2] for c in cells] == sorted(c[2] for c in cells)  # seed 0's whole grid before seed 1
+    assert all([r.arm for r in runs[i : i + 3]] == ["baseline", "averaging", "gaf"] for i in range(0, 90, 3))
 
 
-def test_run_length_counts_waves():
-    one, three = ge.Speed(1, 0.004, 0.3, 8.0), ge.Speed(3, 0.006, 0.4, 10.0)
-    # nine runs one at a time: 9 waves; three at a time: 3 waves of slower runs
-    assert ge.run_length(450, one, 9, 20, 16_000) == 9000  # 450 / 9 - 8 - 20 x 0.3 = 36 s
-    assert ge.run_length(300, one, 9, 20, 16_000) == 4820  # 300 / 9 - 14 = 19.3 s
-    assert ge.run_length(300, three, 9, 20, 16_000) == 13_660  # 300 / 3 - 10 - 20 x 0.4 = 82 s
-
-
-def test_the_plan_takes_every_seed_only_at_the_cap():
-    fast = [ge.Speed(1, 0.001, 0.1, 5.0), ge.Speed(9, 0.002, 0.2, 8.0)]
-    plan = ge.make_plan(400, fast, GPU, seeds=2)
-    assert len(plan.runs) == 18 and plan.iterations == GPU.cap and plan.at_cap and plan.k == 9
-    assert plan.predicted_s <= 400
-
-    medium = [ge.Speed(1, 0.004, 0.3, 8.0), ge.Speed(3, 0.012, 0.4, 10.0), ge.Speed(9, 0.03, 0.8, 15.0)]
-    plan = ge.make_plan(400, medium, GPU, seeds=2)
-    assert len(plan.runs) == 9 and {r.seed for r in plan.runs} == {0}
-    assert GPU.floor <= plan.iterations < GPU.cap and "18 runs would get" in plan.why
-    best = max(ge.run_length(400, s, 9, GPU.validations, GPU.cap) for s in medium)
-    assert plan.iterations == best and plan.predicted_s <= 400
-    assert plan.k == 9  # one wave of nine beats three waves of three here
-    assert plan.iterations == ge.run_length(400, medium[2], 9, GPU.validations, GPU.cap)
-
-
-def test_a_short_budget_still_answers_the_main_question():
-    slow = [ge.Speed(1, 0.01, 0.5, 10.0), ge.Speed(3, 0.02, 0.8, 12.0)]
-    plan = ge.make_plan(120, slow, GPU, seeds=2)
-    assert [(r.noise, r.arm) for r in plan.runs] == [(0.4, "baseline"), (0.4, "averaging"), (0.4, "gaf")]
-    assert plan.iterations >= GPU.floor and "9 runs would get" in plan.why
-    hopeless = ge.make_plan(20, slow, GPU, seeds=2)
-    assert len(hopeless.runs) == 3 and hopeless.iterations == GPU.floor and "OVER the budget" in hopeless.why
-    assert hopeless.predicted_s > 20
-
-
-def test_one_seed_asked_for_is_not_a_reason():
-    plan = ge.make_plan(10_000, [ge.Speed(1, 0.001, 0.1, 1.0)], GPU, seeds=1)
-    assert len(plan.runs) == 9 and plan.why == "all that was asked for fits" and plan.at_cap
-    assert "(the cap)" in plan.describe(10_000)
-
-
-def test_the_sweep_order_puts_the_40_percent_triplet_first_and_shares_seeds():
-    runs = ge.sweep_runs(2)
-    assert len(runs) == 18 and [r.noise for r in runs[:3]] == [0.4] * 3
-    assert [r.arm for r in runs[:3]] == ["baseline", "averaging", "gaf"] and {r.seed for r in runs[:9]} == {0}
-    assert len({r.name for r in runs}) == 18
-
-
-def test_the_arms_differ_only_in_the_method_and_the_control_in_tau_alone(tmp_path):
+def test_the_arms_differ_only_in_the_method_the_regimes_only_in_the_optimizer(tmp_path):
     jpeg = write_jpeg_tar(tmp_path / "c.tar.gz", CIFAR10, 4, 1)
     a = ge.parse_args(["--device", "cpu", "--quick", "--jpeg", str(jpeg)])
-    configs = {arm: ge.run_config(a, ge.Run(0.4, arm, 0), 40, "none", 4) for arm in ge.ARMS}
-    assert all(c.keys() == configs["gaf"].keys() and c["data"] == configs["gaf"]["data"] for c in configs.values())
-    avg, gaf = configs["averaging"]["method"], configs["gaf"]["method"]
+    configs = {(g, arm): ge.run_config(a, ge.Run(g, 0.4, arm, 0), 40, "none", 4) for g in ge.REGIMES for arm in ge.ARMS}
+    for (g, arm), c in configs.items():
+        validate(ge.RunConfig.from_dict(c))
+        same_regime, same_arm = configs[(g, "gaf")], configs[("R1", arm)]
+        assert {k: v for k, v in c.items() if k != "method"} == {k: v for k, v in same_regime.items() if k != "method"}
+        assert {k: v for k, v in c.items() if k != "optim"} == {k: v for k, v in same_arm.items() if k != "optim"}
+    avg, gaf = configs[("R1", "averaging")]["method"], configs[("R1", "gaf")]["method"]
     assert {k: v for k, v in avg.items() if k != "tau"} == {k: v for k, v in gaf.items() if k != "tau"}
     assert (avg["tau"], gaf["tau"], avg["merge"], gaf["n_micro"]) == (2.0, 0.97, "mean", 2)
-    assert configs["baseline"]["method"] == {"name": "baseline", "batch_size": 128}
-    assert configs["gaf"]["train"]["val_every"] == 10
-    ge.RunConfig.from_dict(configs["gaf"])  # a valid RunConfig
+    assert configs[("R1", "baseline")]["method"] == {"name": "baseline", "batch_size": 128}
+    r2 = ge.RunConfig.from_dict(configs[("R2", "gaf")]).optim
+    assert (r2.lr, r2.weight_decay, r2.schedule) == (0.02, 5e-4, "cosine")
+    assert ge.RunConfig.from_dict(configs[("R1", "gaf")]).optim == ge.RunConfig().optim  # the paper's
 
 
-def test_robust_adds_the_practitioners_arms_each_a_valid_run_named_as_results_name_it(tmp_path):
+def test_a_regime_and_an_arm_are_read_back_from_a_runs_settings(tmp_path):
     jpeg = write_jpeg_tar(tmp_path / "c.tar.gz", CIFAR10, 4, 1)
-    assert list(ge.parse_args(["--device", "cpu", "--quick", "--jpeg", str(jpeg)]).arms) == list(ge.ARMS)
-    a = ge.parse_args(["--device", "cpu", "--quick", "--jpeg", str(jpeg), "--robust"])
-    assert list(a.arms) == [*ge.ARMS, *ge.ROBUST_ARMS] and len(a.arms) == 8
-    for arm in a.arms:
-        c = ge.run_config(a, ge.Run(0.4, arm, 0), 40, "none", 4)
-        validate(ge.RunConfig.from_dict(c))
-        row = {"method.name": c["method"]["name"], "method.tau": c["method"].get("tau", math.nan),
-               "loss.name": c["loss"]["name"]}
-        assert ge.arm_of(row) == arm
-    coteaching = ge.run_config(a, ge.Run(0.4, "coteaching", 0), 40, "graph", 4)["train"]
-    assert (coteaching["fast"], coteaching["compile"]) == (False, "none")  # its readable path has no graphs
-    assert ge.run_config(a, ge.Run(0.4, "gaf_gce", 0), 40, "graph", 4)["train"]["compile"] == "graph"
-    plan = ge.make_plan(10_000, [ge.Speed(1, 0.001, 0.1, 1.0)], GPU, seeds=1, arms=a.arms)
-    assert len(plan.runs) == 24 and [r.arm for r in plan.runs[:8]] == list(a.arms)
+    a = ge.parse_args(["--device", "cpu", "--quick", "--jpeg", str(jpeg)])
+    for r in ge.grid(1)[:6]:
+        cfg = ge.RunConfig.from_dict(ge.run_config(a, r, 40, "none", 4)).to_dict()
+        row = {f"{group}.{k}": v for group in ("optim", "method") for k, v in cfg[group].items()}
+        assert evidence_report.regime_of(row | {"run_id": r.name}, ge.REGIMES) == r.regime
+        assert evidence_report.arm_of(row) == r.arm
 
 
-def test_speed_from_a_measurement_reproduces_its_wall_time(tmp_path):
-    d = tmp_path / "run"
-    d.mkdir()
-    pd.DataFrame({"iter": range(1, 301), "time_s": [1.5 + 0.01 * i for i in range(300)]}).to_csv(d / "metrics.csv")
-    summary = {"iterations": 300, "train_time_s": 4.5, "wall_time_s": 5.0}  # the 200 its after 100: 2.0 s
-    got = {"wall_s": 12.0, "summaries": [summary]}
-    speed = ge.Speed.measured(1, got, [d], warm=100)
-    assert speed.iter_s == pytest.approx((4.5 - 2.5) / 199)
-    assert speed.eval_s == pytest.approx(0.5)
-    assert speed.wave_s(300, 1) == pytest.approx(12.0)  # the straight line goes through the measurement
+def test_committed_runs_are_those_finished_at_the_grids_length(tmp_path):
+    pd.DataFrame({"run_id": ["sweep/R2-noise40-gaf-seed0", "sweep/R1-noise40-gaf-seed0", "sweep/R1-noise0-gaf-seed0"],
+                  "status": ["finished", "running", "finished"], "train.iterations": [16_000, 16_000, 10_240]}
+                 ).to_csv(tmp_path / "runs.csv", index=False)
+    assert ge.committed_runs(tmp_path, 16_000) == {"R2-noise40-gaf-seed0"}
+    assert ge.committed_runs(tmp_path / "absent", 16_000) == set()
 
 
-def test_graph_capture_only_where_it_equals_eager():
-    ok = {"status": "PASS", "figures": {}}
-    graph_differs = {"status": "FAIL", "figures": {"fast_vs_gaf_step_state": 3e-7, "fast_vs_gaf_step_momentum": 1e-8}}
-    eager_wrong = {"status": "FAIL", "figures": {"fast_vs_gaf_step_state": 0.2, "fast_vs_gaf_step_momentum": 1e-8}}
-    assert ge.sweep_compile({"sync-free": ok, "fp32-equal": ok}, "cuda") == "graph"
-    assert ge.sweep_compile({"sync-free": ok, "fp32-equal": ok}, "cpu") == "none"
-    assert ge.sweep_compile({"sync-free": ok, "fp32-equal": graph_differs}, "cuda") == "none"
-    assert ge.sweep_compile({"sync-free": ok, "fp32-equal": eager_wrong}, "cuda") is None
-    assert ge.sweep_compile({"sync-free": {"status": "FAIL"}, "fp32-equal": ok}, "cuda") is None
+# ----------------------------------------------------------------------------- the planner
 
 
-def fake_sweep(monkeypatch, tmp_path, k: int, late: bool) -> tuple[list, list]:
-    """gpu_evidence.sweep with launch and write_outputs recorded instead of run."""
-    now = time.perf_counter()
-    a = SimpleNamespace(t0=now, deadline=now - 1 if late else now + 600, scale=ge.QUICK, jpeg=None, device="cpu",
-                        arms=ge.ARMS)
+@pytest.mark.parametrize("folder, measured_s", [("gpu-small-2060its", 165.5), ("gpu-small", 151.3)])
+def test_the_speed_model_predicts_the_recorded_h200_calls_within_15_percent(folder, measured_s):
+    """The two calls of 2026-12-04 (results/gpu-small*): their speeds as measured then, the wave they
+    ran (the runs' images; 20 validations) and its measured wall time. The planner of that day
+    predicted 261 s for the first (its k = 9 eval_s counted each validation at 4.5 s)."""
+    call = json.loads((ROOT / "results" / folder / "provenance.json").read_text())["gpu-small"]
+    speed = next(s for s in ge.call_speeds(call) if s.k == call["plan"]["k"])
+    assert call["sweep_wall_s"] == measured_s
+    predicted = speed.wave_s(call["images_seen"], 20)
+    assert abs(predicted / measured_s - 1) <= 0.15, predicted
+
+
+def test_the_newest_recorded_call_of_the_card_gives_the_speeds(tmp_path):
+    old = {"card": "X", "date": "2026-12-01 10:00 UTC", "speeds": [{"k": 1, "iter_s": 0.01, "eval_s": 0.5,
+                                                                   "start_s": 9.0}]}
+    new = {"card": "X", "date": "2026-12-02 10:00:00 UTC", "speeds": [{"k": 3, "rate": 1.0, "eval_s": 1, "start_s": 1}],
+           "speed_after": {"k": 3, "rate": 50_000.0, "eval_s": 0.4, "start_s": 12.0}}
+    other = {"card": "Y", "date": "2026-12-03 10:00:00 UTC", "speed_after": new["speed_after"], "speeds": [{}]}
+    for name, p in (("a", {"gpu-small": old}), ("b", {"calls": [new, other]})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "provenance.json").write_text(json.dumps(p))
+    assert ge.recorded_speeds("X", tmp_path) == [ge.Speed(3, 50_000.0, 0.4, 12.0)]
+    assert ge.recorded_speeds("Z", tmp_path) == []
+    assert ge.call_speeds(old) == [ge.Speed(1, 200 / 0.01, 0.5, 9.0)]
+
+
+def test_a_wave_remeasures_the_rate_and_the_rest_is_replanned():
+    speed = ge.Speed(3, 50_000.0, 0.5, 10.0)
+    plan = ge.Plan.make(ge.grid(1)[:9], [ge.Speed(1, 30_000.0, 0.5, 10.0), speed], ge.GPU)
+    assert plan.speed == speed and [len(w) for w in plan.waves] == [3, 3, 3]
+    images = 16_000 * (128 + 200 + 200)
+    assert plan.wave_s(plan.waves[0]) == pytest.approx(10 + images / 50_000 + 20 * 0.5)
+    slower = plan.after(plan.waves[0], wall_s=300.0)  # the wave took 300 s: the same waves will too
+    assert len(slower.waves) == 2 and slower.wave_s(slower.waves[0]) == pytest.approx(300.0)
+    assert slower.fitting(599) == 1 and slower.fitting(600) == 2 and slower.fitting(299) == 0
+    assert "2 waves of 3; 1 predicted to fit" in slower.describe(450)
+
+
+def fake_sweep(monkeypatch, tmp_path, budget_s: float, wall_s: float, fail=()) -> tuple[list, list, dict]:
+    """gpu_evidence.sweep with launch (each wave taking wall_s of make-believe time) and
+    write_outputs recorded instead of run."""
+    clock = [1000.0]
+    monkeypatch.setattr(ge.time, "perf_counter", lambda: clock[0])
+    a = SimpleNamespace(t0=clock[0], budget_s=budget_s, waves=None, deadline=clock[0] + budget_s + ge.GRACE_S, scale=ge.GPU,
+                        jpeg=None, device="cuda", out=tmp_path / "out")
     launched, written = [], []
-    monkeypatch.setattr(ge, "launch", lambda a, configs, dirs: launched.append([d.name for d in dirs])
-                        or {"images": 10 * len(dirs), "wall_s": 1.0})
-    monkeypatch.setattr(ge, "write_outputs", lambda out, work, record, scale: written.append(record["images_seen"]))
-    ge.sweep(a, ge.Plan(ge.sweep_runs(1), k, 24, 10.0, "test"), "none", tmp_path, tmp_path / "out", {"images_seen": 0})
-    return launched, written
 
-
-def test_the_sweep_writes_as_each_triplet_completes(monkeypatch, tmp_path):
-    launched, written = fake_sweep(monkeypatch, tmp_path, k=1, late=False)
-    assert [d for wave in launched for d in wave] == [r.name for r in ge.sweep_runs(1)]
-    assert written == [30, 60, 90]
-    launched, written = fake_sweep(monkeypatch, tmp_path, k=9, late=False)
-    assert len(launched) == 1 and written == [90]
-
-
-def test_the_sweep_stops_at_the_deadline_and_writes_what_it_has(monkeypatch, tmp_path, capsys):
-    launched, written = fake_sweep(monkeypatch, tmp_path, k=1, late=True)
-    assert len(launched) == 1 and written == [10]
-    assert "FAIL the deadline" in capsys.readouterr().out
-
-
-def test_graphed_runs_that_fail_fall_back_to_the_eager_fast_step(monkeypatch, tmp_path, capsys):
-    def measure(a, work, compile):
-        if compile == "graph":
+    def launch(a, configs, dirs):
+        clock[0] += wall_s
+        launched.append([d.name for d in dirs])
+        if len(launched) in fail:
             raise SystemExit("a run failed (exit 1): planted")
-        return [ge.Speed(1, 0.01, 0.1, 1.0)]
+        return {"images": 10 * len(dirs), "wall_s": wall_s}
 
-    monkeypatch.setattr(ge, "measure_speeds", measure)
-    a = SimpleNamespace(deadline=time.perf_counter() + 600)
-    assert ge.measure_or_fall_back(a, tmp_path, "graph") == ([ge.Speed(1, 0.01, 0.1, 1.0)], "none")
-    assert "FAIL the trainer with train.compile=graph: a run failed (exit 1): planted" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="planted"):  # the eager step failing too ends the call
-        monkeypatch.setattr(ge, "measure_speeds", lambda a, work, compile: measure(a, work, "graph"))
-        ge.measure_or_fall_back(a, tmp_path, "none")
+    monkeypatch.setattr(ge, "launch", launch)
+    monkeypatch.setattr(ge, "write_outputs", lambda out, work, record: written.append(record["images_seen"]))
+    record = {"images_seen": 0}
+    plan = ge.Plan.make(ge.grid(1)[:12], [ge.Speed(3, 1e9, 0.0, 1.0)], ge.GPU)  # predicts 1 s a wave
+    ge.sweep(a, plan, "graph", tmp_path, record)
+    return launched, written, record
 
 
-def test_refuses_a_cpu_sweep_and_missing_data(tmp_path, monkeypatch):
+def test_the_sweep_replans_after_each_wave_and_stops_before_one_that_would_not_fit(monkeypatch, tmp_path, capsys):
+    launched, written, record = fake_sweep(monkeypatch, tmp_path, budget_s=250, wall_s=100)
+    assert launched == [[r.name for r in ge.grid(1)[i : i + 3]] for i in (0, 3)]  # a third: 100 s of 50 left
+    assert written == [30, 60] and [w["predicted_s"] for w in record["waves"]] == [1.0, 100.0]
+    assert "stop: the next wave is predicted to take 100 s, 50 s are left; 2 waves not made" in capsys.readouterr().out
+
+
+def test_the_first_wave_runs_whatever_its_prediction_and_a_failed_wave_costs_not_the_rest(monkeypatch, tmp_path,
+                                                                                      capsys):
+    launched, written, record = fake_sweep(monkeypatch, tmp_path, budget_s=50, wall_s=100)
+    assert len(launched) == 1 and written == [30]
+    launched, written, record = fake_sweep(monkeypatch, tmp_path, budget_s=1000, wall_s=100, fail=(1,))
+    assert len(launched) == 4 and written == [0, 30, 60, 90]
+    assert "FAIL wave R2-noise40-baseline-seed0" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def test_this_calls_runs_join_the_committed_ones_and_every_call_is_listed(tmp_path):
+    out, new = tmp_path / "out", tmp_path / "new"
+    for d, ids, calls in ((out, ["sweep/a", "sweep/b"], [{"date": "1"}]), (new, ["sweep/b", "sweep/c"], None)):
+        d.mkdir()
+        for name in ("runs.csv", "curves.csv", "evals.csv"):
+            pd.DataFrame({"run_id": ids, "status": "finished", "where": d.name}).to_csv(d / name, index=False)
+        (d / "provenance.json").write_text(json.dumps({"experiment": "gpu-grid", **({"calls": calls} if calls else {})}))
+    ge.merge_into(out, new, {"date": "2"})
+    runs = pd.read_csv(out / "runs.csv")
+    assert list(runs["run_id"]) == ["sweep/a", "sweep/b", "sweep/c"] and list(runs["where"]) == ["out", "new", "new"]
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["calls"] == [{"date": "1"}, {"date": "2"}] and provenance["n_runs"] == 3
+
+
+def test_the_table_gives_the_seed_spread_and_gaf_minus_averaging_per_seed_pair():
+    rows = []
+    for seed, (avg, gaf) in enumerate([(60.0, 61.0), (62.0, 62.0), (64.0, 66.0)]):
+        for arm, best in (("averaging", avg), ("gaf", gaf), ("baseline", 50.0)):
+            rows.append({"regime": "R1", "noise": 0.4, "arm": arm, "seed": seed, "finished": True, "best": best,
+                         "final": best - 1, "fitted": 5.0, "taken": 100.0, "images": 1000, "distance": 0.96})
+    r = pd.DataFrame(rows)
+    diff = evidence_report.gaf_minus_averaging(r).iloc[0]
+    assert diff["seeds"] == 3 and diff["best: GAF - averaging (points)"] == "1.0 ± 1.0"
+    summary = evidence_report.summary_table(r)
+    assert list(summary.loc[summary["arm"] == "GAF (tau 0.97)", "best (%)"]) == ["63.0 ± 2.6"]
+    assert evidence_report.premise_lines(r, ge.REGIMES) == [
+        "- R1, the paper's optimizer (lr 0.01, weight decay 1e-2, plateau): the baseline at 40% noise fitted 5.0 ± 0.0% "
+        "of the flipped labels by its end: did not memorise (premise: >= 50%)."]
+
+
+def test_refuses_a_cpu_grid_and_missing_data(tmp_path):
     with pytest.raises(SystemExit):
         ge.parse_args(["--device", "cpu"])
     with pytest.raises(SystemExit):
         ge.parse_args(["--device", "cpu", "--quick", "--jpeg", str(tmp_path / "absent.tar.gz")])
 
 
-# ----------------------------------------------------------------------------- no Hydra on the device
+# ----------------------------------------------------------------------------- the dry run, without Hydra
 
 
-def test_imports_without_hydra(tmp_path):
-    code = ("import importlib.util as u, sys; sys.path.insert(0, 'scripts'); "
-            "assert u.find_spec('hydra') is None or 'hydra' in sys.modules; "
-            "import gpu_evidence; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('hydra', 'omegaconf') and sys.modules[m]]; "
-            "assert not bad, bad; print('imported')")
-    blocked = subprocess.run([sys.executable, "-c", "import hydra"], env=no_hydra_env(tmp_path), capture_output=True)
-    assert blocked.returncode != 0  # the shim works: hydra cannot be imported
-    got = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=no_hydra_env(tmp_path), capture_output=True,
-                         text=True)
-    assert got.returncode == 0 and "imported" in got.stdout, got.stderr
+def dry_run(tmp_path, out: Path, *extra: str) -> list[str]:
+    jpeg = tmp_path / "cifar10-jpeg-q75.tar.gz"
+    if not jpeg.is_file():
+        write_jpeg_tar(jpeg, CIFAR10, 20, 10)
+    cmd = [sys.executable, "scripts/gpu_evidence.py", "--device", "cpu", "--quick", "--jpeg", str(jpeg),
+           "--out", str(out), *extra]
+    got = subprocess.run(cmd, cwd=ROOT, env=no_hydra_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert got.returncode == 0, got.stdout[-3000:] + got.stderr[-3000:]
+    return got.stdout.splitlines()
 
 
 @pytest.mark.slow
-def test_the_dry_run_writes_every_output_in_the_real_format_without_hydra(tmp_path):
-    """`make gpu-evidence ARGS="--device cpu --quick"`: the same code path as on a GPU, in a Python
-    that cannot import Hydra (its run processes neither), on a tiny JPEG copy in the official layout."""
-    jpeg = write_jpeg_tar(tmp_path / "cifar10-jpeg-q75.tar.gz", CIFAR10, 20, 10)
-    out = tmp_path / "gpu-small"
-    cmd = [sys.executable, "scripts/gpu_evidence.py", "--device", "cpu", "--quick", "--jpeg", str(jpeg),
-           "--out", str(out), "--seeds", "1", "--budget-s", "300"]
-    got = subprocess.run(cmd, cwd=ROOT, env=no_hydra_env(tmp_path), capture_output=True, text=True, timeout=400)
-    assert got.returncode == 0, got.stdout[-3000:] + got.stderr[-3000:]
-    lines = got.stdout.splitlines()
+def test_the_dry_run_runs_every_stage_with_resnet18_and_a_second_call_continues_the_grid(tmp_path):
+    """`make gpu-evidence ARGS="--device cpu --quick"`: the GPU's code path in a Python that cannot
+    import Hydra, on a tiny JPEG copy in the official layout, ResNet18 in the preflight and the runs.
+    The first call makes one wave; the second continues from its outputs."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    lines = dry_run(tmp_path, first, "--waves", "1")
     assert [line.split()[1] for line in lines if line.startswith("PASS ")] == ["sync-free", "fp32-equal"]
-    assert sum(line.startswith("speed: ") for line in lines) >= 2 and "| runs | wall (s) |" in got.stdout
-    plan = next(line for line in lines if line.startswith("plan: "))
-    assert "9 runs" in plan and f"{ge.QUICK.cap} iterations each (the cap)" in plan
+    assert "resnet18" in next(line for line in lines if line.startswith("PASS fp32-equal"))
+    assert sum(line.startswith("speed: ") for line in lines) >= 2
+    assert any(line.startswith("plan: 30 runs to go in 10 waves of") for line in lines)
+    assert "stop: --waves 1 made; 9 waves not made" in lines
+    assert {f.name for f in first.iterdir()} == OUTPUTS  # at most 8 files: what the device call brings back
+    done = pd.read_csv(first / "runs.csv")
+    assert set(done["status"]) == {"finished"} and set(done["train.iterations"]) == {ge.QUICK.iterations}
+    assert set(done["run_id"].str.split("/").str[-1]) == {r.name for r in ge.grid(1)[:3]}
 
-    assert {f.name for f in out.iterdir()} == OUTPUTS  # at most 8 files: what the device call brings back
-    assert sum(f.stat().st_size for f in out.iterdir()) < ge.MAX_BYTES and not list(out.rglob("*.pt"))
-
-    runs = pd.read_csv(out / "runs.csv")
-    assert list(runs.columns[:3 + len(collect.SWEPT + collect.SUMMARY)]) == ["run_id", "experiment", "scale",
-                                                                            *collect.SWEPT, *collect.SUMMARY]
-    assert len(runs) == 9 and set(runs["status"]) == {"finished"} and set(runs["experiment"]) == {"gpu-small"}
-    assert sorted(runs["data.noise"].unique()) == [0.0, 0.4, 0.8] and set(runs["iterations"]) == {ge.QUICK.cap}
-    arms = runs.apply(ge.arm_of, axis=1)
-    assert sorted(arms.value_counts().to_dict().items()) == [("averaging", 3), ("baseline", 3), ("gaf", 3)]
-    evals, curves = pd.read_csv(out / "evals.csv"), pd.read_csv(out / "curves.csv")
-    assert {"val_acc", "mem_flipped_noisy_acc"} <= set(evals.columns)
+    lines = dry_run(tmp_path, second, "--waves", "1", "--committed", str(first))
+    assert len(done) == 3 and "grid: 27 of 30 runs to go (3 committed)" in lines
+    runs = pd.read_csv(second / "runs.csv")
+    assert set(runs["run_id"].str.split("/").str[-1]) == {r.name for r in ge.grid(1)[:6]}
+    assert len(runs) == 6 and runs.iloc[:3].equals(done)  # the committed rows kept as they were
+    provenance = json.loads((second / "provenance.json").read_text())
+    assert len(provenance["calls"]) == 2 and provenance["n_runs"] == len(runs)
+    record = provenance["calls"][-1]
+    assert record["card"] == "cpu" and record["speeds_from"] == "measured" and record["compile"] == "none"
+    assert {r["status"] for r in record["preflight"].values()} == {"PASS"}
+    assert all(w["wall_s"] > 0 for w in record["waves"])
+    evals, curves = pd.read_csv(second / "evals.csv"), pd.read_csv(second / "curves.csv")
     assert evals.groupby("run_id").size().eq(ge.QUICK.validations).all()
     # averaging and GAF start from the same weights on the same microbatches: the same first distance
-    first = curves[curves["iter"] == 1].set_index("run_id")["d_mean"]
-    for noise in (0, 40, 80):
-        assert first[f"sweep/noise{noise}-averaging-seed0"] == pytest.approx(first[f"sweep/noise{noise}-gaf-seed0"])
-
-    provenance = json.loads((out / "provenance.json").read_text())
-    assert provenance["experiment"] == "gpu-small" and provenance["n_finished"] == 9
-    record = provenance["gpu-small"]
-    assert record["card"] == "cpu" and record["torch"] and record["wall_s"] > 0 and record["images_per_s"] > 0
-    assert record["plan"]["iterations"] == ge.QUICK.cap and len(record["plan"]["runs"]) == 9
-    assert all(s["iter_s"] > 0 for s in record["speeds"]) and record["compile"] == "none"
-    assert {r["status"] for r in record["preflight"].values()} == {"PASS"}
-    table = (out / "table.md").read_text()
-    assert table.count("| 40% |") == 3 and "averaging (tau 2)" in table and "images seen" in table
-    assert "| sync-free | PASS |" in (out / "preflight.md").read_text()
-    assert not math.isnan(first.iloc[0])
+    first_d = curves[curves["iter"] == 1].set_index("run_id")["d_mean"]
+    assert first_d["sweep/R2-noise40-averaging-seed0"] == pytest.approx(first_d["sweep/R2-noise40-gaf-seed0"])
+    table = (second / "table.md").read_text()
+    assert "| R2 | 40% | GAF (tau 0.97) | 1 |" in table and "GAF minus averaging" in table
+    assert "| fp32-equal | PASS |" in (second / "preflight.md").read_text()
