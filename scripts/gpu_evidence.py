@@ -382,7 +382,8 @@ def merge_into(out: Path, new: Path, record: dict) -> None:
     provenance = json.loads((new / "provenance.json").read_text())
     calls = [c for c in old.get("calls", []) if c.get("date") != record["date"]] + [record]
     runs = pd.read_csv(out / "runs.csv")
-    provenance.update(n_runs=len(runs), n_finished=int((runs["status"] == "finished").sum()), calls=calls)
+    provenance.update(n_runs=len(runs), n_finished=int((runs["status"] == "finished").sum()), calls=calls,
+                      run_roots=["TMP/sweep"])  # each call's temporary folder
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str) + "\n")
 
 
@@ -398,7 +399,10 @@ def check_sizes(out: Path) -> None:
 
 
 def command_line() -> str:
-    return " ".join(["python", "scripts/gpu_evidence.py", *sys.argv[1:]])
+    """This call's command line, with ``$OUT`` for the device tool's output folder: committed
+    files name no machine's paths."""
+    text = " ".join(["python", "scripts/gpu_evidence.py", *sys.argv[1:]])
+    return text.replace(os.environ["OUT"], "$OUT") if os.environ.get("OUT") else text
 
 
 def parse_args(argv=None) -> argparse.Namespace:
