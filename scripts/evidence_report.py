@@ -1,6 +1,7 @@
 """The GPU grid's figure and table (scripts/gpu_evidence.py), from its result files alone.
 
-    python scripts/evidence_report.py results/gpu-grid      # redraw gpu-grid.png/.pdf and table.md
+    python scripts/evidence_report.py results/gpu-grid      # redraw gpu-grid.png/.pdf and table.md; print
+                                                            # the README's summary table
 
 Figure: one pair of rows per optimizer regime (validation accuracy, solid, and flipped training
 labels fitted, dashed, per arm as the mean over seeds with their range shaded; beneath, plain
@@ -115,6 +116,28 @@ def gaf_minus_averaging(r: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def signed(values: pd.Series) -> str:
+    """pm with the mean's sign always shown (a difference)."""
+    text = pm(values)
+    return text if text.startswith(("-", "—")) else "+" + text
+
+
+def readme_table(out: Path, regimes: dict) -> str:
+    """The README's summary: per regime and noise level run so far, GAF minus averaging (best and
+    final, mean +- std over seed pairs) and the flipped labels each arm fitted."""
+    runs, evals, curves = load(out, regimes)
+    r = ordered(per_run(runs, evals, curves), regimes)
+    done = r[r["finished"]]
+    lines = ["| regime | noise | seeds | best: GAF - averaging | final: GAF - averaging | "
+             "fitted: averaging / GAF / baseline (%) |", "|---|---|---|---|---|---|"]
+    for (regime, noise), g in done.groupby(["regime", "noise"], sort=False):
+        pair = g.pivot_table(index="seed", columns="arm", values=["best", "final"]).dropna()
+        fitted = " / ".join(pm(g.loc[g["arm"] == arm, "fitted"]) for arm in ("averaging", "gaf", "baseline"))
+        lines.append(f"| {regime} | {noise:.0%} | {len(pair)} | {signed(pair['best']['gaf'] - pair['best']['averaging'])}"
+                     f" | {signed(pair['final']['gaf'] - pair['final']['averaging'])} | {fitted} |")
+    return "\n".join(lines)
+
+
 def premise_lines(r: pd.DataFrame, regimes: dict) -> list[str]:
     """Whether each regime's batch-128 baseline memorised at 40% noise (R2 was chosen for it)."""
     lines = []
@@ -205,5 +228,6 @@ def draw(out: Path, experiment: str, regimes: dict) -> None:
 if __name__ == "__main__":
     from gpu_evidence import EXPERIMENT, REGIMES
 
-    draw(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "results" / EXPERIMENT,
-         EXPERIMENT, REGIMES)
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "results" / EXPERIMENT
+    draw(out, EXPERIMENT, REGIMES)
+    print(readme_table(out, REGIMES))  # the README's summary of the grid

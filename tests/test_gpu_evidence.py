@@ -253,3 +253,10 @@ def test_the_dry_run_runs_every_stage_with_resnet18_and_a_second_call_continues_
     table = (second / "table.md").read_text()
     assert "| R2 | 40% | GAF (tau 0.97) | 1 |" in table and "GAF minus averaging" in table
     assert "| fp32-equal | PASS |" in (second / "preflight.md").read_text()
+
+
+def test_the_readmes_summary_of_the_grid_is_what_the_committed_results_give():
+    out = ROOT / "results" / ge.EXPERIMENT
+    if not (out / "runs.csv").is_file():
+        pytest.skip("no committed grid results in this checkout")
+    assert evidence_report.readme_table(out, ge.REGIMES) in (ROOT / "README.md").read_text()
