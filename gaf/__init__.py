@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 _EXPORTS = {
     "AdaptiveTau": "gaf.filter",
     "FilterResult": "gaf.filter",
+    "FusedSteps": "gaf.fused",
     "agreement_weights": "gaf.filter",
     "cosine_distance": "gaf.filter",
     "filter_gradients": "gaf.filter",

@@ -1,0 +1,366 @@
+"""The fused step (gaf/fused.py): K runs stepped as one program equal K single runs.
+
+Why not bit for bit: vmap turns each member's convolution into one grouped convolution
+over K members and each BatchNorm into one over K*C channels, and the Gram matrix and
+aggregate into bmm; those kernels sum in another order than the single run's, so
+gradients, distances and statistics differ by fp32 rounding (measured below: ~1e-7).
+What must be exact: every decision, every step taken, and a refused member's bits.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from gaf.fast import FastGAFStep, FastPlainStep, StandInGraphs
+from gaf.filter import agreement_weights_unchecked
+from gaf.fused import FusedSteps, unstack_stats
+from gaf.models import build_model
+from gaf.optim import MaskedSGD
+
+# Bounds, each well above the worst difference measured on this CPU (torch 2.14, 1 thread).
+DIST_TOL = 1e-6  # cosine distances, absolute (measured <= 1.2e-7: one ulp near 1)
+# The state after one step from the same state: |fused - single| <= STEP_REL * |the step's change| + STEP_ULPS
+# ulps of the tensor's largest value. Measured beyond 2 ulps: <= 7.4e-6 of the change (resnet18's momentum),
+# 2.5e-6 (tiny), 2.1e-6 (cnn4); integer buffers (num_batches_tracked) exactly equal.
+STEP_REL, STEP_ULPS = 1e-4, 2
+TRAJ_TOL = 1e-5  # tiny's whole 10-step trajectory, absolute (measured <= 7e-7)
+
+MOMENTUM, NESTEROV = 0.9, True
+LABEL_SMOOTHING = nn.CrossEntropyLoss(label_smoothing=0.1)
+
+
+def models_of(name, seeds, classes=10, **size):
+    out = []
+    for s in seeds:
+        torch.manual_seed(s)
+        out.append(build_model(name, classes, **size))
+    return out
+
+
+def batches(K, n, b, steps, seed=0, size=16, classes=10):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(K, n, b, 3, size, size, generator=gen), torch.randint(0, classes, (K, n, b), generator=gen))
+            for _ in range(steps)]
+
+
+def single_runs(models, lrs, wds, taus, merges, losses):
+    """One FastGAFStep (or FastPlainStep, tau None) with its own MaskedSGD per member, on copies."""
+    runs = []
+    for k, m in enumerate(models):
+        m = copy.deepcopy(m)
+        opt = MaskedSGD(m.parameters(), lr=lrs[k], momentum=MOMENTUM, nesterov=NESTEROV, weight_decay=wds[k])
+        step = (FastPlainStep(m, opt, losses[k]) if taus is None else
+                FastGAFStep(m, opt, losses[k], taus[k], merges[k]))
+        runs.append((m, opt, step))
+    return runs
+
+
+def run_state(model, opt):
+    """A single run's state as flat tensors by name: parameters, buffers, momentum."""
+    out = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for i, p in enumerate(model.parameters()):
+        out[f"momentum.{i}"] = opt.state[p]["momentum_buffer"].clone() if p in opt.state else torch.zeros_like(p)
+    return out
+
+
+def fused_state(fused, k):
+    model, opt = fused.member_state(k)
+    out = dict(model)
+    for i, shape in enumerate(fused._shapes):
+        st = opt["state"].get(i)
+        out[f"momentum.{i}"] = st["momentum_buffer"] if st else torch.zeros(shape)
+    return out
+
+
+def worst(a, b):
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].numel())
+
+
+def assert_close_step(before, fused_after, single_after):
+    """Each tensor: the fused and single results agree to STEP_REL of what the step changed,
+    plus STEP_ULPS ulps of its values (a value near 1 that moved by 1e-3 may differ by its last bit)."""
+    eps = torch.finfo(torch.float32).eps
+    for key in before:
+        if not before[key].is_floating_point():
+            assert torch.equal(fused_after[key], single_after[key]), key
+            continue
+        if not before[key].numel():
+            continue
+        change = (single_after[key].double() - before[key].double()).abs().max().item()
+        ulp = eps * single_after[key].double().abs().max().item()
+        diff = (fused_after[key].double() - single_after[key].double()).abs().max().item()
+        assert diff <= STEP_REL * change + STEP_ULPS * ulp, (
+            f"{key}: differs by {diff:.3g}, the step changed it by {change:.3g}")
+
+
+def assert_same_decisions(fused_stats, single_stats):
+    for k, (f, s) in enumerate(zip(unstack_stats(fused_stats), single_stats)):
+        assert torch.equal(f.stepped, s.stepped) and torch.equal(f.accepted, s.accepted), f"member {k}"
+        assert f.distances.shape == s.distances.shape
+        assert (f.distances - s.distances).abs().max().item() <= DIST_TOL if s.distances.numel() else True
+        assert torch.equal(f.correct, s.correct), f"member {k}"
+        assert abs(f.loss.item() - s.loss.item()) <= 1e-5 * max(1.0, abs(s.loss.item()))
+        assert f.tau.item() == s.tau.item() or (f.tau.isnan() and s.tau.isnan())
+        assert f.samples == s.samples
+
+
+# --------------------------------------------------------------- a GAF group against its members alone
+
+GAF_SETTINGS = dict(taus=[2.0, 0.97, 0.9], merges=["mean", "halving", "halving"], lrs=[0.05, 0.1, 0.02],
+                    wds=[0.0, 5e-4, 1e-3], losses=[F.cross_entropy, F.cross_entropy, LABEL_SMOOTHING])
+
+
+def fused_group(models, taus, merges, lrs, wds, losses, **kw):
+    return FusedSteps(models, lr=lrs, weight_decay=wds, momentum=MOMENTUM, nesterov=NESTEROV, tau=taus, merge=merges,
+                      loss=losses, **kw)
+
+
+def test_gaf_group_equals_members_step_by_step():
+    """From the same state each step (copied from the fused member into its single run)."""
+    models = models_of("tiny", [0, 1, 2])
+    fused = fused_group(models, **GAF_SETTINGS)
+    singles = single_runs(models, **GAF_SETTINGS)
+    taken = []
+    for xs, ys in batches(3, 3, 8, 10):
+        for k, (m, opt, _) in enumerate(singles):
+            model_state, opt_state = fused.member_state(k)
+            m.load_state_dict(model_state), opt.load_state_dict(opt_state)
+        before = [run_state(m, opt) for m, opt, _ in singles]
+        stats = fused(xs, ys)
+        single_stats = [step(xs[k], ys[k]) for k, (_, _, step) in enumerate(singles)]
+        assert_same_decisions(stats, single_stats)
+        for k, (m, opt, _) in enumerate(singles):
+            assert_close_step(before[k], fused_state(fused, k), run_state(m, opt))
+        taken.append(stats.stepped.tolist())
+    flat = sum(taken, [])
+    assert any(flat) and not all(flat), "the settings should produce both taken and refused steps"
+
+
+def test_gaf_group_equals_members_whole_runs():
+    """tiny is calm enough over 10 steps for whole trajectories to stay within fp32 rounding."""
+    models = models_of("tiny", [3, 4, 5])
+    fused = fused_group(models, **GAF_SETTINGS)
+    singles = single_runs(models, **GAF_SETTINGS)
+    for xs, ys in batches(3, 3, 8, 10, seed=1):
+        stats = fused(xs, ys)
+        assert_same_decisions(stats, [step(xs[k], ys[k]) for k, (_, _, step) in enumerate(singles)])
+    for k, (m, opt, _) in enumerate(singles):
+        assert worst(fused_state(fused, k), run_state(m, opt)) <= TRAJ_TOL
+
+
+def test_resnet18_step_by_step():
+    """The paper's network (chaotic over whole runs): two steps from the same state, b = 10."""
+    settings = dict(taus=[2.0, 0.99], merges=["mean", "halving"], lrs=[0.05, 0.1], wds=[5e-4, 0.0],
+                    losses=[F.cross_entropy, F.cross_entropy])
+    models = models_of("resnet18", [0, 1], classes=100)
+    fused = fused_group(models, **settings)
+    singles = single_runs(models, **settings)
+    for xs, ys in batches(2, 2, 10, 2, size=32, classes=100):
+        for k, (m, opt, _) in enumerate(singles):
+            m.load_state_dict(fused.member_state(k)[0]), opt.load_state_dict(fused.member_state(k)[1])
+        before = [run_state(m, opt) for m, opt, _ in singles]
+        stats = fused(xs, ys)
+        assert_same_decisions(stats, [step(xs[k], ys[k]) for k, (_, _, step) in enumerate(singles)])
+        for k, (m, opt, _) in enumerate(singles):
+            assert_close_step(before[k], fused_state(fused, k), run_state(m, opt))
+
+
+def test_refused_member_keeps_its_bits_while_the_others_step():
+    models = models_of("tiny", [0, 1, 2])
+    fused = FusedSteps(models, lr=0.1, weight_decay=1e-3, momentum=MOMENTUM, nesterov=NESTEROV, tau=2.0)
+    (x1, y1), (x2, y2) = batches(3, 2, 8, 2)
+    fused(x1, y1)  # all take it: momentum is non-zero from here on
+    fused.set_tau(1, 0.0)  # nothing agrees within distance 0
+    before = [fused_state(fused, k) for k in range(3)]
+    stats = fused(x2, y2)
+    assert stats.stepped.tolist() == [True, False, True]
+    after = [fused_state(fused, k) for k in range(3)]
+    for key, value in before[1].items():
+        if "running" in key or "num_batches" in key:  # the forward passes ran: statistics move as in FastGAFStep
+            assert not torch.equal(value, after[1][key]), key
+        else:
+            assert torch.equal(value, after[1][key]), f"{key} changed on a refused step"
+    for k in (0, 2):
+        assert not torch.equal(before[k]["0.weight"], after[k]["0.weight"])
+        assert not torch.equal(before[k]["momentum.0"], after[k]["momentum.0"])
+    assert after[1]["1.num_batches_tracked"] == before[1]["1.num_batches_tracked"] + 2
+
+
+# --------------------------------------------------------------- the baseline: n = 1, plain steps
+
+BASELINE = dict(taus=None, merges=None, lrs=[0.05, 0.1, 0.02], wds=[0.0, 5e-4, 1e-3],
+                losses=[F.cross_entropy, LABEL_SMOOTHING, F.cross_entropy])
+
+
+def test_baseline_group_equals_plain_steps():
+    models = models_of("cnn4", [0, 1, 2], width=8)
+    fused = fused_group(models, **BASELINE)
+    singles = single_runs(models, **BASELINE)
+    for xs, ys in batches(3, 1, 16, 6):
+        for k, (m, opt, _) in enumerate(singles):
+            m.load_state_dict(fused.member_state(k)[0]), opt.load_state_dict(fused.member_state(k)[1])
+        before = [run_state(m, opt) for m, opt, _ in singles]
+        stats = fused(xs, ys)
+        assert stats.distances.shape == (3, 0) and stats.stepped.all() and stats.tau.isnan().all()
+        assert_same_decisions(stats, [step(xs[k], ys[k]) for k, (_, _, step) in enumerate(singles)])
+        for k, (m, opt, _) in enumerate(singles):
+            assert_close_step(before[k], fused_state(fused, k), run_state(m, opt))
+
+
+# --------------------------------------------------------------- per-member state
+
+def test_member_state_has_a_single_runs_format():
+    models = models_of("tiny", [0, 1])
+    fused = FusedSteps(models, lr=[0.1, 0.2], weight_decay=[0.0, 1e-3], momentum=MOMENTUM, nesterov=NESTEROV, tau=0.9)
+    (m, opt, step), = single_runs(models[:1], [0.1], [0.0], [0.9], ["halving"], [F.cross_entropy])
+    assert fused.member_state(0)[1] == {**opt.state_dict(), "param_groups": [
+        {**opt.state_dict()["param_groups"][0], "capturable": True}]}  # before a step: no state yet
+    xs, ys = batches(2, 2, 8, 1)[0]
+    fused(xs, ys), step(xs[0], ys[0])
+    model_state, opt_state = fused.member_state(1)
+    assert list(model_state) == list(m.state_dict())
+    ref = opt.state_dict()
+    assert set(opt_state) == set(ref) and set(opt_state["state"]) == set(ref["state"])
+    assert opt_state["param_groups"][0].keys() == ref["param_groups"][0].keys()
+    assert opt_state["param_groups"][0]["lr"] == 0.2 and opt_state["param_groups"][0]["weight_decay"] == 1e-3
+    for i, st in ref["state"].items():
+        assert st.keys() == opt_state["state"][i].keys()
+    other = copy.deepcopy(m)
+    other.load_state_dict(model_state)  # strict: every key, every shape
+    MaskedSGD(other.parameters(), lr=0.1, momentum=MOMENTUM, nesterov=NESTEROV).load_state_dict(opt_state)
+
+
+def test_load_member_round_trip_and_resume():
+    """A group rebuilt from other weights and loaded with the member states continues exactly
+    as the unbroken group (same program, same data: bit for bit), and loads in place."""
+    data = batches(3, 3, 8, 6, seed=2)
+    unbroken = fused_group(models_of("tiny", [0, 1, 2]), **GAF_SETTINGS)
+    for xs, ys in data[:3]:
+        unbroken(xs, ys)
+    saved = [copy.deepcopy(unbroken.member_state(k)) for k in range(3)]
+    for xs, ys in data[3:]:
+        unbroken(xs, ys)
+
+    resumed = fused_group(models_of("tiny", [7, 8, 9]), **{**GAF_SETTINGS, "lrs": 1.0, "wds": 0.0})
+    addresses = [resumed.flat.data_ptr(), resumed.momentum_flat.data_ptr()] + [
+        t.data_ptr() for t in resumed.buffers.values()]
+    for k, (model_state, opt_state) in enumerate(saved):
+        resumed.load_member(k, model_state, opt_state)
+    assert [fused_state(resumed, k)["0.weight"].tolist() for k in range(3)] == [
+        s[0]["0.weight"].tolist() for s in saved]
+    for xs, ys in data[3:]:
+        resumed(xs, ys)
+    for k in range(3):
+        a, b = fused_state(resumed, k), fused_state(unbroken, k)
+        assert all(torch.equal(a[key], b[key]) for key in a), f"member {k}"
+        assert resumed.member_state(k)[1]["param_groups"] == unbroken.member_state(k)[1]["param_groups"]
+    assert addresses == [resumed.flat.data_ptr(), resumed.momentum_flat.data_ptr()] + [
+        t.data_ptr() for t in resumed.buffers.values()]
+
+
+def test_lr_and_weight_decay_are_read_live():
+    """A schedule writes param_groups[k][0]["lr"]; the next step uses it (as MaskedSGD.refresh_lr)."""
+    models = models_of("tiny", [0, 1])
+    settings = dict(taus=[2.0, 2.0], merges=["mean", "mean"], lrs=[0.1, 0.1], wds=[0.0, 0.0],
+                    losses=[F.cross_entropy] * 2)
+    fused, singles = fused_group(models, **settings), single_runs(models, **settings)
+    for it, (xs, ys) in enumerate(batches(2, 2, 8, 3)):
+        fused.param_groups[1][0]["lr"] = singles[1][1].param_groups[0]["lr"] = 0.1 / (it + 1)
+        fused.param_groups[0][0]["weight_decay"] = singles[0][1].param_groups[0]["weight_decay"] = 1e-2 * it
+        fused(xs, ys)
+        for k, (_, _, step) in enumerate(singles):
+            step(xs[k], ys[k])
+    for k, (m, opt, _) in enumerate(singles):
+        assert worst(fused_state(fused, k), run_state(m, opt)) <= TRAJ_TOL
+
+
+# --------------------------------------------------------------- the device-side pieces
+
+def test_agreement_per_member_equals_the_scalar_one():
+    """Per-member tau and merge (both merges in one group), a non-finite member included."""
+    taus, merges = [2.0, 0.5, 0.8, 0.0, 0.9], ["mean", "halving", "mean", "halving", "halving"]
+    fused = FusedSteps(models_of("tiny", [0] * 5), lr=0.1, tau=taus, merge=merges)
+    f = torch.randn(5, 4, 50, generator=torch.Generator().manual_seed(0))
+    f[2, 1] = f[2, 0] + 0.1 * f[2, 1]  # close to the first: accepted at 0.8
+    gram = f @ f.mT
+    gram[4, 2, 2] = float("nan")
+    out = fused._agreement(gram)
+    for k in range(5):
+        ref = agreement_weights_unchecked(gram[k], torch.tensor(taus[k], dtype=torch.float64), merges[k])
+        for a, r in zip(out, ref):
+            assert torch.equal(a[k], r) or (a[k].isnan() == r.isnan()).all() and torch.equal(
+                a[k].nan_to_num(), r.nan_to_num()), f"member {k}"
+    assert out[1][:, 1:].any(1).tolist() == [True, False, True, False, False]
+
+
+class _NoHostSync(TorchDispatchMode):
+    """Fails on any op that reads a device value to the host (.item(), bool(), nonzero)."""
+
+    SYNCING = ("_local_scalar_dense", "nonzero", "is_nonzero", "masked_select")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.SYNCING:
+            raise AssertionError(f"host sync: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("baseline", [False, True])
+def test_the_step_reads_nothing_back_to_the_host(baseline):
+    fused = fused_group(models_of("tiny", [0, 1, 2]), **(BASELINE if baseline else GAF_SETTINGS))
+    data = batches(3, 1 if baseline else 3, 8, 2)
+    fused(*data[0])
+    fused.param_groups[0][0]["lr"] = 0.3  # a schedule's change is a fill, not a sync
+    with _NoHostSync():
+        fused(*data[1])
+
+
+def test_graph_capture_bookkeeping_with_a_stand_in():
+    """compile='graph': warm-up calls, one capture, replays on static inputs; equal to eager."""
+    graphs = StandInGraphs()
+    graphed = fused_group(models_of("tiny", [0, 1, 2]), **GAF_SETTINGS, compile="graph", graphs=graphs)
+    eager = fused_group(models_of("tiny", [0, 1, 2]), **GAF_SETTINGS)
+    for xs, ys in batches(3, 3, 8, 6):
+        a, b = graphed(xs, ys), eager(xs, ys)
+        assert all(torch.equal(a.tensors()[k], b.tensors()[k]) for k in a.tensors())
+    assert (graphs.warmups, graphs.captures, graphs.replays) == (3, 1, 3)
+    assert torch.equal(graphed.flat, eager.flat) and torch.equal(graphed.momentum_flat, eager.momentum_flat)
+
+
+# --------------------------------------------------------------- bad input
+
+def test_bad_input_is_one_clear_value_error_each():
+    tiny = models_of("tiny", [0, 1])
+    ok = dict(lr=0.1, tau=0.9)
+    cases = [
+        (lambda: FusedSteps([tiny[0], build_model("tiny", 10, width=8)], **ok), "architecture"),
+        (lambda: FusedSteps([tiny[0], build_model("cnn4", 10)], **ok), "architecture"),
+        (lambda: FusedSteps([], **ok), "non-empty"),
+        (lambda: FusedSteps(tiny, lr=0.1, tau=0.9, merge="median"), "merge"),
+        (lambda: FusedSteps(tiny, lr=0.1, tau=[0.9, 2.5]), "tau"),
+        (lambda: FusedSteps(tiny, lr=0.1, tau=-0.1), "tau"),
+        (lambda: FusedSteps(tiny, lr=[0.1, 0.1, 0.1], tau=0.9), "one per member"),
+        (lambda: FusedSteps(tiny, lr=-1.0, tau=0.9), "lr"),
+        (lambda: FusedSteps(tiny, lr=0.1, nesterov=True, tau=0.9), "nesterov"),
+    ]
+    for make, words in cases:
+        with pytest.raises(ValueError, match=words):
+            make()
+    fused = FusedSteps(tiny, **ok, momentum=0.9)
+    x, y = torch.randn(2, 2, 4, 3, 8, 8), torch.randint(0, 10, (2, 2, 4))
+    for xs, ys in [(x[:1], y[:1]), (x, y[:, :, :3]), (x[:, :1], y[:, :1]), (x[0], y[0]), (x, y.float()[None])]:
+        with pytest.raises(ValueError, match=r"\(K=2, n, b|n >= 2"):
+            fused(xs, ys)
+    with pytest.raises(ValueError, match="tau"):
+        fused.set_tau(0, 3.0)
+    model_state, opt_state = fused.member_state(0)
+    with pytest.raises(ValueError, match="missing"):
+        fused.load_member(1, {k: v for k, v in model_state.items() if k != "0.weight"}, opt_state)
+    with pytest.raises(ValueError, match="momentum"):
+        fused.load_member(1, model_state, {**opt_state, "param_groups": [{**opt_state["param_groups"][0],
+                                                                          "momentum": 0.5}]})
+    with pytest.raises(ValueError, match="member must be"):
+        fused.member_state(2)
