@@ -29,6 +29,7 @@ WHERE = {
     "random": ({"data": {"name": "random"}}, {"data": {"name": "cifar100"}}),
     "sgd": ({"optim": {"name": "sgd"}}, {"optim": {"name": "adam"}}),
     "adam": ({"optim": {"name": "adamw"}}, {"optim": {"name": "sgd"}}),
+    "plateau": ({"optim": {"schedule": "plateau"}}, {"optim": {"schedule": "cosine"}}),
     "distributed": ({"distributed": True}, {}),
 }
 # A valid value away from each conditional setting's default.
@@ -36,7 +37,8 @@ OTHER = {"data.label_file": "labels.pt", "data.fallback": "cifar10", "data.fallb
          "data.jpeg_path": "copy.tar.gz", "data.random_train": 700, "data.random_test": 70, "method.tau": 0.5,
          "method.n_micro": 3, "method.per_class": 2, "method.merge": "mean", "method.replacement": True,
          "method.adaptive_k": 1.0, "method.adaptive_window": 50, "method.batch_size": 64, "optim.momentum": 0.5,
-         "optim.nesterov": False, "optim.betas": [0.8, 0.99], "dist_mode": "allgather",
+         "optim.nesterov": False, "optim.betas": [0.8, 0.99],
+         "optim.plateau_factor": 0.5, "optim.plateau_patience": 10, "dist_mode": "allgather",
          "method.forget_rate": 0.3, "method.ramp_epochs": 5.0, "loss.smoothing": 0.2, "loss.q": 0.5,
          "loss.alpha": 1.0, "loss.beta": 2.0}
 CONDITIONAL = [(key, f.metadata["rule"].applies) for key, f, _ in settings(RunConfig) if f.metadata["rule"].applies]
