@@ -260,3 +260,18 @@ def test_the_readmes_summary_of_the_grid_is_what_the_committed_results_give():
     if not (out / "runs.csv").is_file():
         pytest.skip("no committed grid results in this checkout")
     assert evidence_report.readme_table(out, ge.REGIMES) in (ROOT / "README.md").read_text()
+
+
+def test_the_grids_second_call_planned_from_the_firsts_recorded_rate_within_15_percent():
+    """results/gpu-grid: the first call predicted its first wave from another day's speeds (189 s for
+    364 s: calls differ); the second, planned from the rate the first call's wave measured, predicted
+    its wave within 15%."""
+    calls = json.loads((ROOT / "results" / ge.EXPERIMENT / "provenance.json").read_text())["calls"]
+    first, second = calls[0], calls[1]
+    speed = ge.call_speeds(first)[0]
+    wave = second["waves"][0]
+    runs = [r for r in ge.grid(3) if r.name in wave["runs"]]
+    predicted = ge.Plan(waves=[runs], speed=speed, iterations=ge.GPU.iterations, validations=ge.GPU.validations,
+                        scale=ge.GPU).wave_s(runs)
+    assert predicted == pytest.approx(wave["predicted_s"], abs=0.1)
+    assert abs(predicted / wave["wall_s"] - 1) <= 0.15
