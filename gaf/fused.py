@@ -288,14 +288,14 @@ class FusedSteps:
         """MaskedSGD's update on the stacked (K, P) state, from ``self.agg``; member k moves
         iff mask[k]. A refused member multiplies by exactly 1 and adds exactly 0."""
         params, maskf = self.flat, mask.to(self.flat.dtype)[:, None]
-        d = self.agg.add_(params * self._wd[:, None]).mul_(maskf)  # grad + wd * param, as foreach_add(alpha=wd)
+        d = self.agg.addcmul_(params, self._wd[:, None]).mul_(maskf)  # (grad + wd * param), x1 or x0: exact
         if self.momentum:
             bufs = self.momentum_flat
             bufs.mul_(torch.where(mask, self.momentum, 1.0).to(params.dtype)[:, None]).add_(d)
             if self.nesterov:
                 d.add_(bufs, alpha=self.momentum).mul_(maskf)
             else:
-                d = torch.mul(bufs, maskf)
+                d.copy_(bufs).mul_(maskf)
         params.add_(d.mul_(-self._lr[:, None]))  # the capturable MaskedSGD's rounding: (-lr * d) + param
 
     # ------------------------------------------------------------------ CUDA graph

@@ -5,8 +5,14 @@ over K members and each BatchNorm into one over K*C channels, and the Gram matri
 aggregate into bmm; those kernels sum in another order than the single run's, so
 gradients, distances and statistics differ by fp32 rounding (measured below: ~1e-7).
 What must be exact: every decision, every step taken, and a refused member's bits.
-"""
 
+Why the tight comparisons use ``smooth`` copies of tiny and cnn4 (ReLU -> SiLU, max-pool ->
+average pool): at a ReLU or max-pool kink the gradient jumps with the forward's last bit.
+Seen here: a cnn4 pre-ReLU value of 4e-7, whose sign the two summation orders disagreed
+on, moved one element of a step's momentum by 1e-3 of the step. On smooth networks the
+bound is a property and not one seed's luck; the real ReLU networks are compared with a
+bound that a kink cannot break but a wrong weight, statistic or setting does (resnet18 too).
+"""
 import copy
 
 import pytest
@@ -23,22 +29,38 @@ from gaf.optim import MaskedSGD
 
 # Bounds, each well above the worst difference measured on this CPU (torch 2.14, 1 thread).
 DIST_TOL = 1e-6  # cosine distances, absolute (measured <= 1.2e-7: one ulp near 1)
-# The state after one step from the same state: |fused - single| <= STEP_REL * |the step's change| + STEP_ULPS
-# ulps of the tensor's largest value. Measured beyond 2 ulps: <= 7.4e-6 of the change (resnet18's momentum),
-# 2.5e-6 (tiny), 2.1e-6 (cnn4); integer buffers (num_batches_tracked) exactly equal.
+# Smooth networks, the state after one step from the same state: |fused - single| <= STEP_REL * |the step's
+# change| + STEP_ULPS ulps of the tensor's largest value. Measured beyond 2 ulps: <= 3.1e-6 of the change
+# (smooth tiny), 2.8e-6 (smooth cnn4); integer buffers (num_batches_tracked) exactly equal.
 STEP_REL, STEP_ULPS = 1e-4, 2
-TRAJ_TOL = 1e-5  # tiny's whole 10-step trajectory, absolute (measured <= 7e-7)
+TRAJ_TOL = 1e-5  # smooth tiny's whole 10-step trajectory, absolute (measured <= 1.2e-7)
+# ReLU networks, one step from the same state: per tensor, |fused - single| (L2, beyond one fp32 rounding per
+# element) <= KINK_REL * |the step's change| (L2), as scripts/gpu_check.py's fp32-equal. Measured: <= 4.1e-6
+# (tiny, cnn4, resnet18) except the one step where a cnn4 kink flipped: 4.4e-3.
+KINK_REL = 3e-2
 
 MOMENTUM, NESTEROV = 0.9, True
 LABEL_SMOOTHING = nn.CrossEntropyLoss(label_smoothing=0.1)
 
 
-def models_of(name, seeds, classes=10, **size):
+def smooth(model):
+    """ReLU -> SiLU and max-pool -> average pool, in place (module docstring)."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.ReLU):
+            setattr(model, name, nn.SiLU())
+        elif isinstance(child, nn.MaxPool2d):
+            setattr(model, name, nn.AvgPool2d(child.kernel_size, child.stride))
+        else:
+            smooth(child)
+    return model
+
+
+def models_of(name, seeds, classes=10, smoothed=False, **size):
     out = []
     for s in seeds:
         torch.manual_seed(s)
         out.append(build_model(name, classes, **size))
-    return out
+    return [smooth(m) for m in out] if smoothed else out
 
 
 def batches(K, n, b, steps, seed=0, size=16, classes=10):
@@ -97,6 +119,21 @@ def assert_close_step(before, fused_after, single_after):
             f"{key}: differs by {diff:.3g}, the step changed it by {change:.3g}")
 
 
+def relative_l2(before, fused_after, single_after) -> float:
+    """Worst over tensors of |fused - single| / |single's change| (L2 norms), each element's
+    difference less one fp32 rounding of its value; integer buffers must be equal."""
+    eps, worst_seen = torch.finfo(torch.float32).eps, 0.0
+    for key in before:
+        f, w, b = fused_after[key].double(), single_after[key].double(), before[key].double()
+        if not before[key].is_floating_point():
+            assert torch.equal(f, w), key
+            continue
+        beyond = ((f - w).abs() - eps * torch.maximum(f.abs(), w.abs())).clamp(min=0).norm().item()
+        size = (w - b).norm().item()
+        worst_seen = max(worst_seen, beyond / size if size > 0 else (0.0 if beyond == 0 else float("inf")))
+    return worst_seen
+
+
 def assert_same_decisions(fused_stats, single_stats):
     for k, (f, s) in enumerate(zip(unstack_stats(fused_stats), single_stats)):
         assert torch.equal(f.stepped, s.stepped) and torch.equal(f.accepted, s.accepted), f"member {k}"
@@ -108,41 +145,50 @@ def assert_same_decisions(fused_stats, single_stats):
         assert f.samples == s.samples
 
 
-# --------------------------------------------------------------- a GAF group against its members alone
-
-GAF_SETTINGS = dict(taus=[2.0, 0.97, 0.9], merges=["mean", "halving", "halving"], lrs=[0.05, 0.1, 0.02],
-                    wds=[0.0, 5e-4, 1e-3], losses=[F.cross_entropy, F.cross_entropy, LABEL_SMOOTHING])
-
-
 def fused_group(models, taus, merges, lrs, wds, losses, **kw):
     return FusedSteps(models, lr=lrs, weight_decay=wds, momentum=MOMENTUM, nesterov=NESTEROV, tau=taus, merge=merges,
                       loss=losses, **kw)
 
 
-def test_gaf_group_equals_members_step_by_step():
-    """From the same state each step (copied from the fused member into its single run)."""
-    models = models_of("tiny", [0, 1, 2])
-    fused = fused_group(models, **GAF_SETTINGS)
-    singles = single_runs(models, **GAF_SETTINGS)
-    taken = []
-    for xs, ys in batches(3, 3, 8, 10):
+def step_by_step(models, settings, data, check):
+    """Fused group and single runs, each step from the same state (the fused member's, copied
+    into its single run); ``check(before, fused_after, single_after)`` per member and step.
+    Returns every member's every decision (stepped)."""
+    fused, singles = fused_group(models, **settings), single_runs(models, **settings)
+    decisions = []
+    for xs, ys in data:
         for k, (m, opt, _) in enumerate(singles):
             model_state, opt_state = fused.member_state(k)
             m.load_state_dict(model_state), opt.load_state_dict(opt_state)
         before = [run_state(m, opt) for m, opt, _ in singles]
         stats = fused(xs, ys)
-        single_stats = [step(xs[k], ys[k]) for k, (_, _, step) in enumerate(singles)]
-        assert_same_decisions(stats, single_stats)
+        assert_same_decisions(stats, [step(xs[k], ys[k]) for k, (_, _, step) in enumerate(singles)])
         for k, (m, opt, _) in enumerate(singles):
-            assert_close_step(before[k], fused_state(fused, k), run_state(m, opt))
-        taken.append(stats.stepped.tolist())
-    flat = sum(taken, [])
-    assert any(flat) and not all(flat), "the settings should produce both taken and refused steps"
+            check(before[k], fused_state(fused, k), run_state(m, opt))
+        decisions += stats.stepped.tolist()
+    return decisions
+
+
+# --------------------------------------------------------------- a GAF group against its members alone
+
+GAF_SETTINGS = dict(taus=[2.0, 0.97, 0.9], merges=["mean", "halving", "halving"], lrs=[0.05, 0.1, 0.02],
+                    wds=[0.0, 5e-4, 1e-3], losses=[F.cross_entropy, F.cross_entropy, LABEL_SMOOTHING])
+BASELINE = dict(taus=None, merges=None, lrs=[0.05, 0.1, 0.02], wds=[0.0, 5e-4, 1e-3],
+                losses=[F.cross_entropy, LABEL_SMOOTHING, F.cross_entropy])
+SIZES = {"tiny": {}, "cnn4": {"width": 8}}
+
+
+@pytest.mark.parametrize("name", ["tiny", "cnn4"])
+def test_gaf_group_equals_members_step_by_step(name):
+    """Different initial weights, data, taus, merges, losses, lr and weight decay per member."""
+    models = models_of(name, [0, 1, 2], smoothed=True, **SIZES[name])
+    decisions = step_by_step(models, GAF_SETTINGS, batches(3, 3, 8, 10), assert_close_step)
+    assert any(decisions) and not all(decisions), "the settings should produce both taken and refused steps"
 
 
 def test_gaf_group_equals_members_whole_runs():
-    """tiny is calm enough over 10 steps for whole trajectories to stay within fp32 rounding."""
-    models = models_of("tiny", [3, 4, 5])
+    """Smooth tiny is calm enough over 10 steps for whole trajectories to stay within fp32 rounding."""
+    models = models_of("tiny", [3, 4, 5], smoothed=True)
     fused = fused_group(models, **GAF_SETTINGS)
     singles = single_runs(models, **GAF_SETTINGS)
     for xs, ys in batches(3, 3, 8, 10, seed=1):
@@ -152,21 +198,24 @@ def test_gaf_group_equals_members_whole_runs():
         assert worst(fused_state(fused, k), run_state(m, opt)) <= TRAJ_TOL
 
 
+def kink_bound(before, fused_after, single_after):
+    assert relative_l2(before, fused_after, single_after) <= KINK_REL
+
+
+@pytest.mark.parametrize("name", ["tiny", "cnn4"])
+def test_relu_networks_step_by_step(name):
+    """The networks as built (ReLU, max-pool): the bound that a kink cannot break."""
+    models = models_of(name, [0, 1, 2], **SIZES[name])
+    step_by_step(models, GAF_SETTINGS, batches(3, 3, 8, 6), kink_bound)
+    step_by_step(models, BASELINE, batches(3, 1, 16, 6), kink_bound)
+
+
 def test_resnet18_step_by_step():
     """The paper's network (chaotic over whole runs): two steps from the same state, b = 10."""
     settings = dict(taus=[2.0, 0.99], merges=["mean", "halving"], lrs=[0.05, 0.1], wds=[5e-4, 0.0],
                     losses=[F.cross_entropy, F.cross_entropy])
-    models = models_of("resnet18", [0, 1], classes=100)
-    fused = fused_group(models, **settings)
-    singles = single_runs(models, **settings)
-    for xs, ys in batches(2, 2, 10, 2, size=32, classes=100):
-        for k, (m, opt, _) in enumerate(singles):
-            m.load_state_dict(fused.member_state(k)[0]), opt.load_state_dict(fused.member_state(k)[1])
-        before = [run_state(m, opt) for m, opt, _ in singles]
-        stats = fused(xs, ys)
-        assert_same_decisions(stats, [step(xs[k], ys[k]) for k, (_, _, step) in enumerate(singles)])
-        for k, (m, opt, _) in enumerate(singles):
-            assert_close_step(before[k], fused_state(fused, k), run_state(m, opt))
+    step_by_step(models_of("resnet18", [0, 1], classes=100), settings, batches(2, 2, 10, 2, size=32, classes=100),
+                 kink_bound)
 
 
 def test_refused_member_keeps_its_bits_while_the_others_step():
@@ -190,25 +239,38 @@ def test_refused_member_keeps_its_bits_while_the_others_step():
     assert after[1]["1.num_batches_tracked"] == before[1]["1.num_batches_tracked"] + 2
 
 
-# --------------------------------------------------------------- the baseline: n = 1, plain steps
+def test_non_finite_member_is_refused_and_leaves_the_others_alone():
+    """NaN micro-gradients (as FastGAFStep: NaN distances, no step, bits kept) in one member only."""
+    models = models_of("tiny", [0, 1, 2])
+    fused = fused_group(models, **GAF_SETTINGS)
+    singles = single_runs(models, **GAF_SETTINGS)
+    data = batches(3, 3, 8, 2)
+    fused(*data[0])
+    for k, (_, _, step) in enumerate(singles):
+        step(data[0][0][k], data[0][1][k])
+    xs, ys = data[1]
+    xs[1, 2, 0] = float("nan")  # member 1's third microbatch
+    before = fused_state(fused, 1)
+    stats = fused(xs, ys)
+    single_stats = [step(xs[k], ys[k]) for k, (_, _, step) in enumerate(singles)]
+    assert not stats.stepped[1] and stats.distances[1, 1].isnan() and single_stats[1].distances[1].isnan()
+    after = fused_state(fused, 1)
+    assert all(torch.equal(before[key], after[key]) for key in after if "running" not in key and "num_batches" not in key)
+    for k in (0, 2):
+        assert torch.equal(stats.stepped[k], single_stats[k].stepped)
+        assert worst(fused_state(fused, k), run_state(*singles[k][:2])) <= TRAJ_TOL
 
-BASELINE = dict(taus=None, merges=None, lrs=[0.05, 0.1, 0.02], wds=[0.0, 5e-4, 1e-3],
-                losses=[F.cross_entropy, LABEL_SMOOTHING, F.cross_entropy])
+
+# --------------------------------------------------------------- the baseline: n = 1, plain steps
 
 
 def test_baseline_group_equals_plain_steps():
-    models = models_of("cnn4", [0, 1, 2], width=8)
+    models = models_of("cnn4", [0, 1, 2], smoothed=True, width=8)
     fused = fused_group(models, **BASELINE)
-    singles = single_runs(models, **BASELINE)
-    for xs, ys in batches(3, 1, 16, 6):
-        for k, (m, opt, _) in enumerate(singles):
-            m.load_state_dict(fused.member_state(k)[0]), opt.load_state_dict(fused.member_state(k)[1])
-        before = [run_state(m, opt) for m, opt, _ in singles]
-        stats = fused(xs, ys)
-        assert stats.distances.shape == (3, 0) and stats.stepped.all() and stats.tau.isnan().all()
-        assert_same_decisions(stats, [step(xs[k], ys[k]) for k, (_, _, step) in enumerate(singles)])
-        for k, (m, opt, _) in enumerate(singles):
-            assert_close_step(before[k], fused_state(fused, k), run_state(m, opt))
+    stats = fused(*batches(3, 1, 16, 1)[0])
+    assert stats.distances.shape == (3, 0) and stats.stepped.all() and stats.tau.isnan().all()
+    assert stats.accepted.eq(0).all() and stats.samples == 16
+    step_by_step(models, BASELINE, batches(3, 1, 16, 6), assert_close_step)
 
 
 # --------------------------------------------------------------- per-member state
@@ -232,6 +294,10 @@ def test_member_state_has_a_single_runs_format():
     other = copy.deepcopy(m)
     other.load_state_dict(model_state)  # strict: every key, every shape
     MaskedSGD(other.parameters(), lr=0.1, momentum=MOMENTUM, nesterov=NESTEROV).load_state_dict(opt_state)
+    fused.load_member(1, model_state, fresh := MaskedSGD(other.parameters(), lr=0.3, momentum=MOMENTUM,
+                                                           nesterov=NESTEROV).state_dict())
+    assert fused.member_state(1)[1]["state"] == {} and fused.member_state(1)[1]["param_groups"][0]["lr"] == 0.3
+    assert fresh["state"] == {} and fused.momentum_flat[1].eq(0).all()
 
 
 def test_load_member_round_trip_and_resume():
