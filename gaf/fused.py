@@ -91,12 +91,11 @@ class FusedSteps:
 
     ``models``: K models of one architecture (their weights and buffers are copied in; the
     models themselves are not updated). ``tau``: None for a baseline group (each member a
-    ``FastPlainStep``: one pass over its n*b images, always stepped), else a GAF group with a
-    tau in [0, 2] per member (2 with ``merge="mean"`` is averaging; a baseline ignores
-    ``merge``). ``lr``, ``weight_decay``,
-    ``tau``, ``merge`` and ``loss`` take one value or K. ``loss``: ``loss(logits, y)`` of
-    one member; different callables per member each run on every member's logits (cheap) and
-    the member's own is selected on the device.
+    ``FastPlainStep``: one pass over its n*b images, always stepped; ``merge`` ignored), else
+    a GAF group with a tau in [0, 2] per member (2 with ``merge="mean"`` is averaging).
+    ``lr``, ``weight_decay``, ``tau``, ``merge`` and ``loss`` take one value or K.
+    ``loss(logits, y)`` is one member's loss; where members' callables differ, each runs on
+    every member's logits (cheap) and the member's own is selected on the device.
 
     Live settings: ``param_groups[k]`` is member k's optimizer ``param_groups`` (a list
     holding one dict, as a schedule writes them): lr and weight_decay are read before every
@@ -168,6 +167,9 @@ class FusedSteps:
         self._agg_views = self._views(self.agg, shapes)
         self.momentum_flat = torch.zeros_like(self.flat) if self.momentum else None
         self.state_keys = list(self.template.state_dict().keys())
+        other = [key for key in self.state_keys if key not in self.params and key not in self.buffers]
+        if other:  # a tied parameter's second name, or a module's extra state
+            raise ValueError(f"a fused group stacks parameters and buffers only; the model's state also holds {other}")
 
     @staticmethod
     def _views(flat: torch.Tensor, shapes) -> list[torch.Tensor]:
@@ -214,6 +216,7 @@ class FusedSteps:
         """Member k's threshold from the next step on (in place: no recapture)."""
         if self.baseline:
             raise ValueError("a baseline group has no tau")
+        self._check_member(k)
         self.taus[k] = check_tau(tau)
         self._tau[k].fill_(self.taus[k])
 

@@ -9,7 +9,8 @@ What must be exact: every decision, every step taken, and a refused member's bit
 Why the tight comparisons use ``smooth`` copies of tiny and cnn4 (ReLU -> SiLU, max-pool ->
 average pool): at a ReLU or max-pool kink the gradient jumps with the forward's last bit.
 Seen here: a cnn4 pre-ReLU value of 4e-7, whose sign the two summation orders disagreed
-on, moved one element of a step's momentum by 1e-3 of the step. On smooth networks the
+on, moved a step's first-layer momentum by 4.4e-3 of the step's change (L2; ~3e-6 where no
+kink flips), and one of its elements by 0.7% of the step. On smooth networks the
 bound is a property and not one seed's luck; the real ReLU networks are compared with a
 bound that a kink cannot break but a wrong weight, statistic or setting does (resnet18 too).
 """
@@ -138,7 +139,8 @@ def assert_same_decisions(fused_stats, single_stats):
     for k, (f, s) in enumerate(zip(unstack_stats(fused_stats), single_stats)):
         assert torch.equal(f.stepped, s.stepped) and torch.equal(f.accepted, s.accepted), f"member {k}"
         assert f.distances.shape == s.distances.shape
-        assert (f.distances - s.distances).abs().max().item() <= DIST_TOL if s.distances.numel() else True
+        if s.distances.numel():
+            assert (f.distances - s.distances).abs().max().item() <= DIST_TOL, f"member {k}"
         assert torch.equal(f.correct, s.correct), f"member {k}"
         assert abs(f.loss.item() - s.loss.item()) <= 1e-5 * max(1.0, abs(s.loss.item()))
         assert f.tau.item() == s.tau.item() or (f.tau.isnan() and s.tau.isnan())
@@ -241,7 +243,7 @@ def test_refused_member_keeps_its_bits_while_the_others_step():
 
 def test_non_finite_member_is_refused_and_leaves_the_others_alone():
     """NaN micro-gradients (as FastGAFStep: NaN distances, no step, bits kept) in one member only."""
-    models = models_of("tiny", [0, 1, 2])
+    models = models_of("tiny", [0, 1, 2], smoothed=True)
     fused = fused_group(models, **GAF_SETTINGS)
     singles = single_runs(models, **GAF_SETTINGS)
     data = batches(3, 3, 8, 2)
@@ -330,7 +332,7 @@ def test_load_member_round_trip_and_resume():
 
 def test_lr_and_weight_decay_are_read_live():
     """A schedule writes param_groups[k][0]["lr"]; the next step uses it (as MaskedSGD.refresh_lr)."""
-    models = models_of("tiny", [0, 1])
+    models = models_of("tiny", [0, 1], smoothed=True)
     settings = dict(taus=[2.0, 2.0], merges=["mean", "mean"], lrs=[0.1, 0.1], wds=[0.0, 0.0],
                     losses=[F.cross_entropy] * 2)
     fused, singles = fused_group(models, **settings), single_runs(models, **settings)
@@ -412,6 +414,13 @@ def test_bad_input_is_one_clear_value_error_each():
         (lambda: FusedSteps(tiny, lr=-1.0, tau=0.9), "lr"),
         (lambda: FusedSteps(tiny, lr=0.1, nesterov=True, tau=0.9), "nesterov"),
     ]
+    tied = [nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)) for _ in range(2)]
+    for m in tied:
+        m[1].weight = m[0].weight
+    cumulative = models_of("tiny", [0, 1])
+    for m in cumulative:
+        m[1].momentum = None
+    cases += [(lambda: FusedSteps(tied, **ok), "also holds"), (lambda: FusedSteps(cumulative, **ok), "momentum")]
     for make, words in cases:
         with pytest.raises(ValueError, match=words):
             make()
