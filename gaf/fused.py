@@ -366,7 +366,8 @@ class FusedSteps:
         """The one param group and the momentum buffers (empty before a first step) of a
         single run's SGD state dict, checked against this group's shared settings."""
         groups = state.get("param_groups") if isinstance(state, dict) else None
-        if not (isinstance(groups, list) and len(groups) == 1 and groups[0].get("params") == list(range(len(self.names)))):
+        indices = list(range(len(self.names)))
+        if not (isinstance(groups, list) and len(groups) == 1 and groups[0].get("params") == indices):
             raise ValueError(f"optimizer state for member {k}: expected one param group over the model's "
                              f"{len(self.names)} parameters")
         group = groups[0]
@@ -380,7 +381,8 @@ class FusedSteps:
         try:
             moms = [per_param[i]["momentum_buffer"] for i in range(len(self.names))]
         except (KeyError, TypeError):
-            raise ValueError(f"optimizer state for member {k}: a momentum_buffer for every parameter, or none") from None
+            raise ValueError(f"optimizer state for member {k}: a momentum_buffer for every parameter, "
+                             "or none") from None
         for m, shape in zip(moms, self._shapes):
             if tuple(m.shape) != tuple(shape):
                 raise ValueError(f"optimizer state for member {k}: momentum shape {tuple(m.shape)}, expected "
