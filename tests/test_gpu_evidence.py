@@ -196,6 +196,32 @@ def test_the_table_gives_the_seed_spread_and_gaf_minus_averaging_per_seed_pair()
         "of the flipped labels by its end: did not memorise (premise: >= 50%)."]
 
 
+def test_the_speed_stage_measures_larger_k_until_it_stops_paying(monkeypatch, tmp_path):
+    """k GAF runs at once for each k of the scale; a k under 1.1 times the rate of the k before ends it."""
+    rates = {1: 20_000.0, 3: 30_000.0, 9: 31_000.0, 18: 60_000.0}  # 9 pays under 1.1x: 18 is never tried
+    tried = []
+
+    def launch(a, configs, dirs):
+        k = len(configs)
+        tried.append(k)
+        its = configs[0]["train"]["iterations"]
+        for d in dirs:
+            d.mkdir(parents=True)
+            pd.DataFrame({"iter": range(1, its + 1), "time_s": [i * 200 * k / rates[k] for i in range(1, its + 1)]}
+                         ).to_csv(d / "metrics.csv", index=False)
+        summary = {"iterations": its, "train_time_s": its * 200 * k / rates[k], "wall_time_s": its * 200 * k
+                   / rates[k] + 0.5}
+        return {"wall_s": summary["wall_time_s"] + 10.0, "summaries": [summary] * k}
+
+    monkeypatch.setattr(ge, "launch", launch)
+    a = SimpleNamespace(scale=ge.Scale(**{**vars(ge.GPU), "jobs": (1, 3, 9, 18)}), jpeg=None, device="cuda")
+    speeds = ge.measure_speeds(a, tmp_path, "graph")
+    assert tried == [1, 3, 9] and [s.k for s in speeds] == [1, 3, 9]
+    assert [round(s.rate) for s in speeds] == [20_000, 30_000, 31_000]
+    assert all(s.eval_s == pytest.approx(0.5) and s.start_s == pytest.approx(10.0) for s in speeds)
+    assert ge.Plan.make(ge.grid(1), speeds, ge.GPU).speed.k == 9  # the highest rate measured
+
+
 def test_refuses_a_cpu_grid_and_missing_data(tmp_path):
     with pytest.raises(SystemExit):
         ge.parse_args(["--device", "cpu"])
@@ -226,8 +252,8 @@ def test_the_dry_run_runs_every_stage_with_resnet18_and_a_second_call_continues_
     lines = dry_run(tmp_path, first, "--waves", "1")
     assert [line.split()[1] for line in lines if line.startswith("PASS ")] == ["sync-free", "fp32-equal"]
     assert "resnet18" in next(line for line in lines if line.startswith("PASS fp32-equal"))
-    assert sum(line.startswith("speed: ") for line in lines) >= 2
-    assert any(line.startswith("plan: 30 runs to go in 10 waves of") for line in lines)
+    assert sum(line.startswith("speed: 3 at once") for line in lines) == 1
+    assert any(line.startswith("plan: 30 runs to go in 10 waves of 3;") for line in lines)
     assert "stop: --waves 1 made; 9 waves not made" in lines
     assert {f.name for f in first.iterdir()} == OUTPUTS  # at most 8 files: what the device call brings back
     done = pd.read_csv(first / "runs.csv")
@@ -235,10 +261,10 @@ def test_the_dry_run_runs_every_stage_with_resnet18_and_a_second_call_continues_
     assert set(done["run_id"].str.split("/").str[-1]) == {r.name for r in ge.grid(1)[:3]}
 
     lines = dry_run(tmp_path, second, "--waves", "1", "--committed", str(first))
-    assert len(done) == 3 and "grid: 27 of 30 runs to go (3 committed)" in lines
+    assert "grid: 27 of 30 runs to go (3 committed)" in lines
     runs = pd.read_csv(second / "runs.csv")
     assert set(runs["run_id"].str.split("/").str[-1]) == {r.name for r in ge.grid(1)[:6]}
-    assert len(runs) == 6 and runs.iloc[:3].equals(done)  # the committed rows kept as they were
+    assert runs.iloc[:3].equals(done)  # the committed rows kept as they were
     provenance = json.loads((second / "provenance.json").read_text())
     assert len(provenance["calls"]) == 2 and provenance["n_runs"] == len(runs)
     record = provenance["calls"][-1]
