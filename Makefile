@@ -8,7 +8,7 @@ ARGS   ?=
 # Test workers (pytest-xdist): one per core, each test single-threaded; JOBS=0 runs the suite in-process.
 JOBS   ?= $(shell nproc 2>/dev/null || echo 1)
 
-.PHONY: venv test test-fast test-without-shared train reproduce figures bench bench-dist gpu-check gpu-evidence clean
+.PHONY: venv test test-fast test-without-shared train reproduce figures bench bench-fused bench-dist gpu-check gpu-evidence clean
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -39,6 +39,9 @@ figures: $(STAMP)  ## collect run directories into results/ and redraw every fig
 
 bench: $(STAMP)  ## single-device benchmark (ARGS="--device cpu --quick" on a CPU)
 	$(PY) scripts/bench.py $(ARGS)
+
+bench-fused: $(STAMP)  ## K runs as processes, in turn, and as one fused group (ARGS="--device cpu --quick" on a CPU)
+	$(PY) scripts/bench_fused.py $(ARGS)
 
 bench-dist: $(STAMP)  ## bytes and time of the multi-rank reductions (ARGS=--quick for seconds)
 	$(PY) scripts/bench_dist.py $(ARGS)
