@@ -49,13 +49,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny model, K = 1, 3, few steps: the CPU dry run")
     p.add_argument("--k", type=int, nargs="+", default=None, help="group sizes (default 1 3 9 18; 1 3 --quick)")
     p.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(KINDS))
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 100; 4 with --quick)")
     p.add_argument("--worker", nargs=2, metavar=("KIND", "SEED"), help=argparse.SUPPRESS)  # one process's run
     a = p.parse_args(argv)
     a.model, a.classes = ("tiny", 10) if a.quick else ("resnet18", 10)
     a.k = a.k or ([1, 3] if a.quick else [1, 3, 9, 18])
-    a.steps, a.warmup = (4, 4) if a.quick else (100, 10)
-    if min(a.k) < 1:
-        p.error(f"--k must be >= 1, got {a.k}")
+    a.steps, a.warmup = a.steps or (4 if a.quick else 100), 4 if a.quick else 10
+    if min(a.k) < 1 or a.steps < 1:
+        p.error(f"--k and --steps must be >= 1, got {a.k} and {a.steps}")
     return a
 
 
@@ -124,7 +125,8 @@ def fused(a, kind: str, k: int) -> float:
 
 def processes(a, kind: str, k: int) -> float:
     """Images/s summed over k processes started at once, each timing one stepper of its own."""
-    argv = [sys.executable, str(Path(__file__).resolve()), "--device", a.device, "--worker", kind]
+    argv = [sys.executable, str(Path(__file__).resolve()), "--device", a.device, "--steps", str(a.steps),
+            "--worker", kind]
     quick = ["--quick"] if a.quick else []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([*argv, str(seed), *quick], stdout=subprocess.PIPE, text=True, env=env)

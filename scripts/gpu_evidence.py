@@ -24,7 +24,7 @@ Four steps, each printed as it goes:
                after every wave the rate is re-measured from that wave and the rest re-planned.
                A wave starts only if it is predicted to end within the budget.
  4. sweep      the waves; all outputs are rewritten after each, so a call cut short returns
-               what it finished.
+               what it finished. Budget left over (>= FUSED_BENCH_S) measures bench_fused.
 
 Outputs, in --out (at most 8 files, a few MB): runs.csv, curves.csv, evals.csv and provenance.json
 as scripts/collect.py writes them, merged with the committed ones (provenance.json's "calls" lists
@@ -42,6 +42,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -76,6 +77,7 @@ ARMS = {"baseline": {"name": "baseline", "batch_size": 128},
         "averaging": {**ON_MICROBATCHES, "tau": 2.0},
         "gaf": {**ON_MICROBATCHES, "tau": 0.97}}
 GRACE_S = 30  # runs still going this long after --budget-s are ended (a device call is cut at its timeout)
+FUSED_BENCH_S = 120  # budget left after the waves that buys bench_fused's measurement
 MAX_CURVE_ROWS = 500  # per run in curves.csv: the whole grid (90 runs) stays under 16 MiB
 MAX_FILES, MAX_FILE_BYTES, MAX_BYTES = 8, 16 * 2**20, 60 * 2**20  # what the device call brings back
 
@@ -367,11 +369,16 @@ def write_outputs(out: Path, work: Path, record: dict) -> None:
         print("FAIL the outputs were not all written", flush=True)
 
 
-def merge_into(out: Path, new: Path, record: dict) -> None:
+def merge_into(out: Path, new: Path | None, record: dict) -> None:
     """The committed results (``a.committed``, copied to out first) with this call's runs added:
-    a run of the same name replaces the committed one; provenance.json lists every call."""
+    a run of the same name replaces the committed one; provenance.json lists every call (``new``
+    None: only this call's record is updated)."""
     out.mkdir(parents=True, exist_ok=True)
     old = json.loads((out / "provenance.json").read_text()) if (out / "provenance.json").is_file() else {}
+    if new is None:  # this call's record only (what it did after its last wave)
+        calls = [c for c in old.get("calls", []) if c.get("date") != record["date"]] + [record]
+        (out / "provenance.json").write_text(json.dumps({**old, "calls": calls}, indent=2, default=str) + "\n")
+        return
     for name in ("runs.csv", "curves.csv", "evals.csv"):
         frames = [pd.read_csv(new / name)]
         if (out / name).is_file():
@@ -385,6 +392,23 @@ def merge_into(out: Path, new: Path, record: dict) -> None:
     provenance.update(n_runs=len(runs), n_finished=int((runs["status"] == "finished").sum()), calls=calls,
                       run_roots=["TMP/sweep"])  # each call's temporary folder
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str) + "\n")
+
+
+def bench_fused(a, left_s: float) -> list[str]:
+    """What the budget left after the waves buys: scripts/bench_fused.py's GAF rows (K runs as
+    processes, in turn, fused; the fused trainer's case), its table's lines, or why there are none."""
+    quick = ["--quick", "--k", "1", "3"] if a.quick else ["--k", "1", "3", "9", "--steps", "50"]
+    argv = [sys.executable, str(ROOT / "scripts" / "bench_fused.py"), "--device", a.device, "--kinds", "gaf", *quick]
+    try:
+        got = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=left_s)
+    except subprocess.TimeoutExpired:
+        return [f"bench_fused did not end within the {left_s:.0f} s left"]
+    if got.returncode != 0:
+        return [f"bench_fused failed (exit {got.returncode}): {got.stderr.strip().splitlines()[-1:]}"]
+    out = got.stdout.splitlines()
+    lines = out[next(i for i, line in enumerate(out) if line.startswith("K runs of")):]  # its table
+    print("\n".join(lines), flush=True)
+    return lines
 
 
 def check_sizes(out: Path) -> None:
@@ -479,6 +503,9 @@ def main(argv=None) -> dict | None:
         record["plan"] = {"waves": len(plan.waves), "k": plan.speed.k, "iterations": plan.iterations,
                           "fitting": plan.fitting(left), "left_s": round(left, 1)}
         sweep(a, plan, compile, work, record)
+    if a.budget_s - (time.perf_counter() - t0) >= FUSED_BENCH_S:
+        record["fused_bench"] = bench_fused(a, a.budget_s - (time.perf_counter() - t0))
+        merge_into(a.out, None, record)
     print(f"done in {time.perf_counter() - t0:.0f} s (budget {a.budget_s:.0f} s)", flush=True)
     check_sizes(a.out)
     return record
