@@ -77,7 +77,7 @@ ARMS = {"baseline": {"name": "baseline", "batch_size": 128},
         "averaging": {**ON_MICROBATCHES, "tau": 2.0},
         "gaf": {**ON_MICROBATCHES, "tau": 0.97}}
 GRACE_S = 30  # runs still going this long after --budget-s are ended (a device call is cut at its timeout)
-FUSED_BENCH_S = 120  # budget left after the waves that buys bench_fused's measurement
+FUSED_BENCH_S = 90  # budget left after the waves that buys bench_fused's measurement
 MAX_CURVE_ROWS = 500  # per run in curves.csv: the whole grid (90 runs) stays under 16 MiB
 MAX_FILES, MAX_FILE_BYTES, MAX_BYTES = 8, 16 * 2**20, 60 * 2**20  # what the device call brings back
 
