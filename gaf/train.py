@@ -275,13 +275,22 @@ class Trainer:
 
     def run(self) -> dict:
         """The loop, then the summary: finished, diverged, or stopped (train.stop_after)."""
-        env = environment(self.device)
-        started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.begin()
+        status, last = self._loop()
+        return self.end(status, last)
+
+    def begin(self) -> None:
+        """Before the loop: the summary (status running), config.json, the wandb logger."""
+        self._env = environment(self.device)
+        self._started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         if self.is_main:  # the summary first: a run directory with files but no summary is not a run's
-            write_summary(self.summary_path, self.cfg, self._state(), env, self.ds, "running", started)
+            write_summary(self.summary_path, self.cfg, self._state(), self._env, self.ds, "running", self._started)
             write_json(self.run_dir / "config.json", self.cfg.to_dict())
         self.logger = WandbLogger(self.cfg, self.run_dir) if self.is_main else None
-        status, last = self._loop()
+
+    def end(self, status: str, last: int) -> dict:
+        """After the loop: the summary of what ran (``last``: the last iteration run)."""
+        env, started = self._env, self._started
         self.clock.stop()
         if self.logger:
             self.logger.finish()
@@ -310,20 +319,36 @@ class Trainer:
             for it in range(start + 1, cfg.train.iterations + 1):
                 self._step(it)
                 progress.update(1)
-                at_eval = it % cfg.train.val_every == 0 or it == cfg.train.iterations
-                if (at_eval or len(self.pending) >= 100) and not self._flush():
-                    return "diverged", it
-                if at_eval:
-                    if not self._validate_and_checkpoint(it):
-                        return "diverged", it
-                    self.clock.skip()  # validation is not training time
-                    self.state["iter"] = it  # the last checkpointed iteration
-                    progress.set_postfix(val_acc=f"{self.state['final_val_acc']:.3f}")
-                if cfg.train.stop_after is not None and it >= cfg.train.stop_after:
-                    return "stopped", it
+                if status := self.after_step(it, progress):
+                    return status, it
             return "finished", it
         finally:
             progress.close()
+
+    def after_step(self, it: int, progress=None) -> str | None:
+        """What follows iteration ``it``'s step: a flush, at a validation the validation and the
+        checkpoint; "diverged" or "stopped" where the run ends here, else None."""
+        cfg = self.cfg
+        at_eval = it % cfg.train.val_every == 0 or it == cfg.train.iterations
+        if (at_eval or len(self.pending) >= 100) and not self._flush():
+            return "diverged"
+        if at_eval:
+            self.before_validation()
+            if not self._validate_and_checkpoint(it):
+                return "diverged"
+            self.clock.skip()  # validation is not training time
+            self.state["iter"] = it  # the last checkpointed iteration
+            if progress is not None:
+                progress.set_postfix(val_acc=f"{self.state['final_val_acc']:.3f}")
+        if cfg.train.stop_after is not None and it >= cfg.train.stop_after:
+            return "stopped"
+        return None
+
+    def before_validation(self) -> None:
+        """A hook: the model and optimizer as the step left them (a fused group writes them back)."""
+        sync = getattr(self.stepper, "sync_back", None)
+        if sync is not None:
+            sync()
 
     def _step(self, it: int) -> None:
         """One training step; its outputs stay on the device in ``pending`` until a flush."""
