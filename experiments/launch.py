@@ -15,6 +15,7 @@ and exit code 2 before Hydra makes a folder or a log file:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -193,6 +194,47 @@ def refuse(message: str) -> None:
     sys.exit(2)  # SystemExit passes through Hydra's callback handler, which logs and ignores exceptions
 
 
+# ----------------------------------------------------------------------------- the fused launcher's collection
+
+_collected: list | None = None  # (RunConfig, run dir) of each job, while a launcher collects instead of running
+
+
+@contextlib.contextmanager
+def collecting():
+    """Within it, a job hands its checked settings and folder to ``collect`` instead of training
+    (the fused launcher trains them afterwards, as groups)."""
+    global _collected
+    _collected = []
+    try:
+        yield _collected
+    finally:
+        _collected = None
+
+
+def collect(settings: RunConfig, run_dir: str) -> bool:
+    """True (and the job recorded) where a launcher is collecting jobs."""
+    if _collected is None:
+        return False
+    _collected.append((settings, run_dir))
+    return True
+
+
+def fused_groups(points: list[list[str]], max_fused) -> list[list[int]]:
+    """hydra/launcher=fused's groups of these sweep points (indices), each checked: a group its
+    runs cannot share is refused in one line before anything is made."""
+    from gaf.fused_train import check_group
+    from hydra_plugins.fused_launcher import groups
+
+    try:
+        configs = [(rc, None) for _, rc in composed_points(points)]
+        found = groups(configs, max_fused)
+        for members in found:
+            check_group([configs[i][0] for i in members])
+    except ValueError as e:
+        refuse(f"hydra/launcher=fused: {first_line(e)}")
+    return found
+
+
 class LaunchChecks(Callback):
     """Hydra callback: check a launch as a whole before Hydra makes anything (configs/config.yaml)."""
 
@@ -225,8 +267,16 @@ class LaunchChecks(Callback):
                    + "\n  ".join(errors))
         if why := unwritable(sweep_dir):
             refuse(f"cannot write the sweep directory {sweep_dir}: {why}; choose another with hydra.sweep.dir=...")
+        fused = str(config.hydra.launcher.get("_target_", "")).endswith("FusedLauncher")
+        found = fused_groups(points, config.hydra.launcher.max_fused) if fused else []
         if config.get("dry_run"):
             print(f"dry run: {len(points)} runs under {sweep_dir}")
             for point in points:
                 print("  " + " ".join(o for o in point if not o.startswith("dry_run=")))
+            if fused:
+                print(f"fused: {len(found)} group{'s' * (len(found) != 1)} (at most {config.hydra.launcher.max_fused} "
+                      "runs each)")
+                for members in found:
+                    print(f"  {len(members)} runs: " + "; ".join(
+                        ",".join(o for o in points[i] if not o.startswith("dry_run=")) for i in members))
             sys.exit(0)

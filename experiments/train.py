@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from gaf.rundir import RunDirError
-from launch import run_config  # also registers the resolvers config.yaml's folder names use
+from launch import collect, run_config  # also registers the resolvers config.yaml's folder names use
 
 
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
@@ -24,6 +24,8 @@ def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     try:
         settings = run_config(cfg, hydra_cfg.overrides.task)
+        if collect(settings, hydra_cfg.runtime.output_dir):  # hydra/launcher=fused trains the jobs as groups
+            return float("nan")
         from gaf.train import run  # torch and the models load once the settings are known to be good
 
         summary = run(settings, hydra_cfg.runtime.output_dir)

@@ -15,6 +15,7 @@ they resume. They may differ in seed, noise, tau, merge, loss, lr, weight decay 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -26,7 +27,7 @@ from gaf.config import RunConfig, resolve, validate
 from gaf.fused import FusedSteps, unstack_stats
 from gaf.rundir import RunDirLock
 from gaf.step import StepStats
-from gaf.train import Trainer, resolve_device
+from gaf.train import Trainer, _progress, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +59,10 @@ def check_group(cfgs: list[RunConfig]) -> None:
                          f"method={cfg.method.name}, optim={cfg.optim.name}, distributed={cfg.distributed}")
     if any(c.method.adaptive_k is not None for c in cfgs):
         raise ValueError("a fused group takes a fixed tau per member: method.adaptive_k must be unset")
-    plan = resolve(cfg, resolve_device(cfg.device).type)
-    if not plan.fast or plan.amp or plan.channels_last or plan.batched or plan.compile is True:
-        raise ValueError("a fused group is the fast path in fp32 (train.fast=true; train.amp, channels_last, batched "
-                         "off; train.compile none or graph)")
+    t = cfg.train
+    if t.fast is False or t.amp or t.channels_last or t.batched or t.compile == "full":
+        raise ValueError("a fused group runs the fast path in fp32: train.fast, amp, channels_last and batched "
+                         "left unset or off (train.fast=false asks for the readable path), train.compile none or graph")
 
 
 class MemberStep:
@@ -86,13 +87,12 @@ class FusedGroup:
         cfg = trainers[0].cfg
         gaf = cfg.method.name == "gaf"
         losses = [t.stepper.loss_fn for t in trainers]
-        plan = resolve(cfg, trainers[0].device.type)
         self.steps = FusedSteps(
             [t.model for t in trainers], lr=[t.optimizer.param_groups[0]["lr"] for t in trainers],
             weight_decay=[t.cfg.optim.weight_decay for t in trainers], momentum=cfg.optim.momentum,
             nesterov=cfg.optim.nesterov, tau=[t.cfg.method.tau for t in trainers] if gaf else None,
             merge=[t.cfg.method.merge for t in trainers] if gaf else "halving", loss=losses,
-            compile="graph" if plan.compile else False)
+            compile="graph" if resolve(cfg, trainers[0].device.type).compile else False)
         for k, t in enumerate(trainers):
             if t.optimizer.state:  # resumed: its momentum into the stacked state
                 self.steps.load_member(k, t.model.state_dict(), t.optimizer.state_dict())
@@ -159,8 +159,9 @@ def run_group(cfgs: list[RunConfig], run_dirs: list[str | os.PathLike]) -> list[
 
 
 def member_trainer(cfg: RunConfig, run_dir: Path, ckpt, device: torch.device) -> Trainer:
-    """A member's Trainer, as ``gaf.train.run`` makes it: restored, or started clean."""
-    trainer = Trainer(cfg, run_dir, 0, 1, device, resolve(cfg, device.type))
+    """A member's Trainer, as ``gaf.train.run`` makes it (with the fast path's masked optimizer,
+    on any device): restored, or started clean."""
+    trainer = Trainer(cfg, run_dir, 0, 1, device, dataclasses.replace(resolve(cfg, device.type), fast=True))
     if ckpt is not None:
         trainer.restore(ckpt)
     else:
@@ -180,8 +181,11 @@ def train_together(trainers: list[Trainer]) -> list[dict]:
         t.model.train()
     cfg, start = trainers[0].cfg, trainers[0].state["iter"]
     ended: dict[int, tuple[str, int]] = {}
+    progress = _progress(cfg, start, True)
+    progress.set_description(f"{cfg.experiment}: {len(trainers)} fused")
     it = start
     for it in range(start + 1, cfg.train.iterations + 1):
+        progress.update(1)
         for t in trainers:  # an ended member still hands in a batch: the group's shapes stay
             t._step(it)
         for k, t in enumerate(trainers):
@@ -191,4 +195,5 @@ def train_together(trainers: list[Trainer]) -> list[dict]:
                 ended[k] = (status, it)
         if len(ended) == len(trainers):
             break
+    progress.close()
     return [t.end(*ended.get(k, ("finished", it))) for k, t in enumerate(trainers)]

@@ -1,0 +1,53 @@
+"""hydra/launcher=fused: a sweep's points trained as fused groups (gaf.fused_train), each an ordinary run.
+
+    python experiments/train.py -m experiment=fig6 hydra/launcher=fused
+    python experiments/train.py -m ... hydra/launcher=fused hydra.launcher.max_fused=8
+
+Its settings: configs/hydra/launcher/fused.yaml (max_fused). Every point is a Hydra job as under the basic launcher (its folder, its .hydra/ files, its settings
+checked), but a job hands its settings to this launcher instead of training. The launcher then
+groups the points whose steps can be one program (``gaf.fused_train.group_key``: the same data
+set, model, method kind, n, microbatch or batch size, length) into groups of at most ``max_fused``
+and trains each group with ``run_group``; points of different shapes go into separate groups.
+"""
+
+import logging
+from typing import Sequence
+
+from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+from hydra.core.utils import JobReturn
+
+import launch
+
+log = logging.getLogger(__name__)
+
+
+def groups(points: list, max_fused: int) -> "list[list[int]]":
+    """Indices of the collected (RunConfig, run dir) points, grouped by shape, in sweep order,
+    each group at most ``max_fused`` long."""
+    from gaf.fused_train import group_key
+
+    if not (isinstance(max_fused, int) and max_fused >= 1):
+        raise ValueError(f"hydra.launcher.max_fused must be an integer >= 1, got {max_fused!r}")
+    by_key = {}
+    for i, (cfg, _) in enumerate(points):
+        by_key.setdefault(group_key(cfg), []).append(i)
+    return [members[j : j + max_fused] for members in by_key.values() for j in range(0, len(members), max_fused)]
+
+
+class FusedLauncher(BasicLauncher):
+    def __init__(self, max_fused: int = 32) -> None:
+        super().__init__()
+        self.max_fused = max_fused  # checked with the launch (experiments/launch.py: fused_groups)
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from gaf.fused_train import check_group, run_group
+
+        with launch.collecting() as points:
+            returns = super().launch(job_overrides, initial_job_idx)  # each job checks and hands in its run
+        for members in groups(points, self.max_fused):
+            cfgs, dirs = [points[i][0] for i in members], [points[i][1] for i in members]
+            check_group(cfgs)
+            log.info("fused group of %d: %s", len(members), ", ".join(dirs))
+            for i, summary in zip(members, run_group(cfgs, dirs)):
+                returns[i].return_value = summary.get("best_val_acc", float("nan"))
+        return returns
