@@ -113,15 +113,68 @@ def given_keys(overrides) -> set[str]:
     return {str(o).split("=", 1)[0].lstrip("+~") for o in overrides}
 
 
-def run_config(cfg: DictConfig, overrides) -> RunConfig:
+def chosen_option(overrides, group: str) -> str | None:
+    """The option ``group=X`` in a list of overrides chooses, or None."""
+    for o in overrides:
+        key, sep, value = str(o).partition("=")
+        if sep and key.lstrip("+") == group:
+            return value
+    return None
+
+
+def option_node(group: str, option: str) -> dict:
+    """An option's settings as its file (configs/<group>/<option>.yaml) holds them."""
+    node = OmegaConf.load(CONFIGS / group / f"{option}.yaml")
+    return OmegaConf.to_container(node) if isinstance(node, DictConfig) else {}
+
+
+def with_chosen_model(container: dict, overrides) -> str | None:
+    """A ``model=X`` given in ``overrides`` trains X, although a scale or preset (merged after the
+    group) names another network: X's settings, the overrides' own model.* keys on top. Returns
+    what was replaced, for the log, or None."""
+    option = chosen_option(overrides, "model")
+    if option is None or not (CONFIGS / "model" / f"{option}.yaml").is_file():
+        return None
+    chosen, composed = {"width": None, "blocks": None, **option_node("model", option)}, container["model"]
+    if composed.get("name") == chosen["name"]:
+        return None
+    given = given_keys(overrides)
+    container["model"] = {k: composed.get(k) if f"model.{k}" in given else v for k, v in chosen.items()}
+    return f"model={option} trains {chosen['name']} (the scale or preset would train {composed.get('name')})"
+
+
+def check_option_keys(choices, overrides, container: dict) -> None:
+    """An option that presets another one (method=averaging: GAF at tau 2 with the mean merge) keeps
+    what defines it: a key it sets, changed by ``overrides``, is an error."""
+    given = given_keys(overrides)
+    for group, option in (choices or {}).items():
+        path = CONFIGS / str(group) / f"{option}.yaml"
+        node = option_node(group, option) if group in container and path.is_file() else {}
+        if node.get("name", option) == option:
+            continue
+        for key, value in node.items():
+            got = container[group].get(key)
+            if f"{group}.{key}" in given and key != "name" and got != value:
+                fixed = ", ".join(f"{group}.{k}={v}" for k, v in node.items() if k != "name")
+                raise ValueError(f"{group}.{key}={got} would change what {group}={option} is ({node['name']} with "
+                                 f"{fixed}); use {group}={node['name']} {group}.{key}={got}")
+
+
+def run_config(cfg: DictConfig, overrides, choices=None, notes: list | None = None) -> RunConfig:
     """The run a composed config launches, validated. A setting that has no effect on it (GAF's
     tau for the baseline, a label file for random data) is an error where ``overrides`` (the
     command line, or a sweep point) give it, and dropped where a preset's rows, written for every
-    method and data set, set it."""
+    method and data set, set it. ``choices``: the options Hydra chose (read from ``cfg`` where it
+    holds its hydra node); ``notes`` receives what the log should say."""
     if "hydra" in cfg:
         check_choices(cfg)
+        choices = cfg["hydra"]["runtime"]["choices"]
     job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
     container = OmegaConf.to_container(job, resolve=True)
+    check_option_keys(choices if choices is not None else {"method": chosen_option(overrides, "method")},
+                      overrides, container)
+    if (note := with_chosen_model(container, overrides)) and notes is not None:
+        notes.append(note)
     container["scale"] = settings_scale(container, overrides)
     for key in LAUNCH_KEYS:
         container.pop(key, None)

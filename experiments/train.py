@@ -9,6 +9,7 @@ Every launch is checked as a whole before it starts (experiments/launch.py): a s
 all at once, a run's settings, its folder.
 """
 
+import logging
 import sys
 
 import hydra
@@ -18,12 +19,17 @@ from omegaconf import DictConfig
 from gaf.rundir import RunDirError
 from launch import collect, run_config  # also registers the resolvers config.yaml's folder names use
 
+log = logging.getLogger(__name__)
+
 
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     try:
-        settings = run_config(cfg, hydra_cfg.overrides.task)
+        notes = []
+        settings = run_config(cfg, hydra_cfg.overrides.task, hydra_cfg.runtime.choices, notes)
+        for note in notes:
+            log.info(note)
         if collect(settings, hydra_cfg.runtime.output_dir):  # hydra/launcher=fused trains the jobs as groups
             return float("nan")
         from gaf.train import run  # torch and the models load once the settings are known to be good

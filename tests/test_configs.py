@@ -55,6 +55,40 @@ def test_plain_averaging_is_gaf_accepting_every_micro_gradient_with_the_mean_mer
     assert (rc.method.name, rc.method.tau, rc.method.merge) == ("gaf", 2.0, "mean")
 
 
+@pytest.mark.parametrize("given, model, instead", [
+    (["model=resnet18_cifar", "scale=paper"], ("resnet18_cifar", None, None), "resnet18"),
+    (["model=vit_tiny", "scale=tiny"], ("vit_tiny", None, None), "cnn4"),
+    (["model=resnet_cifar", "model.width=8", "scale=tiny"], ("resnet_cifar", 8, 1), "cnn4"),
+    (["model=resnet18", "experiment=fig8", "scale=paper", "method=gaf"], ("resnet18", None, None), "resnet34_cifar"),
+    (["model=cnn4", "model.width=8", "scale=tiny"], ("cnn4", 8, None), None),
+])
+def test_the_model_chosen_on_the_command_line_is_the_model_that_trains(given, model, instead):
+    """A scale or preset merges its network after the model group: model=X on the command line still
+    trains X (said in the log), never the scale's network without a word."""
+    notes = []
+    rc = launch.run_config(composed(given, hydra=True), given, notes=notes)
+    assert (rc.model.name, rc.model.width, rc.model.blocks) == model
+    assert notes == ([f"{given[0]} trains {model[0]} (the scale or preset would train {instead})"] if instead else [])
+    assert to_run_config(composed(["scale=tiny"], hydra=True), ["scale=tiny"]).model.name == "cnn4"
+
+
+@pytest.mark.parametrize("given", [["method=averaging", "method.tau=0.5"], ["method=averaging", "method.merge=halving"],
+                                   ["arm=averaging", "method.tau=0.97"], ["experiment=fig1", "scale=tiny",
+                                                                          "data=cifar100", "method.tau=0.5"]])
+def test_a_preset_methods_defining_keys_cannot_turn_it_into_another_method(given):
+    """method=averaging is GAF at tau 2 with the mean merge: changing either would train GAF in a
+    folder and a role that say averaging."""
+    key = given[-1].split("=")[0]
+    with pytest.raises(ValueError, match=rf"^{key}=\S+ would change what method=averaging is \(gaf with "
+                                         rf"method.tau=2.0, method.merge=mean\); use method=gaf {key}="):
+        launch.run_config(composed(given, hydra=True), given)
+    with pytest.raises(ValueError, match=r"would change what method=averaging is"):  # the choice read off the line
+        launch.run_config(composed(given), given) if given[0] == "method=averaging" else launch.run_config(
+            composed(given), given, choices={"method": "averaging"})
+    same = ["method=averaging", "method.tau=2.0", "method.n_micro=4"]
+    assert launch.run_config(composed(same, hydra=True), same).method.n_micro == 4
+
+
 def swept_value_reached(point, key: str, value: str) -> bool:
     """Whether the composed config of one sweep point holds the swept value (a group: its name; a
     group without a node of its own, such as arm: Hydra's record of the choice)."""

@@ -124,6 +124,8 @@ TINY = ["data=random", "model=tiny", "device=cpu", "data.random_train=100", "dat
     (["method=baseline", "method.adaptive_k=1.0"], "error: method.adaptive_k=1.0 has no effect here"),
     (["method=gaf", "method.batch_size=64"], "error: method.batch_size=64 has no effect here: method=gaf"),
     (["data.label_file=x.pt"], "error: data.label_file=x.pt has no effect here: only data=cifar100n"),
+    (["method=averaging", "method.tau=0.5"], "error: method.tau=0.5 would change what method=averaging is (gaf with "
+                                             "method.tau=2.0, method.merge=mean); use method=gaf method.tau=0.5"),
     (["scale=huge"], "error: scale must be one of paper, small, tiny, got 'huge'"),
     (["arm=foo"], "error: arm must be one of averaging, baseline, coteaching, gaf, gaf_gce, gce, label_smoothing, "
                   "sce, got 'foo'"),
