@@ -427,6 +427,9 @@ class Trainer:
             if self.logger:
                 self.logger.log({f"eval/{k}": v for k, v in row.items()}, step=it)
             self._save_checkpoint(it, row["time_s"])
+            # what a killed run's files hold: its summary counts up to this checkpoint
+            write_summary(self.summary_path, self.cfg, self._state(iter=it), self._env, self.ds, "running",
+                          self._started)
             log.info("%s: iteration %d/%d: val acc %.4f (best %.4f), flipped labels fitted %.3f, %.0f images/s",
                      self.run_dir, it, self.cfg.train.iterations, val_acc, state["best_val_acc"],
                      row["mem_flipped_noisy_acc"], state["images_seen"] / max(self.clock.training, 1e-9))

@@ -8,11 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gaf.train import run
+from gaf.train import Trainer, run
 from run_files import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
+import collect  # noqa: E402
 import show_run  # noqa: E402
 
 
@@ -56,3 +57,27 @@ def test_a_dead_runs_running_summary_reads_interrupted_and_a_non_run_is_named(tw
     (tmp_path / "killed" / "summary.json").write_text('{"status": "runn')
     with pytest.raises(SystemExit, match=r"error: .*killed/summary.json is corrupt"):
         show_run.main([str(tmp_path / "killed")])
+
+
+def test_a_killed_run_reports_what_its_files_hold(tmp_path, monkeypatch, capsys):
+    """Killed after 4 of 10 validations: its status, length and accuracies are those of its last
+    checkpoint (iteration 8), in show_run and in collect alike, not a run that never started."""
+    after_step = Trainer.after_step
+
+    def killed_after_8(self, it, progress=None):
+        status = after_step(self, it, progress)
+        if it == 8:
+            raise KeyboardInterrupt  # the files as a kill -9 leaves them
+        return status
+
+    monkeypatch.setattr(Trainer, "after_step", killed_after_8)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_config(train={"iterations": 20, "val_every": 2}), tmp_path / "killed")
+    evals = pd.read_csv(tmp_path / "killed" / "eval.csv")
+    best, final = evals["val_acc"].max(), evals["val_acc"].iloc[-1]
+    show_run.main([str(tmp_path / "killed"), "--out", str(tmp_path / "k.png")])
+    assert (f"{tmp_path / 'killed'}: interrupted at iteration 8 of 20; val acc best {best:.4f}, final {final:.4f}"
+            in capsys.readouterr().out)
+    row, _, _ = collect.read_run(tmp_path / "killed", [tmp_path])
+    assert (row["status"], row["iterations"], row["best_val_acc"], row["final_val_acc"]) == ("interrupted", 8, best, final)
+    assert row["images_seen"] == 8 * 3 * 2 * 5 and row["steps_taken"] > 0
