@@ -54,6 +54,7 @@ import bench  # noqa: E402
 from gaf import gaf_step  # noqa: E402
 from gaf import data as gdata  # noqa: E402
 from gaf.fast import FastGAFStep, FastPlainStep, StandInGraphs  # noqa: E402
+from gaf.fused import FusedSteps  # noqa: E402
 from gaf.optim import build_optimizer  # noqa: E402
 from gaf.models import build_model  # noqa: E402
 from gaf.samplers import ClassBalancedSampler  # noqa: E402
@@ -222,6 +223,7 @@ GRAPH_BOUND = 1e-6  # graphed against eager: the same kernels (measured exact on
 DISTANCE_BOUND = 1e-5  # absolute, on cosine distances in [0, 2]
 DECISION_MARGIN = 1e-4  # a decision may differ only where a distance is this close to tau
 FP32_EPS = torch.finfo(torch.float32).eps
+NOISE_FACTOR = 10  # fused-equal: how far beyond a step's own 1-ulp sensitivity the fused step may be
 
 
 def tau_schedule(ctx) -> list[float]:
@@ -344,6 +346,96 @@ def check_fp32_equal(ctx) -> dict:
                        f"reference's change (relative), graph vs eager within {GRAPH_BOUND:g}, distances within "
                        f"{DISTANCE_BOUND:g}, skipped steps leave the state bit for bit, decisions identical except "
                        f"within {DECISION_MARGIN:g} of tau, steps both taken and skipped")
+
+
+def check_fused_equal(ctx) -> dict:
+    """gaf.fused.FusedSteps (graphed on CUDA) against each member's eager FastGAFStep, one step at a
+    time from the fused member's state, in strict fp32. The fused step's grouped kernels sum in
+    another order than one model's, and a network on small microbatches can be ill-conditioned (a
+    BatchNorm channel of near-constant values): the bound is each step's own sensitivity, the
+    difference a 1-ulp perturbation of the weights makes to the single step, times NOISE_FACTOR
+    (at least fp32-equal's bounds). Two members with their own weights and data; tau swept in
+    opposite orders, so that both take and skip."""
+    n, b, k = ctx.equal_n, ctx.classes * ctx.m, 2
+    schedule = tau_schedule(ctx)
+    with strict_fp32():
+        models = [fresh_seeded(ctx, ctx.seed + j) for j in range(k)]
+        _, graphs = graph_mode(ctx)
+        group = FusedSteps(models, **SGD, tau=[2.0] * k, merge=ctx.merge, compile="graph", graphs=graphs)
+        singles = [copy.deepcopy(m) for m in models]
+        opts = [masked_sgd(m) for m in singles]
+        steppers = [FastGAFStep(m, o, nn.CrossEntropyLoss(), 2.0, ctx.merge) for m, o in zip(singles, opts)]
+        scratch = [copy.deepcopy(m) for m in models]  # what the fused members' states are read into
+        scratch = [(m, masked_sgd(m)) for m in scratch]
+        worst, same, near, taken, steps = 0.0, 0, 0, 0, 0
+        gen = torch.Generator().manual_seed(ctx.seed)
+        for s, (xs, ys) in enumerate(random_batches(ctx, len(schedule), k * n, b)):
+            taus = [schedule[s], schedule[-1 - s]]
+            xs, ys = xs.unflatten(0, (k, n)), ys.unflatten(0, (k, n))
+            befores = []
+            for j in range(k):
+                group.set_tau(j, taus[j])
+                steppers[j].tau = taus[j]
+                load_member_into(group, j, singles[j], opts[j])
+                befores.append(snapshot(singles[j], opts[j]))
+            got = group(xs, ys)
+            for j in range(k):
+                load_member_into(group, j, *scratch[j])
+                fused = snapshot(*scratch[j])
+                want = steppers[j](xs[j], ys[j])
+                ref = snapshot(singles[j], opts[j])
+                restore(singles[j], opts[j], one_ulp_off(befores[j], gen))
+                noisy = steppers[j](xs[j], ys[j])
+                noise = snapshot(singles[j], opts[j])
+                steps += 1
+                sensitivity = max((noisy.distances - want.distances).abs().max().item(), 0.0)
+                if bool(got.stepped[j]) != bool(want.stepped):
+                    margin = max(DECISION_MARGIN, NOISE_FACTOR * sensitivity)
+                    near += bool((want.distances.double() - taus[j]).abs().min() <= margin)
+                    continue
+                same += 1
+                taken += bool(want.stepped)
+                d_dist = (got.distances[j] - want.distances).abs().max().item()
+                compared = ("params", "momentum", "batchnorm") if want.stepped else ("batchnorm",)
+                worst = max(worst, d_dist / max(DISTANCE_BOUND, NOISE_FACTOR * sensitivity), *(
+                    relative_change_diff(fused[key], ref[key], befores[j][key])
+                    / max(RELATIVE_BOUND, NOISE_FACTOR * relative_change_diff(noise[key], ref[key], befores[j][key]))
+                    for key in compared))
+                unmoved = want.stepped or max_abs(fused["params"] + fused["momentum"],
+                                                 befores[j]["params"] + befores[j]["momentum"]) == 0.0
+                worst = worst if fused["counts"] == ref["counts"] and unmoved else math.inf  # a skip moves nothing
+    figures = dict(steps=steps, taken=taken, identical_decisions=same, differing_within_margin=near,
+                   worst_over_bound=worst)
+    ok = same + near == steps and 0 < taken < same and worst <= 1.0
+    return dict(status="PASS" if ok else "FAIL", figures=figures,
+                detail=f"{ctx.model}, {k} members, n={n} x {b} images, merge {ctx.merge}, fused "
+                       f"{'graphed' if ctx.device.type == 'cuda' else '(stand-in graph)'} against each member's eager "
+                       f"fast step from its state: every change within max(fp32-equal's bound, {NOISE_FACTOR} x the "
+                       "change a 1-ulp weight perturbation makes), decisions identical except within that margin")
+
+
+def fresh_seeded(ctx, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model(ctx.model, ctx.classes).to(ctx.device)
+
+
+def one_ulp_off(snap: dict, gen: torch.Generator) -> dict:
+    """The snapshot with every weight moved by about one fp32 rounding, at random up or down."""
+    def off(p):
+        sign = torch.randint(0, 2, p.shape, generator=gen).to(p.device, p.dtype) * 2 - 1
+        return p + sign * FP32_EPS * p.abs()
+
+    return {**snap, "params": [off(p) for p in snap["params"]]}
+
+
+def load_member_into(group, k: int, model: nn.Module, opt) -> None:
+    """A fused member's state into a single run's model and masked optimizer (in place)."""
+    model_state, optimizer_state = group.member_state(k)
+    model.load_state_dict(model_state)
+    if optimizer_state["state"]:
+        opt.load_state_dict(optimizer_state)
+    else:  # no step yet: no momentum
+        opt.state.clear()
 
 
 def check_bf16(ctx) -> dict:
@@ -535,7 +627,8 @@ def merge(a: dict, b: dict) -> dict:
     return out
 
 
-CHECKS = {"sync-free": check_sync_free, "fp32-equal": check_fp32_equal, "bf16": check_bf16,
+CHECKS = {"sync-free": check_sync_free, "fp32-equal": check_fp32_equal, "fused-equal": check_fused_equal,
+          "bf16": check_bf16,
           "compile": check_compile, "batched": check_batched, "speed": check_speed, "trainer": check_trainer}
 
 

@@ -96,3 +96,24 @@ def test_fp32_equal_fails_for_a_planted_bug_in_the_fast_step(tmp_path, monkeypat
     assert result["status"] == "FAIL"
     worst = f["worst_update"] if bug == "merge weight" else f["worst_batchnorm"]
     assert worst > 100 * gpu_check.RELATIVE_BOUND, f
+
+
+@pytest.mark.slow
+def test_fused_equal_passes_on_tiny_and_fails_for_a_wrong_merge_weight(tmp_path, monkeypatch):
+    import torch
+
+    import gaf.fused
+
+    ctx = gpu_check.context(gpu_check.parse_args(["--device", "cpu", "--quick", "--out-dir", str(tmp_path)]))
+    ctx.merge = "mean"
+    result = gpu_check.check_fused_equal(ctx)
+    assert result["status"] == "PASS" and result["figures"]["worst_over_bound"] <= 1, result["figures"]
+    right = gaf.fused.agreement_weights_unchecked
+
+    def wrong(gram, tau, merge):
+        weights, accepted, distances = right(gram, tau, merge)
+        return weights * torch.linspace(1.05, 0.95, weights.shape[-1], dtype=weights.dtype), accepted, distances
+
+    monkeypatch.setattr(gaf.fused, "agreement_weights_unchecked", wrong)
+    assert gpu_check.check_fused_equal(ctx)["figures"]["worst_over_bound"] > 100
+
