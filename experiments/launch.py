@@ -29,6 +29,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from gaf.config import RunConfig, inapplicable, validate, without_inapplicable
+from gaf.rundir import RUN_FILES, RunDirError, RunDirLock
 
 NAME_BYTES = 200  # a folder name may hold 255 bytes; leave room for Hydra's and the file system's suffixes
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -205,22 +206,50 @@ def first_line(error: Exception) -> str:
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
+def _composed(point: list[str], config_name: str) -> tuple[object, str | None]:
+    """(the point's RunConfig or the error that stops it, its folder under the sweep directory)."""
+    try:
+        cfg = compose(config_name, overrides=point, return_hydra_config=True)
+        return run_config(cfg, point), str(cfg.hydra.sweep.subdir)
+    except Exception as e:  # noqa: BLE001 (composition errors, bad values: each point's one line)
+        return e, None
+
+
 def composed_points(points: list[list[str]], config_name: str = "config") -> list[tuple[list[str], object]]:
     """Each point as Hydra would launch it: (its overrides, its RunConfig or the error that stops it).
     Hydra is initialised by the caller."""
-    out = []
+    return [(point, _composed(point, config_name)[0]) for point in points]
+
+
+def point_errors(points: list[list[str]], sweep_dir: str | None = None, config_name: str = "config") -> list[str]:
+    """'<point>: <error>' for every point that would not run (with ``sweep_dir``: its folder checked too)."""
+    errors = []
     for point in points:
-        try:
-            out.append((point, run_config(compose(config_name, overrides=point, return_hydra_config=True), point)))
-        except Exception as e:  # noqa: BLE001 (composition errors, bad values: each point's one line)
-            out.append((point, e))
-    return out
+        result, subdir = _composed(point, config_name)
+        if not isinstance(result, Exception) and sweep_dir is not None:
+            result = folder_refusal(Path(sweep_dir) / subdir, result) or result
+        if isinstance(result, (Exception, str)):
+            errors.append(f"{','.join(point)}: {result if isinstance(result, str) else first_line(result)}")
+    return errors
 
 
-def point_errors(points: list[list[str]], config_name: str = "config") -> list[str]:
-    """'<point>: <error>' for every point that would not run."""
-    return [f"{','.join(point)}: {first_line(result)}" for point, result in composed_points(points, config_name)
-            if isinstance(result, Exception)]
+def folder_refusal(folder: Path, rc: RunConfig) -> str | None:
+    """Why launching ``rc`` into ``folder`` would be refused (a run of another config, files that are
+    not a run's, a run in progress), or None: checked before Hydra writes .hydra/ and train.log there."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    if owner := RunDirLock(folder).holder():
+        return f"run directory {folder} is in use by {owner}; wait for that run to end, or use another run directory"
+    if not any((folder / name).exists() for name in RUN_FILES):
+        return None
+    from gaf.checkpoint import prior_run  # imports torch: only for a folder that holds a run's files
+
+    try:
+        prior_run(folder, rc.to_dict())
+    except RunDirError as e:
+        return str(e)
+    return None
 
 
 def sweep_keys_left_open(cfg: DictConfig, rc: RunConfig) -> list[str]:
@@ -293,7 +322,8 @@ class LaunchChecks(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         try:
-            left_open = sweep_keys_left_open(config, run_config(config, config.hydra.overrides.task))
+            rc = run_config(config, config.hydra.overrides.task)
+            left_open = sweep_keys_left_open(config, rc)
             run_dir = config.hydra.run.dir
         except Exception as e:  # noqa: BLE001 (one line, no traceback)
             refuse(first_line(e))
@@ -303,6 +333,8 @@ class LaunchChecks(Callback):
                    f"{', '.join(k + '=...' for k in left_open)} to run one point")
         if why := unwritable(run_dir):
             refuse(f"cannot write the run directory {run_dir}: {why}; choose another with hydra.run.dir=...")
+        if why := folder_refusal(Path(run_dir), rc):
+            refuse(why)
         if config.get("dry_run"):
             print(f"dry run: 1 run -> {run_dir}\n  {' '.join(config.hydra.overrides.task) or '(defaults)'}")
             sys.exit(0)
@@ -314,7 +346,7 @@ class LaunchChecks(Callback):
             sweep_dir = config.hydra.sweep.dir
         except Exception as e:  # noqa: BLE001
             refuse(first_line(e))
-        errors = point_errors(points)
+        errors = point_errors(points, sweep_dir)
         if errors:
             refuse(f"{len(errors)} of {len(points)} sweep points would not run; nothing was launched:\n  "
                    + "\n  ".join(errors))

@@ -164,6 +164,19 @@ class RunDirLock:
         finally:
             os.close(fd)
 
+    def holder(self) -> str | None:
+        """'pid P on HOST' of the process holding the lock, or None where none does (``held``)."""
+        if not self.held():
+            return None
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            return self._owner(fd) or "an unknown process"
+        finally:
+            os.close(fd)
+
     @staticmethod
     def _elsewhere(owner: str) -> bool:
         """Whether a lock's owner ('pid P on HOST') runs on another host, whose processes this one cannot see."""

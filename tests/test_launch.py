@@ -207,3 +207,33 @@ def test_reproduce_dry_run_lists_every_launch_and_checks_every_point(capsys):
     assert reproduce.main(["--scale", "tiny", "--dry-run", "method.n_micro=1000"]) == 2
     err = capsys.readouterr().err
     assert "would not run; nothing was launched" in err and "method.n_micro=1000" in err
+
+
+def files_of(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_refused_launch_leaves_the_folder_byte_for_byte(tmp_path):
+    """Into a finished run of another config, into someone else's files, and as a sweep point: refused
+    before Hydra writes .hydra/ or train.log there."""
+    run = tmp_path / "run"
+    assert train_cli([*TINY, f"hydra.run.dir={run}"], tmp_path).returncode == 0
+    before = files_of(run)
+    assert refused(train_cli([*TINY, "seed=1", f"hydra.run.dir={run}"], tmp_path)).startswith(
+        f"error: run directory {run} holds a finished run of another config: seed=1 (it has 0)")
+    assert files_of(run) == before
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "metrics.csv").write_text("mine\n")
+    assert refused(train_cli([*TINY, f"hydra.run.dir={theirs}"], tmp_path)).startswith(
+        f"error: run directory {theirs} holds metrics.csv but no run summary")
+    assert files_of(theirs) == {Path("metrics.csv"): b"mine\n"} and [p.name for p in theirs.iterdir()] == ["metrics.csv"]
+    sweep = tmp_path / "sweep"
+    point = ",".join(sorted([o for o in TINY if not o.startswith("device=")] + ["seed=1"]))  # Hydra's folder name
+    (sweep / point).mkdir(parents=True)
+    (sweep / point / "metrics.csv").write_text("mine\n")
+    out = train_cli(["-m", *TINY, "seed=0,1", f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert refused(out) == "error: 1 of 2 sweep points would not run; nothing was launched:"
+    assert f"seed=1: run directory {sweep / point} holds metrics.csv but no run summary" in out.stderr
+    assert files_of(sweep) == {Path(point, "metrics.csv"): b"mine\n"} and [p.name for p in sweep.iterdir()] == [point]
