@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from gaf.config import RunConfig, settings
+from gaf.config import RunConfig, settings, without_effect
 from gaf.rundir import run_status
 
 # Columns every runs.csv has, in this order (missing config keys are left empty).
@@ -34,6 +34,9 @@ SWEPT = ["data.name", "data.noise", "model.name", "model.width", "method.name", 
          "method.per_class", "method.merge", "method.batch_size", "seed"]
 SUMMARY = ["status", "final_val_acc", "best_val_acc", "iterations", "images_seen", "steps_taken", "wall_time_s",
            "images_per_s", "device", "device_name", "data_note", "data_used", "started_at", "finished_at"]
+# data.name is the data that ran (summary.json's data_used); data_asked, what the config asked for (a
+# substitute stood in for it where they differ).
+ASKED = "data_asked"
 CURVE = ["iter", "images_seen", "loss", "acc", "d_mean", "accepted", "stepped", "lr", "tau"]
 WINDOW_MEANS = ["d_mean", "loss", "acc", "stepped"]  # kept as <name>_win: honest means over downsampled windows
 # Config leaves that say where or how a run ran, not which sweep point it is.
@@ -130,11 +133,45 @@ def read_run(run_dir, roots):
     row["data_note"] = row["data_note"] or ""
     row.update({k: v for k, v in flat.items() if k not in row and k.split(".")[-1] not in NOT_A_SWEEP_KEY
                 and k.split(".")[0] in ("data", "model", "method", "loss", "optim", "train")})
+    row.update({k: None for k in without_effect_keys(flat) if k in row})  # what did not apply is empty
+    row[ASKED], row["data.name"] = flat.get("data.name"), summary.get("data_used") or flat.get("data.name")
     # the sweep point: every config value except where/how the run ran
     point = {k: v for k, v in flat.items() if not set(k.split(".")) & NOT_A_SWEEP_KEY}
     row["_point"] = json.dumps([row["experiment"], row["scale"], sorted(point.items())], default=str)
     row["_time"] = _timestamp(summary, run_dir)
     return row, _read_csv(run_dir / "metrics.csv"), _read_csv(run_dir / "eval.csv")
+
+
+def without_effect_keys(values: dict) -> set[str]:
+    """The settings that had no effect on a run (GAF's tau for the baseline), from its settings as
+    'section.key' -> value (a config, or a runs.csv row: empty cells are NaN); none where they do
+    not make a config."""
+    nested = {}
+    for key, _, _ in settings(RunConfig):
+        value = values.get(key)
+        if key in values and not (isinstance(value, float) and math.isnan(value)):
+            section, _, name = key.rpartition(".")
+            (nested.setdefault(section, {}) if section else nested)[name] = value
+    try:
+        return {key for key, _, _, _ in without_effect(RunConfig.from_dict(nested))}
+    except (ValueError, TypeError):
+        return set()
+
+
+def as_collected_now(runs):
+    """Rows of a runs.csv written before settings without effect were left empty and data.name named
+    the data that ran, as read_run writes them now."""
+    runs = runs.astype(object)
+    if ASKED not in runs:
+        runs[ASKED] = None
+    for i in runs.index[runs[ASKED].isna()]:
+        row = runs.loc[i].to_dict()
+        for key in without_effect_keys(row) & set(runs.columns):
+            runs.at[i, key] = None
+        used = row.get("data_used")
+        runs.at[i, ASKED] = row["data.name"]
+        runs.at[i, "data.name"] = used if isinstance(used, str) and used else row["data.name"]
+    return runs.infer_objects()
 
 
 def downsample_curve(metrics, max_rows=MAX_CURVE_ROWS):
@@ -225,7 +262,8 @@ def collect(run_roots=("multirun", "outputs"), results_dir="results", max_curve_
             for frames, old in ((curves, other.curves), (evals, other.evals)):
                 frames.update({rid: old.get(rid, pd.DataFrame()) for rid in other.runs["run_id"]})
         runs = runs.sort_values("run_id").dropna(axis=1, how="all")
-        runs = runs.reindex(columns=list(dict.fromkeys(["run_id", "experiment", "scale", *SWEPT, *SUMMARY,
+        runs = runs.astype({key: "Int64" for key in CONDITIONAL_INTS if key in runs})
+        runs = runs.reindex(columns=list(dict.fromkeys(["run_id", "experiment", "scale", *SWEPT, *SUMMARY, ASKED,
                                                         *runs.columns])))
         _write_experiment(results_dir / experiment, runs, curves, evals, dropped, command, run_roots)
         out[experiment] = runs
@@ -245,6 +283,7 @@ def other_scales(out_dir, scales):
     old = old[~old["scale"].isin(scales)]
     if old.empty:
         return None
+    old = as_collected_now(old)
     ids = set(old["run_id"])
     frames = {}
     for name in ("curves", "evals"):
@@ -272,6 +311,9 @@ def _stack(frames, run_ids):
 # whether or not one of its runs has them null: a file does not depend on what is collected beside it.
 NULLABLE_NUMBERS = [key for key, f, _ in settings(RunConfig)
                     if f.metadata["rule"].optional and f.metadata["rule"].kind in ("int", "float")]
+# Integer settings that do not apply to every run (left empty there) stay integers.
+CONDITIONAL_INTS = [key for key, f, _ in settings(RunConfig)
+                    if f.metadata["rule"].kind == "int" and f.metadata["rule"].applies and not f.metadata["rule"].optional]
 
 
 def experiment_runs(rows, experiment):
@@ -282,6 +324,16 @@ def experiment_runs(rows, experiment):
 
 # Provenance that says when and how collect ran, not what was collected.
 WHEN_AND_HOW = ("collected_at", "command", "run_roots")
+
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def portable_root(root) -> str:
+    """A run root as provenance records it: relative to the repository where it lies in it, else as given
+    (an absolute path of one machine means nothing on another)."""
+    path = Path(root).resolve()
+    return path.relative_to(REPOSITORY).as_posix() if REPOSITORY in path.parents else str(root)
 
 
 def _write_experiment(out_dir, runs, curves, evals, dropped, command, run_roots):
@@ -297,7 +349,7 @@ def _write_experiment(out_dir, runs, curves, evals, dropped, command, run_roots)
                            zip(runs["device"].fillna(""), runs["device_name"].fillna(""))}),
         "collected_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
-        "run_roots": [str(r) for r in run_roots],
+        "run_roots": [portable_root(r) for r in run_roots],
         "n_runs": len(runs),
         "n_finished": int(status.get("finished", 0)),
         "n_unfinished": int(len(runs) - status.get("finished", 0)),
@@ -323,7 +375,7 @@ def _write_experiment(out_dir, runs, curves, evals, dropped, command, run_roots)
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", nargs="+", default=["multirun", "outputs"], help="run roots to search")
+    p.add_argument("--runs", nargs="+", default=None, help="run roots to search (default: multirun outputs)")
     p.add_argument("--results", default="results", help="where results/<experiment>/ files go")
     p.add_argument("--max-curve-rows", type=int, default=MAX_CURVE_ROWS, help="per run, in curves.csv")
     p.add_argument("--command", default=None, help="the command to record as provenance (default: this one)")
@@ -335,9 +387,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.max_curve_rows < 1:
         p.error(f"--max-curve-rows must be >= 1, got {args.max_curve_rows}")
+    if missing := [r for r in args.runs or () if not Path(r).is_dir()]:  # the defaults may be absent: no runs yet
+        print(f"error: --runs {' '.join(missing)}: not a folder; give folders that hold run directories",
+              file=sys.stderr)
+        sys.exit(2)
     command = args.command or " ".join(["python scripts/collect.py", *argv])
-    return collect(args.runs, args.results, args.max_curve_rows, command=command, ad_hoc=args.ad_hoc,
-                   scales=args.scales)
+    return collect(args.runs or ["multirun", "outputs"], args.results, args.max_curve_rows, command=command,
+                   ad_hoc=args.ad_hoc, scales=args.scales)
 
 
 if __name__ == "__main__":

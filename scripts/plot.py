@@ -30,7 +30,7 @@ from matplotlib.collections import Collection
 from matplotlib.figure import Figure  # figures made without pyplot: no global state, any backend
 from matplotlib.patches import Rectangle
 
-from results_data import (MODEL, NAME, _fmt, _unique, acc_stats, curve, data_label, data_used, datasets_of, evals,
+from results_data import (MODEL, NAME, _fmt, _unique, acc_stats, curve, data_asked, data_label, data_used, datasets_of, evals,
                           file_hash, input_path, load, models_of, noise_pct, ran_on, read_paper_fig6, reads_recorded,
                           role, sha256, spread, title_suffix, variant)
 from tables import TABLES, premise_table, robust_table
@@ -197,10 +197,11 @@ def fig1(results_dir, scale=None):
     r = load(results_dir, "fig1", scale)
     if r is None:
         return None
-    order = sorted(_unique(r.runs["data.name"]), key=lambda d: (d != "cifar100", d != "cifar100n", d))
+    asked = data_asked(r.runs)
+    order = sorted(_unique(asked), key=lambda d: (d != "cifar100", d != "cifar100n", d))
     fig, ax = new_figure(2, len(order), (4.6 * len(order) + 0.6, 6.2), sharex="col")
     for j, name in enumerate(order):
-        runs = r.runs[r.runs["data.name"] == name]
+        runs = r.runs[asked == name]
         for k, rid in enumerate(runs["run_id"]):
             tag = f" (seed {runs['seed'].iloc[k]})" if len(runs) > 1 else ""
             e = evals(r, rid)
@@ -328,7 +329,7 @@ def fig6(results_dir, scale=None):
     r = load(results_dir, "fig6", scale)
     if r is None:
         return None
-    runs = r.runs[~r.runs["data.name"].isin(["cifar100n", "random"])]
+    runs = r.runs[~data_asked(r.runs).isin(["cifar100n", "random"])]
     runs = runs.assign(noise=noise_pct(runs), label=variant(runs))
     fig, ax = new_figure(1, 1, (6.4, 4.8))
     a = ax[0, 0]
@@ -512,6 +513,9 @@ def main(argv=None):
     p.add_argument("--force", action="store_true", help="redraw every figure, even those whose inputs are unchanged")
     args = p.parse_args(argv)
     results = Path(args.results)
+    if not results.is_dir():
+        print(f"error: --results {results} is not a folder; give the folder scripts/collect.py wrote", file=sys.stderr)
+        sys.exit(2)
     made = {}
     for name in args.only or [*FIGURES, *TABLES]:
         if name in FIGURES:

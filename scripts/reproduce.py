@@ -192,14 +192,15 @@ def main(argv: list[str] | None = None) -> int:
         command = shlex.join(["python", "scripts/reproduce.py", "--scale", args.scale, *args.overrides])
         out = args.out.resolve()
         scales = sorted({c.scale for c in configs})  # custom where the overrides change a scale's settings
-        steps = [["scripts/collect.py", "--runs", str(out / "multirun"), str(out / "outputs"),
-                  "--results", str(out / "results"), "--command", command, "--scales", *scales],
-                 ["scripts/plot.py", "--results", str(out / "results")]]
+        roots = [name for name in ("multirun", "outputs") if (out / name).is_dir()]  # named from out: no machine path
+        steps = [[str(ROOT / "scripts/collect.py"), "--runs", *roots, "--results", str(out / "results"), "--command",
+                  command, "--scales", *scales]] if roots else []
+        steps.append([str(ROOT / "scripts/plot.py"), "--results", str(out / "results")])
         if "fig6" in {preset for preset, _, _ in launches}:  # the regime is read off figure 6's baselines
-            steps.append(["scripts/regime_check.py", "--results", str(out / "results")])
+            steps.append([str(ROOT / "scripts/regime_check.py"), "--results", str(out / "results")])
         for script in steps:
-            if subprocess.run([sys.executable, *script], cwd=ROOT).returncode != 0:
-                failed.append(script[0])
+            if subprocess.run([sys.executable, *script], cwd=out).returncode != 0:
+                failed.append(Path(script[0]).name)
     minutes = (time.perf_counter() - started) / 60
     used = resource.getrusage(resource.RUSAGE_CHILDREN)  # CPU time of every launch: what a shared machine hides
     print(f"\nreproduce --scale {args.scale}: {minutes:.1f} min wall, {(used.ru_utime + used.ru_stime) / 60:.1f} "

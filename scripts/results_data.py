@@ -101,13 +101,19 @@ def note_texts(runs):
         return pd.Series("", index=runs.index, dtype=object)
     return runs["data_note"].astype(object).fillna("").astype(str)
 
+def data_asked(runs):
+    """The data set each run asked for (what a substitute stood in for): runs.csv's data_asked, where
+    data.name is the data that ran; files collected before it named what was asked in data.name."""
+    asked = runs["data_asked"] if "data_asked" in runs else pd.Series(np.nan, index=runs.index, dtype=object)
+    return asked.where(asked.notna() & (asked != ""), runs["data.name"])
+
 def data_used(runs):
     """The data set each run trained on: summary.json's data_used where collected, else read off
     its data note (a substitution says what it substituted), else the data set asked for."""
     from_note = note_texts(runs).map(lambda n: "cifar10_jpeg" if "substituted the CIFAR-10 JPEG copy" in n
                           else "random" if "substituted random images" in n else None)
     used = runs["data_used"] if "data_used" in runs else pd.Series(np.nan, index=runs.index, dtype=object)
-    return used.where(used.notna() & (used != ""), from_note.where(from_note.notna(), runs["data.name"]))
+    return used.where(used.notna() & (used != ""), from_note.where(from_note.notna(), data_asked(runs)))
 
 def ran_on(asked, used):
     """What a run trained on, named first, and what it stood in for."""
@@ -119,7 +125,7 @@ def ran_on(asked, used):
 
 def ran_labels(runs):
     """ran_on for every run, as a Series."""
-    return pd.Series([ran_on(a, u) for a, u in zip(runs["data.name"], data_used(runs))], index=runs.index,
+    return pd.Series([ran_on(a, u) for a, u in zip(data_asked(runs), data_used(runs))], index=runs.index,
                      dtype=object)
 
 def datasets_of(runs):

@@ -18,7 +18,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import plot  # noqa: E402  (the figures' style, pinned fonts and helpers)
-from collect import flatten  # noqa: E402
+from collect import flatten, without_effect_keys  # noqa: E402
 
 from gaf.rundir import RunDirError, differences, read_json, run_status  # noqa: E402
 
@@ -51,10 +51,12 @@ def describe(run: dict) -> str:
 
 
 def differing(runs: list[dict]) -> list[str]:
-    """'key: a | b | c' for every setting in which the runs differ."""
+    """'key: a | b | c' for every setting in which the runs differ; '-' where it had no effect on a run."""
     keys = sorted({k for r in runs[1:] for k, _, _ in differences(runs[0]["config"], r["config"])})
     values = [flatten(r["config"]) for r in runs]
-    return [f"{k}: " + " | ".join(json.dumps(v.get(k)) for v in values) for k in keys]
+    unused = [without_effect_keys(v) for v in values]
+    return [f"{k}: " + " | ".join("-" if k in u else json.dumps(v.get(k)) for v, u in zip(values, unused))
+            for k in keys]
 
 
 def draw(runs: list[dict]):

@@ -9,21 +9,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from results_data import (PAPER_FIG6_SETUP, _unique, acc_stats, arm, arm_order, curve, data_notes, data_used, datasets_of, load,
+from results_data import (PAPER_FIG6_SETUP, _unique, acc_stats, arm, arm_order, curve, data_asked, data_notes, data_used, datasets_of, load,
                           models_of, noise_pct, ran_on, read_paper_fig6, title_suffix, variant)
 
 def _compare(runs, source):
     """Rows of (dataset, noise, GAF setting): baseline, GAF and GAF - baseline, best val acc in %: mean, s.d. and
     number of seeds of each (s.d. NaN for one seed), and the runs' length in iterations."""
-    runs = runs.assign(noise=noise_pct(runs))
+    runs = runs.assign(noise=noise_pct(runs), asked=data_asked(runs))
     gaf, base = runs[runs["method.name"] == "gaf"], runs[runs["method.name"] == "baseline"]
     if "method.batch_size" in base and base["method.batch_size"].nunique() > 1:  # the paper's baseline batch: 128
         sizes = base["method.batch_size"].dropna()
         base = base[base["method.batch_size"] == sizes.iloc[(sizes - 128).abs().argmin()]]
     gaf = gaf.assign(setting=variant(gaf))
     rows = []
-    for (data, p, setting), g in gaf.groupby(["data.name", "noise", "setting"]):
-        b = base[(base["data.name"] == data) & (base["noise"] == p)]
+    for (data, p, setting), g in gaf.groupby(["asked", "noise", "setting"]):
+        b = base[(base["asked"] == data) & (base["noise"] == p)]
         used = data_used(g).iloc[0]
         noise = f"{p:g}" if data != "cifar100n" else "real (40.2%)" if used == data else "symmetric 40.2"
         bv, gv = 100 * b["best_val_acc"], 100 * g["best_val_acc"]
@@ -39,10 +39,11 @@ def table1(results_dir, scale=None):
     rows, used = [], []
     t = load(results_dir, "table1", scale)
     for name, keep in (("fig6", lambda d: d != "cifar100n"), ("fig8", lambda d: d == "cifar100n")):
-        src = t if t is not None and t.runs["data.name"].map(keep).any() else load(results_dir, name, scale)
+        src = t if t is not None and data_asked(t.runs).map(keep).any() else load(results_dir, name, scale)
         if src is None:
             continue
-        runs = src.runs[src.runs["data.name"].map(keep) & (src.runs["data.name"] != "random")]
+        asked = data_asked(src.runs)
+        runs = src.runs[asked.map(keep) & (asked != "random")]
         rows += _compare(runs, src.experiment)
         used.append(src)
     if not rows:
@@ -107,7 +108,7 @@ def paper_vs_repro(results_dir, scale=None):
     r = load(results_dir, "fig6", scale) or load(results_dir, "table1", scale)
     if r is None:
         return None
-    runs = r.runs[~r.runs["data.name"].isin(["cifar100n", "random"])]
+    runs = r.runs[~data_asked(r.runs).isin(["cifar100n", "random"])]
     gaf = runs[runs["method.name"] == "gaf"].assign(setting=lambda x: variant(x))
     if gaf["setting"].nunique() > 1:  # several GAF settings: the one covering the most noise levels
         gaf = gaf[gaf["setting"] == gaf.groupby("setting")["data.noise"].nunique().idxmax()]

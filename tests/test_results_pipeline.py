@@ -3,6 +3,7 @@
 No training: tests/synthetic_runs.py writes run directories that follow docs/rundir.md.
 """
 
+import csv
 import datetime as dt
 import io
 import json
@@ -24,6 +25,7 @@ import plot  # noqa: E402
 import results_data  # noqa: E402
 import tables  # noqa: E402
 import synthetic_runs as synth  # noqa: E402
+from gaf import rundir  # noqa: E402
 
 RUN_COLUMNS = ["run_id", "experiment", "scale", "data.name", "data.noise", "model.name", "method.name", "method.tau",
                "method.n_micro", "method.per_class", "method.merge", "method.batch_size", "seed", "optim.lr",
@@ -369,6 +371,7 @@ def test_max_curve_rows_below_one_is_a_clear_error(tmp_path, capsys):
 
 
 def test_plot_on_empty_results_does_not_crash(tmp_path, capsys):
+    (tmp_path / "results").mkdir()  # empty (a folder that is not there is an error)
     made = plot.main(["--results", str(tmp_path / "results")])
     assert list(made) == ["fig2"]  # the schematic needs no runs
     out = capsys.readouterr().out
@@ -600,3 +603,77 @@ def test_table1_holds_each_runs_best_validation_accuracy(pipeline):
             dict(data__name="cifar100", data__noise=float(row["label noise (%)"]) / 100)
         for method, column in (("gaf", "GAF (%)"), ("baseline", "baseline (%)")):
             assert row[column] == pytest.approx(only(runs, method__name=method, **where).best, abs=0.005)
+
+
+def as_the_trainer_writes(run_dirs, data_used):
+    """Full configs (every setting, the baseline's tau at its default) and the data that ran."""
+    for run_dir in run_dirs:
+        cfg = json.loads((run_dir / "config.json").read_text())
+        cfg = rundir.completed({**cfg, "method": {k: v for k, v in cfg["method"].items() if v is not None}})
+        summary = json.loads((run_dir / "summary.json").read_text())
+        (run_dir / "config.json").write_text(json.dumps(cfg))
+        (run_dir / "summary.json").write_text(json.dumps({**summary, "config": cfg, "data_used": data_used}))
+
+
+def runs_csv_cells(path):
+    """runs.csv as the text of its cells (an empty cell is '')."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_settings_that_did_not_apply_are_empty_and_data_name_is_the_data_that_ran(tmp_path):
+    as_the_trainer_writes(synth.write_experiment(tmp_path / "multirun", "fig6"), "cifar10_jpeg")
+    collect.collect([tmp_path / "multirun"], tmp_path / "results")
+    rows = runs_csv_cells(tmp_path / "results" / "fig6" / "runs.csv")
+    base = [r for r in rows if r["method.name"] == "baseline"]
+    gaf = [r for r in rows if r["method.name"] == "gaf"]
+    assert base and gaf
+    for r in base:
+        assert [r[k] for k in ("method.tau", "method.n_micro", "method.per_class", "method.merge",
+                               "method.replacement")] == ["", "", "", "", ""] and r["method.batch_size"] == "128"
+    for r in gaf:
+        assert (r["method.batch_size"], r["method.tau"], r["method.n_micro"], r["method.merge"]) == ("", "0.97", "2",
+                                                                                                     "halving")
+    assert {(r["data.name"], r["data_asked"], r["data_used"]) for r in rows} == {("cifar10_jpeg", "cifar100",
+                                                                                  "cifar10_jpeg")}
+    assert "method.adaptive_window" not in rows[0]  # applies to no run
+    assert set(tables.table1(tmp_path / "results")["dataset"]) == {"CIFAR-10 (JPEG copy) standing in for CIFAR-100"}
+
+
+def test_rows_collected_before_are_rewritten_as_collected_now(tmp_path):
+    """Another scale's rows kept from a runs.csv written before: their settings without effect emptied, data.name
+    the data that ran."""
+    copy = committed_results(tmp_path)
+    old = pd.read_csv(copy / "fig6" / "runs.csv")
+    assert (old.loc[old["method.name"] == "baseline", "method.tau"] == 0.97).all()  # as written then
+    as_the_trainer_writes(synth.write_experiment(tmp_path / "multirun", "fig6", scale="small"), "cifar100")
+    collect.collect([tmp_path / "multirun"], copy)
+    rows = [r for r in runs_csv_cells(copy / "fig6" / "runs.csv") if r["scale"] == "tiny"]
+    assert len(rows) == len(old)
+    assert {r["method.tau"] for r in rows if r["method.name"] == "baseline"} == {""}
+    assert {r["method.batch_size"] for r in rows if r["method.name"] == "gaf"} == {""}
+    assert {(r["data.name"], r["data_asked"]) for r in rows} == {("cifar10_jpeg", "cifar100")}
+
+
+def test_provenance_names_run_roots_relative_to_the_repository_or_as_given(tmp_path, monkeypatch):
+    synth.write_experiment(tmp_path / "multirun", "fig6")
+    monkeypatch.setattr(collect, "REPOSITORY", tmp_path)  # the runs lie in the repository
+    collect.collect([tmp_path / "multirun"], tmp_path / "results")
+    assert json.loads((tmp_path / "results/fig6/provenance.json").read_text())["run_roots"] == ["multirun"]
+    monkeypatch.setattr(collect, "REPOSITORY", ROOT)
+    monkeypatch.chdir(tmp_path)
+    collect.collect(["multirun"], "again")  # elsewhere: as the command gave them
+    assert json.loads((tmp_path / "again/fig6/provenance.json").read_text())["run_roots"] == ["multirun"]
+    committed = {p.parent.name: json.loads(p.read_text())["run_roots"] for p in (ROOT / "results").glob("*/provenance.json")}
+    assert committed and not [name for name, roots in committed.items() if any(Path(r).is_absolute() for r in roots)]
+
+
+@pytest.mark.parametrize("script, args", [(collect, ["--runs", "multirun", "nowhere"]), (plot, ["--results", "nowhere"])])
+def test_a_folder_that_is_not_there_is_one_error(tmp_path, monkeypatch, capsys, script, args):
+    (tmp_path / "multirun").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        script.main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: {args[0]} nowhere")
+    assert not (tmp_path / "results").exists()

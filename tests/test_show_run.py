@@ -81,3 +81,11 @@ def test_a_killed_run_reports_what_its_files_hold(tmp_path, monkeypatch, capsys)
     row, _, _ = collect.read_run(tmp_path / "killed", [tmp_path])
     assert (row["status"], row["iterations"], row["best_val_acc"], row["final_val_acc"]) == ("interrupted", 8, best, final)
     assert row["images_seen"] == 8 * 3 * 2 * 5 and row["steps_taken"] > 0
+
+
+def test_a_setting_that_had_no_effect_on_a_run_shows_as_a_dash(tmp_path, capsys):
+    run(tiny_config(method={"tau": 0.5}), tmp_path / "gaf")
+    run(tiny_config(method={"name": "baseline", "batch_size": 20}), tmp_path / "baseline")
+    show_run.main([str(tmp_path / "gaf"), str(tmp_path / "baseline"), "--out", str(tmp_path / "c.png")])
+    out = capsys.readouterr().out
+    assert "  method.tau: 0.5 | -\n" in out and "  method.batch_size: - | 20\n" in out and "method.n_micro: 3 | -" in out
