@@ -26,7 +26,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from gaf.config import RunConfig, inapplicable, validate, without_inapplicable
 from gaf.rundir import RUN_FILES, RunDirError, RunDirLock
@@ -43,10 +43,16 @@ SCALE_KEYS = ("train.iterations", "train.val_every", "train.memorisation_samples
               "data.test_per_class", "data.fallback", "data.fallback_when")
 
 
+EMPTY_DIRNAME = "defaults"  # the folder of a run (or sweep) whose overrides all name no setting: its own leaf
+
+
 def bounded_dirname(name: str) -> str:
     """Hydra's override_dirname as a folder name: as it is when short enough, else a readable
-    prefix and a hash of the whole (about 15 overrides passed 255 bytes: OSError 36)."""
+    prefix and a hash of the whole (about 15 overrides passed 255 bytes: OSError 36); never empty,
+    so that no run's folder is the parent of other runs' folders."""
     raw = name.encode()
+    if not raw:
+        return EMPTY_DIRNAME
     if len(raw) <= NAME_BYTES:
         return name
     tail = ",...-" + hashlib.sha256(raw).hexdigest()[:12]
@@ -107,6 +113,27 @@ register_configs()
 OmegaConf.register_new_resolver("bounded_dirname", bounded_dirname, replace=True)
 OmegaConf.register_new_resolver(
     "settings_scale", lambda *, _root_: settings_scale(_root_, _root_.hydra.overrides.task), replace=True)
+OmegaConf.register_new_resolver("sweep_leaf", lambda *, _root_: sweep_leaf(_root_), replace=True)
+
+
+def sweep_leaf(cfg) -> str:
+    """An ad-hoc sweep's own folder (its command line's overrides), so that two sweeps never share one
+    multirun.yaml; a preset's sweeps stay in multirun/<preset>/<scale>/, where their runs have always been.
+    A job recomposes its config from its point's overrides: ``pin_sweep_dir`` keeps it in its sweep's folder."""
+    if cfg["experiment"] != "single":
+        return ""
+    return "/" + bounded_dirname(cfg["hydra"]["job"]["override_dirname"])
+
+
+def pin_sweep_dir(config: DictConfig, sweep_dir: str) -> None:
+    """Hand the sweep's folder, as resolved from the whole command line, to its jobs (each recomposes
+    its config from the sweep's hydra overrides and its point)."""
+    hydra_overrides = config.hydra.overrides.hydra
+    if "hydra.sweep.dir" in given_keys(hydra_overrides):
+        return
+    quoted = "'" + str(sweep_dir).replace("\\", "\\\\").replace("'", "\\'") + "'"
+    with read_write(config.hydra.overrides):
+        hydra_overrides.append(f"hydra.sweep.dir={quoted}")
 
 
 def given_keys(overrides) -> set[str]:
@@ -352,6 +379,7 @@ class LaunchChecks(Callback):
                    + "\n  ".join(errors))
         if why := unwritable(sweep_dir):
             refuse(f"cannot write the sweep directory {sweep_dir}: {why}; choose another with hydra.sweep.dir=...")
+        pin_sweep_dir(config, sweep_dir)
         fused = str(config.hydra.launcher.get("_target_", "")).endswith("FusedLauncher")
         found = fused_groups(points, config.hydra.launcher.max_fused) if fused else []
         if config.get("dry_run"):

@@ -237,3 +237,19 @@ def test_a_refused_launch_leaves_the_folder_byte_for_byte(tmp_path):
     assert refused(out) == "error: 1 of 2 sweep points would not run; nothing was launched:"
     assert f"seed=1: run directory {sweep / point} holds metrics.csv but no run summary" in out.stderr
     assert files_of(sweep) == {Path(point, "metrics.csv"): b"mine\n"} and [p.name for p in sweep.iterdir()] == [point]
+
+
+@pytest.mark.slow
+def test_every_run_and_every_ad_hoc_sweep_gets_its_own_leaf(tmp_path):
+    """Two ad-hoc sweeps never share a multirun.yaml, a sweep's runs land in its own folder, and a run
+    whose overrides name no setting gets a folder of its own, never its siblings' parent."""
+    out = train_cli(["-m", *TINY, "seed=0,1"], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (sweep,) = [p.parent for p in (tmp_path / "multirun" / "single" / "custom").rglob("multirun.yaml")]
+    assert sweep.name == ",".join(sorted([o for o in TINY if not o.startswith("device=")] + ["seed=0,1"]))
+    assert sorted(p.parent.parent for p in tmp_path.rglob("summary.json")) == [sweep, sweep]
+    other = train_cli(["-m", *TINY, "seed=1,2", "dry_run=true"], tmp_path)
+    assert other.returncode == 0 and f"runs under multirun/single/custom/{sweep.name.replace('0,1', '1,2')}" in \
+        other.stdout, other.stderr[-2000:]
+    alone = train_cli(["device=cpu", "dry_run=true"], tmp_path)
+    assert alone.returncode == 0 and "dry run: 1 run -> outputs/single/custom/defaults" in alone.stdout, alone.stderr
