@@ -84,18 +84,24 @@ def run_id(run_dir, roots):
 
 
 def _read_json(path):
+    """A JSON object, or None (said in one line) where the file is unreadable or holds something else."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        print(f"collect: skipping {path.parent}: unreadable {path.name} ({e})", file=sys.stderr)
-        return None
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        reason = f"unreadable {path.name} ({type(e).__name__})"
+    else:
+        if isinstance(obj, dict):
+            return obj
+        reason = f"{path.name} holds a {type(obj).__name__}, not a JSON object"
+    print(f"collect: skipping {path.parent}: {reason}", file=sys.stderr)
+    return None
 
 
 def _read_csv(path):
     """A CSV the trainer may still be writing: a missing, empty or torn file reads as an empty frame."""
     try:
         return pd.read_csv(path, on_bad_lines="skip")
-    except (FileNotFoundError, pd.errors.EmptyDataError, pd.errors.ParserError):
+    except (FileNotFoundError, UnicodeDecodeError, pd.errors.EmptyDataError, pd.errors.ParserError):
         return pd.DataFrame()
 
 

@@ -677,3 +677,15 @@ def test_a_folder_that_is_not_there_is_one_error(tmp_path, monkeypatch, capsys, 
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: {args[0]} nowhere")
     assert not (tmp_path / "results").exists()
+
+
+def test_a_folder_with_bad_files_is_skipped_in_one_line_and_the_rest_collected(tmp_path, capsys):
+    good, binary, listed, torn = synth.write_experiment(tmp_path / "multirun", "fig7")[:4]
+    (binary / "summary.json").write_bytes(b"\x80\x81\xff\x00")
+    (listed / "config.json").write_text("[1, 2]")
+    (torn / "metrics.csv").write_bytes(b"\x80\x81\xff\x00,\n\xfe")
+    runs = collect.collect([tmp_path / "multirun"], tmp_path / "results")["fig7"]
+    assert len(runs) == len(synth.SWEEPS["fig7"]) - 2 and runs["run_id"].str.endswith(("/0", "/3")).sum() == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"collect: skipping {binary}: unreadable summary.json (UnicodeDecodeError)",
+                   f"collect: skipping {listed}: config.json holds a list, not a JSON object"]
