@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from hydra import compose
@@ -295,6 +296,10 @@ def unwritable(folder: str) -> str | None:
         return f"{existing} is not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing} is not writable"
+    try:  # what the permission bits do not say (/proc, a read-only mount): make a folder there, as Hydra will
+        tempfile.TemporaryDirectory(dir=existing, prefix=".gaf-probe-").cleanup()
+    except OSError as e:
+        return f"no folder can be made in {existing} ({e.strerror})"
     return None
 
 

@@ -161,6 +161,15 @@ def test_a_read_only_run_directory_is_named(tmp_path):
     assert refused(out).startswith(f"error: cannot write the run directory {tmp_path}/ro/run: ")
 
 
+@pytest.mark.slow
+def test_a_run_directory_where_no_folder_can_be_made_is_one_error(tmp_path):
+    """/proc: writable by its permission bits for root, yet no folder can be made there."""
+    if not Path("/proc/self").is_dir():
+        pytest.skip("no /proc here")
+    out = train_cli([*TINY, "hydra.run.dir=/proc/x"], tmp_path)
+    assert refused(out).startswith("error: cannot write the run directory /proc/x: ")
+
+
 def test_an_unwritable_folder_is_named_whoever_runs_the_check(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT / "experiments"))
     import launch
