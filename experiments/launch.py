@@ -29,7 +29,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from gaf.config import RunConfig, inapplicable, validate, without_inapplicable
+from gaf.config import RunConfig, inapplicable, settings, validate, without_inapplicable
 from gaf.rundir import RUN_FILES, RunDirError, RunDirLock
 
 NAME_BYTES = 200  # a folder name may hold 255 bytes; leave room for Hydra's and the file system's suffixes
@@ -135,6 +135,27 @@ def pin_sweep_dir(config: DictConfig, sweep_dir: str) -> None:
     quoted = "'" + str(sweep_dir).replace("\\", "\\\\").replace("'", "\\'") + "'"
     with read_write(config.hydra.overrides):
         hydra_overrides.append(f"hydra.sweep.dir={quoted}")
+
+
+def unknown_key(argv) -> str | None:
+    """The error for a command-line override that names no setting, group or launch key (Hydra would
+    refuse it in several lines), or None. Appending (+key=...) is left to the settings' own check."""
+    known = {key for key, _, _ in settings(RunConfig)}
+    roots = {key.split(".")[0] for key in known} | {p.name for p in CONFIGS.iterdir() if p.is_dir()} | set(LAUNCH_KEYS)
+    for arg in argv:
+        key = arg.split("=", 1)[0]
+        if arg.startswith("-") or "=" not in arg or key.startswith(("+", "~")) or key in known or key in roots:
+            continue
+        if key.split(".")[0] in ("hydra", *LAUNCH_KEYS) or "/" in key or "@" in key:  # Hydra's own, group paths
+            continue
+        section, _, _ = key.rpartition(".")
+        top = sorted(roots - {"at_scale", "launches"})  # a preset's own blocks: not for the command line
+        under = sorted({k[len(section) + 1:].split(".")[0] for k in known if k.startswith(section + ".")}) \
+            if section else top
+        if not under:
+            section, under = "", top
+        return f"unknown config key {key}; allowed under {section or 'the top level'}: {', '.join(under)}"
+    return None
 
 
 def given_keys(overrides) -> set[str]:

@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from gaf.rundir import RunDirError
-from launch import collect, run_config  # also registers the resolvers config.yaml's folder names use
+from launch import collect, run_config, unknown_key  # also registers the resolvers config.yaml's folder names use
 
 log = logging.getLogger(__name__)
 
@@ -42,4 +42,7 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    if error := unknown_key(sys.argv[1:]):  # before Hydra, whose own refusal takes several lines
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     main()

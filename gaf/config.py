@@ -102,10 +102,11 @@ class Rule:
             raise ValueError(f"{key} must be {self.allowed()}, got {value!r}")
 
 
-# When a setting has an effect: (the condition, what runs instead, said when it is set anyway).
+# When a setting has an effect: (the condition, what runs instead, said when it is set anyway; {c} is the run's
+# config).
 APPLIES = {
     "gaf": (lambda c: c.method.name == "gaf",
-            "method=baseline steps on one batch of method.batch_size images: no microbatches, no filter"),
+            "method={c.method.name} steps on one batch of method.batch_size images: no microbatches, no filter"),
     "adaptive": (lambda c: c.method.name == "gaf" and c.method.adaptive_k is not None,
                  "the adaptive threshold is off (set method.adaptive_k to turn it on)"),
     "batch": (lambda c: c.method.name in ("baseline", "coteaching"),
@@ -372,7 +373,7 @@ def without_effect(cfg: RunConfig):
     for key, f, value in settings(cfg):
         applies = f.metadata["rule"].applies
         if applies is not None and not APPLIES[applies][0](cfg):
-            yield key, f, value, APPLIES[applies][1]
+            yield key, f, value, APPLIES[applies][1].format(c=cfg)
 
 
 def inapplicable(cfg: RunConfig, keys=None) -> list[tuple[str, object, str]]:

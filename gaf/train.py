@@ -67,12 +67,18 @@ def make_sampler(cfg: RunConfig, ds: gdata.ImageDataset):
     # The paper balances on clean labels under synthetic noise and on the human (noisy)
     # labels for CIFAR-100N, where no clean labels would be known in practice.
     labels = ds.train_y if cfg.data.name == "cifar100n" else ds.clean_y
+    smallest = int(torch.bincount(labels.cpu(), minlength=ds.num_classes).min())
     if m.name == "gaf":
-        smallest = int(torch.bincount(labels.cpu(), minlength=ds.num_classes).min())
         if error := class_size_error(cfg, smallest, f"in its smallest class ({ds.name})"):
             raise gdata.DataError(error)  # the sampler's own check, in the run's keys
         return ClassBalancedSampler(labels, ds.num_classes, m.per_class, m.n_micro, cfg.seed,
                                     replacement=m.replacement)
+    if smallest < m.batch_size // ds.num_classes:  # the batch's balanced part: batch_size // classes of each
+        raise gdata.DataError(
+            f"method.batch_size={m.batch_size} takes {m.batch_size // ds.num_classes} image(s) of each of "
+            f"{ds.num_classes} classes per batch, but the smallest class of {ds.name} has {smallest}"
+            f"{' (by its human labels)' if cfg.data.name == 'cifar100n' else ''}; use method.batch_size <= "
+            f"{(smallest + 1) * ds.num_classes - 1}, or more images per class (data.train_per_class)")
     return BatchSampler(labels, ds.num_classes, m.batch_size, cfg.seed)
 
 

@@ -73,6 +73,11 @@ def test_a_setting_that_has_no_effect_is_refused_naming_it(key, condition):
     assert value_of(without_inapplicable(config(fails, key, OTHER[key])), key) == value_of(RunConfig(), key)
 
 
+def test_the_reason_names_the_method_that_runs():
+    (why,) = [w for k, _, w in inapplicable(RunConfig.from_dict({"method": {"name": "coteaching"}}), {"method.tau"})]
+    assert why.startswith("method=coteaching steps on one batch of method.batch_size images")
+
+
 def test_named_keys_count_even_at_their_default():
     cfg = RunConfig.from_dict({"method": {"name": "baseline"}})
     assert inapplicable(cfg) == []
@@ -127,6 +132,10 @@ TINY = ["data=random", "model=tiny", "device=cpu", "data.random_train=100", "dat
     (["method=averaging", "method.tau=0.5"], "error: method.tau=0.5 would change what method=averaging is (gaf with "
                                              "method.tau=2.0, method.merge=mean); use method=gaf method.tau=0.5"),
     (["scale=huge"], "error: scale must be one of paper, small, tiny, got 'huge'"),
+    (["method.foo=1"], "error: unknown config key method.foo; allowed under method: adaptive_k, adaptive_window, "
+                       "batch_size, forget_rate, merge, n_micro, name, per_class, ramp_epochs, replacement, tau"),
+    (["methd.tau=1"], "error: unknown config key methd.tau; allowed under the top level: arm, data, device, "),
+    (["method=coteaching", "method.tau=0.5"], "error: method.tau=0.5 has no effect here: method=coteaching steps on "),
     (["arm=foo"], "error: arm must be one of averaging, baseline, coteaching, gaf, gaf_gce, gce, label_smoothing, "
                   "sce, got 'foo'"),
     (["seed=18446744073709551615"], "error: seed must be an integer in [0, 2147483647]"),

@@ -225,3 +225,17 @@ def test_synthetic_noise_microbatches_balance_on_the_clean_labels(tmp_path, cifa
     clean = torch.as_tensor(cifar100_files["train_y"])
     run(config(**cifar_sections(tmp_path / "data", name="cifar100", noise=0.6)), tmp_path / "run")
     assert_balanced(recorded_microbatches, clean, per_class=1)
+
+
+def test_a_baseline_batch_its_classes_cannot_fill_names_method_batch_size(tmp_path, cifar100_files, no_md5):
+    """CIFAR-100N balances on its human labels, of which a subset may leave a class empty: the error names the
+    run's key and what would run, not the sampler's microbatches."""
+    clean = torch.as_tensor(cifar100_files["train_y"])
+    human = torch.where(clean == 7, 8, clean)  # nobody called anything class 7
+    label_file = write_cifar100n_labels(tmp_path / "CIFAR-100_human.pt", clean, human)
+    cfg = config(data={"root": str(tmp_path / "data"), "num_classes": None, "name": "cifar100n",
+                       "label_file": str(label_file)}, method={"name": "baseline"}, train={"iterations": 2, "val_every": 2})
+    with pytest.raises(gdata.DataError, match=r"^method.batch_size=128 takes 1 image\(s\) of each of 100 classes per "
+                                              r"batch, but the smallest class of cifar100n has 0 \(by its human labels\); "
+                                              r"use method.batch_size <= 99, or more images per class"):
+        run(cfg, tmp_path / "run")
