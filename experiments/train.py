@@ -10,6 +10,7 @@ all at once, a run's settings, its folder.
 """
 
 import logging
+import signal
 import sys
 
 import hydra
@@ -38,6 +39,8 @@ def main(cfg: DictConfig) -> float:
     except (ValueError, RunDirError) as e:  # bad settings, missing data, a run directory in use or unreadable
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if summary.get("stopped_by") == "SIGTERM":  # checkpointed; a sweep stops here too, as the signal asked
+        sys.exit(128 + signal.SIGTERM)
     return summary.get("best_val_acc", float("nan"))
 
 

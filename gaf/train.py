@@ -19,7 +19,9 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -128,13 +130,44 @@ def run(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
             if summary is not None and summary.get("status") in ("finished", "diverged"):
                 log.info("%s: already %s; nothing to do", run_dir, summary["status"])
                 return summary
+            if (reached := stop_reached(cfg, summary, ckpt)) is not None:
+                log.info("%s: train.stop_after=%d already reached (iteration %d); nothing to do: relaunch without it, "
+                         "or with a larger value, to go on", run_dir, cfg.train.stop_after, reached)
+                return summary or {"status": "stopped", "iterations": reached, "resumes_from": reached}
             trainer = Trainer(cfg, run_dir, rank, world, device, plan)
             if ckpt is not None:
                 trainer.restore(ckpt)
             elif trainer.is_main:  # a fresh start: no rows of an attempt that never checkpointed
                 for p in (trainer.metrics.path, trainer.evals.path):
                     p.unlink(missing_ok=True)
-            return trainer.run()
+            with _sigterm_stops(trainer):
+                return trainer.run()
+
+
+def stop_reached(cfg: RunConfig, summary: dict | None, ckpt: dict | None) -> int | None:
+    """The iteration at which an earlier launch already reached ``train.stop_after`` (a relaunch would
+    recompute the iterations after its checkpoint and stop again), or None."""
+    stop = cfg.train.stop_after
+    if stop is None:
+        return None
+    done = max(ckpt["state"]["iter"] if ckpt is not None else 0,
+               summary.get("iterations", 0) if summary is not None and summary.get("status") == "stopped" else 0)
+    return done if done >= stop else None
+
+
+@contextlib.contextmanager
+def _sigterm_stops(trainer: "Trainer"):
+    """SIGTERM (a scheduler's preemption, ``kill``) ends the run after the step under way as a validation
+    would: checkpointed there, summary ``stopped``, lock released. One process in the main thread only
+    (under torchrun the ranks would stop at different steps)."""
+    if trainer.cfg.distributed or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "terminated", True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -255,6 +288,7 @@ class Trainer:
         self.pending: list[StepRecord] = []  # steps not yet written
         self.since_eval: list[dict] = []  # metrics rows since the last validation
         self.logger: WandbLogger | None = None
+        self.terminated = False  # SIGTERM received: stop after this step (_sigterm_stops)
 
     def _state(self, **overrides) -> dict:
         """The counters and the clock's times, as checkpoints and summaries hold them."""
@@ -273,6 +307,7 @@ class Trainer:
         if ckpt.get("stepper") is not None:  # a stepper's own state (co-teaching's peer)
             self.stepper.load_state_dict(ckpt["stepper"])
         self.clock.load_state_dict(ckpt["state"])
+        self.since_eval = list(ckpt.get("since_eval") or [])  # a checkpoint between validations (SIGTERM)
         self.state.update({k: v for k, v in ckpt["state"].items() if k in self.state})
         if self.is_main:
             self.metrics.truncate_after(self.state["iter"])
@@ -303,11 +338,11 @@ class Trainer:
         if not self.is_main:
             return {"status": status}
         if status == "stopped":  # what ran, and where a relaunch goes on from
-            resume = self.state["iter"]
+            resume, by = self.state["iter"], "SIGTERM" if self.terminated else "train.stop_after"
             summary = write_summary(self.summary_path, self.cfg, self._state(iter=last), env, self.ds, status,
-                                    started, resumes_from=resume)
-            log.info("%s: stopped after iteration %d (train.stop_after); a relaunch resumes from the checkpoint at "
-                     "iteration %d", self.run_dir, last, resume)
+                                    started, resumes_from=resume, stopped_by=by)
+            log.info("%s: stopped after iteration %d (%s); a relaunch resumes from the checkpoint at "
+                     "iteration %d", self.run_dir, last, by, resume)
             return summary
         summary = write_summary(self.summary_path, self.cfg, self._state(), env, self.ds, status, started)
         log.info("%s: %s; best val acc %.4f, %.0f images/s", self.run_dir, status, self.state["best_val_acc"],
@@ -346,9 +381,22 @@ class Trainer:
             self.state["iter"] = it  # the last checkpointed iteration
             if progress is not None:
                 progress.set_postfix(val_acc=f"{self.state['final_val_acc']:.3f}")
+        if self.terminated:
+            return self._checkpoint_now(it, at_eval)
         if cfg.train.stop_after is not None and it >= cfg.train.stop_after:
             return "stopped"
         return None
+
+    def _checkpoint_now(self, it: int, at_eval: bool) -> str:
+        """Stopped by SIGTERM after iteration ``it``: checkpointed there (unless a validation just was)."""
+        if not at_eval:
+            if not self._flush():
+                return "diverged"
+            self.before_validation()
+            if self.is_main:
+                self._save_checkpoint(it, self.clock.wall())
+            self.state["iter"] = it
+        return "stopped"
 
     def before_validation(self) -> None:
         """A hook: the model and optimizer as the step left them (a fused group writes them back)."""
@@ -464,6 +512,7 @@ class Trainer:
             "aug_rng": self.aug_gen.get_state(), "torch_rng": torch.get_rng_state(),
             "adaptive_tau": self.tau.state_dict() if isinstance(self.tau, AdaptiveTau) else None,
             "stepper": self.stepper.state_dict() if hasattr(self.stepper, "state_dict") else None,
+            "since_eval": list(self.since_eval),  # the next validation's train means (empty at a validation)
         })
 
 

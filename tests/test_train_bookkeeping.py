@@ -19,7 +19,7 @@ from gaf import data as gdata
 from gaf.augment import normalize
 from gaf.models import build_model
 from gaf.samplers import ClassBalancedSampler
-from gaf.train import run
+from gaf.train import Trainer, run
 from run_files import read_csv, tiny_config, without_times
 
 CLASSES = 5
@@ -239,3 +239,53 @@ def test_a_baseline_batch_its_classes_cannot_fill_names_method_batch_size(tmp_pa
                                               r"batch, but the smallest class of cifar100n has 0 \(by its human labels\); "
                                               r"use method.batch_size <= 99, or more images per class"):
         run(cfg, tmp_path / "run")
+
+
+def test_a_stop_after_already_reached_is_said_and_runs_nothing(tmp_path, caplog):
+    cfg = config(train={"iterations": 12, "val_every": 4, "stop_after": 6})
+    assert run(cfg, tmp_path)["status"] == "stopped"  # checkpointed at 4, stopped after 6
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with caplog.at_level("INFO", logger="gaf.train"):
+        summary = run(cfg, tmp_path)
+    assert (summary["status"], summary["iterations"], summary["resumes_from"]) == ("stopped", 6, 4)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert "train.stop_after=6 already reached (iteration 6); nothing to do" in caplog.text
+    cfg.train.stop_after = 4  # at its checkpoint: the same
+    assert run(cfg, tmp_path)["iterations"] == 6 and {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_sigterm_checkpoints_where_it_came_and_the_relaunch_goes_on_exactly(tmp_path, monkeypatch):
+    """SIGTERM between validations: the step under way ends, a checkpoint is written there, the summary
+    says stopped (by SIGTERM) and the lock is gone; the relaunch equals an unbroken run."""
+    import os
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers need the main thread")
+    unbroken = run(config(train={"iterations": 12, "val_every": 4}), tmp_path / "unbroken")
+    after_step = Trainer.after_step
+
+    def terminated_at_5(self, it, progress=None):
+        if it == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return after_step(self, it, progress)
+
+    monkeypatch.setattr(Trainer, "after_step", terminated_at_5)
+    ours = lambda *_: None  # noqa: E731 (where the trainer did not take SIGTERM, this test survives it)
+    previous = signal.signal(signal.SIGTERM, ours)
+    try:
+        stopped = run(config(train={"iterations": 12, "val_every": 4}), tmp_path / "run")
+        assert signal.getsignal(signal.SIGTERM) is ours  # the trainer's handler was the run's only
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert (stopped["status"], stopped["stopped_by"], stopped["iterations"], stopped["resumes_from"]) == (
+        "stopped", "SIGTERM", 5, 5)
+    assert checkpoint(tmp_path / "run")["state"]["iter"] == 5 and not (tmp_path / "run" / "run.lock").exists()
+    monkeypatch.setattr(Trainer, "after_step", after_step)
+    resumed = run(config(train={"iterations": 12, "val_every": 4}), tmp_path / "run")
+    assert resumed["status"] == "finished" and resumed["best_val_acc"] == unbroken["best_val_acc"]
+    for name in ("metrics.csv", "eval.csv"):
+        assert without_times(read_csv(tmp_path / "run" / name)) == without_times(read_csv(tmp_path / "unbroken" / name))
+    assert torch.equal(torch.cat([v.flatten() for v in checkpoint(tmp_path / "run")["model"].values()]),
+                       torch.cat([v.flatten() for v in checkpoint(tmp_path / "unbroken")["model"].values()]))
