@@ -12,6 +12,7 @@ distance over iterations, one colour per run.
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -21,6 +22,9 @@ import plot  # noqa: E402  (the figures' style, pinned fonts and helpers)
 from collect import flatten, without_effect_keys  # noqa: E402
 
 from gaf.rundir import RunDirError, differences, read_json, run_status  # noqa: E402
+
+
+TITLE_CHARS = 100  # a line of the title at fontsize 8 within the figure's 7 inches
 
 
 def read_run(run_dir: Path) -> dict:
@@ -50,9 +54,28 @@ def describe(run: dict) -> str:
             f"{s.get('images_per_s', 0):.0f} images/s; {s.get('data_note', '')}")
 
 
+def differing_keys(runs: list[dict]) -> list[str]:
+    """The settings in which the runs differ (operational keys aside)."""
+    return sorted({k for r in runs[1:] for k, _, _ in differences(runs[0]["config"], r["config"])})
+
+
+def curve_labels(runs: list[dict]) -> list[str]:
+    """Each run's curves named by the settings that differ and apply to it ('run k' where none do)."""
+    if len(runs) == 1:
+        return ["run"]
+    keys, labels = differing_keys(runs), []
+    for k, r in enumerate(runs):
+        flat = flatten(r["config"])
+        unused = without_effect_keys(flat)
+        parts = [f"{key}={v if isinstance(v := flat.get(key), str) else json.dumps(v)}"
+                 for key in keys if key not in unused]
+        labels.append(", ".join(parts) or f"run {k + 1}")
+    return labels
+
+
 def differing(runs: list[dict]) -> list[str]:
     """'key: a | b | c' for every setting in which the runs differ; '-' where it had no effect on a run."""
-    keys = sorted({k for r in runs[1:] for k, _, _ in differences(runs[0]["config"], r["config"])})
+    keys = differing_keys(runs)
     values = [flatten(r["config"]) for r in runs]
     unused = [without_effect_keys(v) for v in values]
     return [f"{k}: " + " | ".join("-" if k in u else json.dumps(v.get(k)) for v, u in zip(values, unused))
@@ -61,9 +84,8 @@ def differing(runs: list[dict]) -> list[str]:
 
 def draw(runs: list[dict]):
     fig, ax = plot.new_figure(3, 1, (7.0, 7.6), sharex=True)
-    for k, run in enumerate(runs):
+    for k, (run, label) in enumerate(zip(runs, curve_labels(runs))):
         color, e, m = f"C{k}", run["eval"], run["metrics"]
-        label = f"run {k + 1}" if len(runs) > 1 else "run"
         if "val_acc" in e:
             ax[0, 0].plot(e["iter"], 100 * e["val_acc"], color=color, label=label)
         if "mem_flipped_noisy_acc" in e:
@@ -76,8 +98,9 @@ def draw(runs: list[dict]):
     ax[2, 0].set(ylabel="cosine distance\n(rolling mean)", xlabel="iteration")
     for a in ax[:, 0]:
         plot.legend(a)
-    fig.suptitle("; ".join(f"run {k + 1}: {r['dir'].name}" for k, r in enumerate(runs)) if len(runs) > 1
-                 else str(runs[0]["dir"]), fontsize=8)
+    title = ("; ".join(f"run {k + 1}: {r['dir'].name}" for k, r in enumerate(runs)) if len(runs) > 1
+             else str(runs[0]["dir"]))
+    fig.suptitle("\n".join(textwrap.wrap(title, TITLE_CHARS)), fontsize=8)  # a folder name runs to 200 bytes
     return fig
 
 

@@ -89,3 +89,17 @@ def test_a_setting_that_had_no_effect_on_a_run_shows_as_a_dash(tmp_path, capsys)
     show_run.main([str(tmp_path / "gaf"), str(tmp_path / "baseline"), "--out", str(tmp_path / "c.png")])
     out = capsys.readouterr().out
     assert "  method.tau: 0.5 | -\n" in out and "  method.batch_size: - | 20\n" in out and "method.n_micro: 3 | -" in out
+
+
+def test_a_comparisons_title_fits_and_its_curves_are_named_by_what_differs(tmp_path):
+    long = [tmp_path / ("data.noise=0.4,method.tau=0.97,optim.lr=0.05,seed=" + str(k) + ",train.iterations=6," * 3)
+            for k in (0, 1)]
+    for k, d in enumerate(long):
+        run(tiny_config(seed=k, method={"tau": 0.97 + k}), d)
+    fig = show_run.draw([show_run.read_run(d) for d in long])
+    fig.canvas.draw()
+    box, width = fig._suptitle.get_window_extent(), fig.bbox.width
+    assert 0 <= box.x0 and box.x1 <= width, (box, width)
+    assert "".join(fig._suptitle.get_text().split("\n")).count(long[0].name[:40]) == 2
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == ["method.tau=0.97, seed=0", "method.tau=1.97, seed=1"]
