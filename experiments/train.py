@@ -12,13 +12,15 @@ all at once, a run's settings, its folder.
 import logging
 import signal
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from gaf.rundir import RunDirError
-from launch import collect, run_config, unknown_key  # also registers the resolvers config.yaml's folder names use
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this tree's gaf, whichever tree .venv installed
+from gaf.rundir import RunDirError  # noqa: E402
+from launch import collect, run_config, unknown_key  # noqa: E402 (also registers config.yaml's resolvers)
 
 log = logging.getLogger(__name__)
 

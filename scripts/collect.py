@@ -26,8 +26,9 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from gaf.config import RunConfig, settings, without_effect
-from gaf.rundir import run_status
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this tree's gaf, whichever tree .venv installed
+from gaf.config import RunConfig, settings, without_effect  # noqa: E402
+from gaf.rundir import run_status  # noqa: E402
 
 # Columns every runs.csv has, in this order (missing config keys are left empty).
 SWEPT = ["data.name", "data.noise", "model.name", "model.width", "method.name", "method.tau", "method.n_micro",

@@ -28,7 +28,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
+sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]  # this tree's gaf, whichever tree .venv installed
 from launch import (composed_points, first_line, fixed_overrides, run_config, scale_options,  # noqa: E402
                     sweep_keys_left_open, sweep_points)
 

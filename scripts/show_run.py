@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]  # this tree's gaf
 import plot  # noqa: E402  (the figures' style, pinned fonts and helpers)
 from collect import flatten, without_effect_keys  # noqa: E402
 
