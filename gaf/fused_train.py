@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from gaf.checkpoint import prior_run
-from gaf.config import RunConfig, resolve, validate
+from gaf.config import RunConfig, resolve, settings, validate
 from gaf.fused import FusedSteps, unstack_stats
 from gaf.rundir import RunDirLock
 from gaf.step import StepStats
@@ -37,20 +37,17 @@ SHARED = ("data.name", "data.train_per_class", "data.test_per_class", "model.nam
           "optim.nesterov", "train.iterations", "train.val_every", "train.stop_after", "device")
 
 
-def setting(cfg: RunConfig, key: str):
-    section, _, name = key.rpartition(".")
-    return getattr(getattr(cfg, section) if section else cfg, name)
-
-
 def group_key(cfg: RunConfig) -> tuple:
-    """What members of one group share; runs whose keys differ go into separate groups."""
-    return tuple(setting(cfg, key) for key in SHARED)
+    """What members of one group share (SHARED's values); runs whose keys differ go into separate groups."""
+    values = {key: value for key, _, value in settings(cfg)}
+    return tuple(values[key] for key in SHARED)
 
 
 def check_group(cfgs: list[RunConfig]) -> None:
     """One line naming the first setting that keeps these runs from one group, or the reason."""
-    for key in SHARED:
-        values = {repr(setting(c, key)) for c in cfgs}
+    keys = [group_key(c) for c in cfgs]
+    for i, key in enumerate(SHARED):
+        values = {repr(k[i]) for k in keys}
         if len(values) > 1:
             raise ValueError(f"a fused group's runs must share {key}; got {', '.join(sorted(values))}")
     cfg = cfgs[0]

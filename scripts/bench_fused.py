@@ -89,6 +89,11 @@ def stepper(a, kind: str, model: nn.Module):
     return FastPlainStep(model, opt, nn.CrossEntropyLoss(), compile=graph)
 
 
+def images_per_s(a, xs: torch.Tensor, seconds: float) -> float:
+    """The images of a.steps steps of ``xs`` (steps, k, n, b, 3, 32, 32) per second."""
+    return xs[0].numel() // (3 * 32 * 32) * a.steps / seconds
+
+
 def timed(a, step) -> float:
     """Seconds for a.steps calls of ``step(s)`` after a.warmup untimed ones."""
     for s in range(a.warmup):
@@ -111,7 +116,7 @@ def separate(a, kind: str, k: int) -> float:
     models, xs, ys = members(a, kind, k)
     steppers = [stepper(a, kind, m) for m in models]
     seconds = timed(a, lambda s: [st(xs[s, j], ys[s, j]) for j, st in enumerate(steppers)])
-    return xs[0].numel() // (3 * 32 * 32) * a.steps / seconds
+    return images_per_s(a, xs, seconds)
 
 
 def fused(a, kind: str, k: int) -> float:
@@ -120,7 +125,7 @@ def fused(a, kind: str, k: int) -> float:
     tau = None if kind == "baseline" else TAU
     group = FusedSteps(models, **SGD, tau=tau, merge="mean", compile="graph" if a.device == "cuda" else False)
     seconds = timed(a, lambda s: group(xs[s], ys[s]))
-    return xs[0].numel() // (3 * 32 * 32) * a.steps / seconds
+    return images_per_s(a, xs, seconds)
 
 
 def processes(a, kind: str, k: int) -> float:
@@ -142,7 +147,7 @@ def worker(a) -> None:
     models, xs, ys = members(a, kind, 1, seed)
     st = stepper(a, kind, models[0])
     seconds = timed(a, lambda s: st(xs[s, 0], ys[s, 0]))
-    print(json.dumps({"images_per_s": xs[0].numel() // (3 * 32 * 32) * a.steps / seconds}))
+    print(json.dumps({"images_per_s": images_per_s(a, xs, seconds)}))
 
 
 def markdown(rows: list[dict], a) -> str:

@@ -375,8 +375,8 @@ def merge_into(out: Path, new: Path | None, record: dict) -> None:
     None: only this call's record is updated)."""
     out.mkdir(parents=True, exist_ok=True)
     old = json.loads((out / "provenance.json").read_text()) if (out / "provenance.json").is_file() else {}
+    calls = [c for c in old.get("calls", []) if c.get("date") != record["date"]] + [record]
     if new is None:  # this call's record only (what it did after its last wave)
-        calls = [c for c in old.get("calls", []) if c.get("date") != record["date"]] + [record]
         (out / "provenance.json").write_text(json.dumps({**old, "calls": calls}, indent=2, default=str) + "\n")
         return
     for name in ("runs.csv", "curves.csv", "evals.csv"):
@@ -387,7 +387,6 @@ def merge_into(out: Path, new: Path | None, record: dict) -> None:
             frames.insert(0, committed[~committed["run_id"].isin(replaced)])
         pd.concat(frames, ignore_index=True).to_csv(out / name, index=False)
     provenance = json.loads((new / "provenance.json").read_text())
-    calls = [c for c in old.get("calls", []) if c.get("date") != record["date"]] + [record]
     runs = pd.read_csv(out / "runs.csv")
     provenance.update(n_runs=len(runs), n_finished=int((runs["status"] == "finished").sum()), calls=calls,
                       run_roots=["TMP/sweep"])  # each call's temporary folder
