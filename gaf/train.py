@@ -127,21 +127,29 @@ def run(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         with RunDirLock(run_dir) if rank == 0 else contextlib.nullcontext():  # rank 0 writes the files
             summary, ckpt = prior_run(run_dir, cfg.to_dict())
-            if summary is not None and summary.get("status") in ("finished", "diverged"):
-                log.info("%s: already %s; nothing to do", run_dir, summary["status"])
-                return summary
-            if (reached := stop_reached(cfg, summary, ckpt)) is not None:
-                log.info("%s: train.stop_after=%d already reached (iteration %d); nothing to do: relaunch without it, "
-                         "or with a larger value, to go on", run_dir, cfg.train.stop_after, reached)
-                return summary or {"status": "stopped", "iterations": reached, "resumes_from": reached}
+            if (done := nothing_to_do(cfg, run_dir, summary, ckpt)) is not None:
+                return done
             trainer = Trainer(cfg, run_dir, rank, world, device, plan)
             if ckpt is not None:
                 trainer.restore(ckpt)
             elif trainer.is_main:  # a fresh start: no rows of an attempt that never checkpointed
                 for p in (trainer.metrics.path, trainer.evals.path):
                     p.unlink(missing_ok=True)
-            with _sigterm_stops(trainer):
+            with sigterm_stops(trainer):
                 return trainer.run()
+
+
+def nothing_to_do(cfg: RunConfig, run_dir: Path, summary: dict | None, ckpt: dict | None) -> dict | None:
+    """The summary of a run that must not train (finished, diverged, or its ``train.stop_after`` already
+    reached), said in the log; None where it trains."""
+    if summary is not None and summary.get("status") in ("finished", "diverged"):
+        log.info("%s: already %s; nothing to do", run_dir, summary["status"])
+        return summary
+    if (reached := stop_reached(cfg, summary, ckpt)) is not None:
+        log.info("%s: train.stop_after=%d already reached (iteration %d); nothing to do: relaunch without it, "
+                 "or with a larger value, to go on", run_dir, cfg.train.stop_after, reached)
+        return summary or {"status": "stopped", "iterations": reached, "resumes_from": reached}
+    return None
 
 
 def stop_reached(cfg: RunConfig, summary: dict | None, ckpt: dict | None) -> int | None:
@@ -156,14 +164,19 @@ def stop_reached(cfg: RunConfig, summary: dict | None, ckpt: dict | None) -> int
 
 
 @contextlib.contextmanager
-def _sigterm_stops(trainer: "Trainer"):
-    """SIGTERM (a scheduler's preemption, ``kill``) ends the run after the step under way as a validation
-    would: checkpointed there, summary ``stopped``, lock released. One process in the main thread only
-    (under torchrun the ranks would stop at different steps)."""
-    if trainer.cfg.distributed or threading.current_thread() is not threading.main_thread():
+def sigterm_stops(*trainers: "Trainer"):
+    """SIGTERM (a scheduler's preemption, ``kill``) ends the run (every run of a fused group) after the
+    step under way as a validation would: checkpointed there, summary ``stopped``, lock released. One
+    process in the main thread only (under torchrun the ranks would stop at different steps)."""
+    if any(t.cfg.distributed for t in trainers) or threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "terminated", True))
+
+    def stop(*_):
+        for t in trainers:
+            t.terminated = True
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         yield
     finally:
@@ -288,7 +301,7 @@ class Trainer:
         self.pending: list[StepRecord] = []  # steps not yet written
         self.since_eval: list[dict] = []  # metrics rows since the last validation
         self.logger: WandbLogger | None = None
-        self.terminated = False  # SIGTERM received: stop after this step (_sigterm_stops)
+        self.terminated = False  # SIGTERM received: stop after this step (sigterm_stops)
 
     def _state(self, **overrides) -> dict:
         """The counters and the clock's times, as checkpoints and summaries hold them."""

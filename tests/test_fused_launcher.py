@@ -1,7 +1,11 @@
 """hydra/launcher=fused: a sweep's points as fused groups, each an ordinary run equal to the basic launcher's."""
 
+import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -49,3 +53,70 @@ def test_the_fused_launchers_dry_run_lists_its_groups_and_bad_groups_are_refused
         "error: hydra/launcher=fused: a fused group runs method=gaf or baseline with optim=sgd on one device; got "
         "method=coteaching, optim=sgd, distributed=False"]
     assert not (tmp_path / "bad").exists()  # a refused launch makes nothing
+
+
+# A group of seconds on CPU: 3 members, 4 classes of 20 images, checkpoints every 5 of 60 iterations.
+SMALL = ["seed=0,1,2", "method=gaf", "model=tiny", "data=random", "data.num_classes=4", "data.random_train=80",
+         "data.random_test=40", "method.per_class=2", "method.n_micro=3", "train.iterations=60", "train.val_every=5",
+         "train.memorisation_samples=20", "device=cpu", "hydra/launcher=fused"]
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # the unbroken and the killed group sum alike
+TIMING = ("wall_time_s", "images_per_s", "train_time_s", "started_at", "finished_at", "versions")
+
+
+def numbers(run_dir: Path) -> str:
+    """What a run computed: its metrics and eval rows and its summary, timing fields excluded (as JSON:
+    every float to its last bit, and NaN equal to NaN)."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return json.dumps([pd.read_csv(run_dir / "metrics.csv").drop(columns="time_s").to_dict("list"),
+                       pd.read_csv(run_dir / "eval.csv").drop(columns="time_s").to_dict("list"),
+                       {k: v for k, v in summary.items() if k not in TIMING}], sort_keys=True)
+
+
+def first_checkpoint(sweep: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until some member of the group has written a checkpoint (the group still running)."""
+    deadline = time.monotonic() + timeout
+    while not any(sweep.glob("*/checkpoint.pt")):
+        assert proc.poll() is None, f"the group ended (exit {proc.returncode}) before a checkpoint was seen"
+        assert time.monotonic() < deadline, "no checkpoint within the timeout"
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_a_group_killed_mid_way_and_relaunched_writes_the_files_of_an_unbroken_group(tmp_path):
+    unbroken = subprocess.run([sys.executable, "experiments/train.py", "-m", *SMALL,
+                               f"hydra.sweep.dir={tmp_path}/unbroken"], cwd=ROOT, env=ONE_THREAD,
+                              capture_output=True, text=True, timeout=600)
+    assert unbroken.returncode == 0, unbroken.stderr[-2000:]
+    argv = [sys.executable, "experiments/train.py", "-m", *SMALL, f"hydra.sweep.dir={tmp_path}/killed"]
+    proc = subprocess.Popen(argv, cwd=ROOT, env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        first_checkpoint(tmp_path / "killed", proc)
+    finally:
+        proc.kill()  # SIGKILL: no handler runs, files stay as the kill found them
+        proc.wait()
+    runs = sorted(p.name for p in (tmp_path / "unbroken").iterdir() if p.is_dir())
+    killed = [json.loads((tmp_path / "killed" / name / "summary.json").read_text())["status"] for name in runs]
+    assert "running" in killed  # killed mid-group: some member had not finished
+    relaunch = subprocess.run(argv, cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=600)
+    assert relaunch.returncode == 0, relaunch.stderr[-2000:]
+    assert "resuming at iteration" in relaunch.stderr + relaunch.stdout
+    for name in runs:
+        assert numbers(tmp_path / "killed" / name) == numbers(tmp_path / "unbroken" / name), name
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_fused_sweep_as_it_stops_one_run(tmp_path):
+    """Exit 143, every member checkpointed and its summary stopped by SIGTERM, no lock left."""
+    proc = subprocess.Popen([sys.executable, "experiments/train.py", "-m", *SMALL, f"hydra.sweep.dir={tmp_path}"],
+                            cwd=ROOT, env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        first_checkpoint(tmp_path, proc)
+        proc.terminate()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    runs = [p for p in tmp_path.iterdir() if p.is_dir()]
+    summaries = [json.loads((d / "summary.json").read_text()) for d in runs]
+    assert len(runs) == 3 and {(s["status"], s["stopped_by"]) for s in summaries} == {("stopped", "SIGTERM")}
+    assert all((d / "checkpoint.pt").exists() and not (d / "run.lock").exists() for d in runs)

@@ -1,13 +1,18 @@
 """gaf.fused_train: a fused group of runs equals its members run one by one through the fast path."""
 
 import json
+import os
+import signal
+import threading
 
 import pandas as pd
 import pytest
+import torch
 
 from gaf.config import RunConfig
-from gaf.fused_train import check_group, run_group
-from gaf.train import run
+from gaf.fused_train import check_group, group_size, run_group
+from gaf.train import Trainer, run
+from run_files import read_csv, without_times
 
 BASE = {"data": {"name": "random", "num_classes": 4, "random_train": 80, "random_test": 40},
         "model": {"name": "tiny"}, "method": {"name": "gaf", "per_class": 2, "n_micro": 3},
@@ -83,3 +88,96 @@ def test_runs_that_cannot_share_a_step_are_one_clear_error():
         check_group(cfgs)
     with pytest.raises(ValueError, match="fast path"):
         check_group([config({"train": {"fast": False}})])
+
+
+def stop_at(cfgs: list[RunConfig], iteration: int) -> list[RunConfig]:
+    return [RunConfig.from_dict({**c.to_dict(), "train": {**c.to_dict()["train"], "stop_after": iteration}})
+            for c in cfgs]
+
+
+def test_a_stop_after_a_group_already_reached_is_said_and_runs_nothing(tmp_path, caplog):
+    cfgs = stop_at([config(m) for m in MEMBERS], 6)
+    dirs = [tmp_path / f"m{k}" for k in range(3)]
+    run_group(cfgs, dirs)  # checkpointed at 4, stopped after 6
+    before = {p: p.read_bytes() for d in dirs for p in d.iterdir()}
+    with caplog.at_level("INFO", logger="gaf.train"):
+        again = run_group(cfgs, dirs)
+    assert [(s["status"], s["iterations"], s["resumes_from"]) for s in again] == [("stopped", 6, 4)] * 3
+    assert {p: p.read_bytes() for d in dirs for p in d.iterdir()} == before
+    assert caplog.text.count("train.stop_after=6 already reached (iteration 6); nothing to do") == 3
+
+
+def test_sigterm_stops_a_group_after_the_step_under_way_and_the_relaunch_goes_on_exactly(tmp_path, monkeypatch):
+    """As for one run (gaf.train): every member checkpointed where the signal came, its summary stopped
+    by SIGTERM, the locks gone, the handler given back; the relaunch equals an unbroken group."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers need the main thread")
+    cfgs = [config(m) for m in MEMBERS]
+    unbroken = [tmp_path / f"u{k}" for k in range(3)]
+    run_group(cfgs, unbroken)
+    after_step = Trainer.after_step
+
+    def terminated_at_5(self, it, progress=None):
+        if it == 5 and self.run_dir.name == "m1":  # mid-way through the members' after_steps
+            os.kill(os.getpid(), signal.SIGTERM)
+        return after_step(self, it, progress)
+
+    monkeypatch.setattr(Trainer, "after_step", terminated_at_5)
+    ours = lambda *_: None  # noqa: E731 (where the group did not take SIGTERM, this test survives it)
+    previous = signal.signal(signal.SIGTERM, ours)
+    dirs = [tmp_path / f"m{k}" for k in range(3)]
+    try:
+        stopped = run_group(cfgs, dirs)
+        assert signal.getsignal(signal.SIGTERM) is ours
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    # m0's iteration 5 was over when the signal came: it stops after its next step, the others at 5
+    assert [(s["status"], s["stopped_by"], s["resumes_from"]) for s in stopped] == [
+        ("stopped", "SIGTERM", 6), ("stopped", "SIGTERM", 5), ("stopped", "SIGTERM", 5)]
+    assert not any((d / "run.lock").exists() for d in dirs)
+    monkeypatch.setattr(Trainer, "after_step", after_step)
+    assert [s["status"] for s in run_group(cfgs, dirs)] == ["finished"] * 3
+    for d, u in zip(dirs, unbroken):
+        for name in ("metrics.csv", "eval.csv"):
+            assert without_times(read_csv(d / name)) == without_times(read_csv(u / name)), (d, name)
+
+
+def test_a_group_too_large_for_the_memory_is_split_and_a_member_that_fits_none_is_one_line(tmp_path, caplog):
+    """The memory is injected (one member's bytes, bytes free): on CUDA step_memory measures them."""
+    cfgs = [config(m) for m in MEMBERS]
+    sizes = []
+    with caplog.at_level("INFO", logger="gaf.fused_train"):
+        got = run_group(cfgs, [tmp_path / f"m{k}" for k in range(3)],
+                        memory=lambda t: sizes.append(1) or (100, 250))  # two members fit
+    assert sizes == [1] and [s["status"] for s in got] == ["finished"] * 3
+    assert "fused: 3 runs in groups of at most 2 (the device's free memory)" in caplog.text
+    assert caplog.text.count("fused group of 2, iteration 12/12") == 1
+    assert caplog.text.count("fused group of 1, iteration 12/12") == 1
+    with pytest.raises(ValueError, match=r"^a fused group's member needs .* GiB for its step, but only .* GiB of the "
+                                         r"device is free to it: it fits no group; use a smaller method.per_class"):
+        run_group(cfgs, [tmp_path / f"n{k}" for k in range(3)], memory=lambda t: (300, 250))
+    assert not any(any((tmp_path / f"n{k}").iterdir()) for k in range(3))  # refused before anything is written
+
+
+def test_group_size_takes_what_fits_and_nothing_measured_takes_all():
+    assert group_size(5, None) == 5 and group_size(5, (10, 25)) == 2 and group_size(2, (10, 100)) == 2
+    assert group_size(1, (10, 10)) == 1
+    with pytest.raises(ValueError, match="fits no group"):
+        group_size(1, (11, 10))
+
+
+def test_off_cuda_nothing_is_measured(tmp_path):
+    from gaf.fused_train import member_trainer, step_memory
+
+    assert step_memory(member_trainer(config(MEMBERS[0]), tmp_path, None, torch.device("cpu"))) is None
+
+
+def test_the_group_logs_each_members_latest_accuracy(tmp_path, caplog):
+    cfgs = [config(m) for m in MEMBERS]
+    with caplog.at_level("INFO", logger="gaf.fused_train"):
+        run_group(cfgs, [tmp_path / f"m{k}" for k in range(3)])
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fused group of 3")]
+    assert [line.split(",")[1].split(":")[0] for line in lines] == [" iteration 4/12", " iteration 8/12",
+                                                                  " iteration 12/12"]
+    final = [json.loads((tmp_path / f"m{k}" / "summary.json").read_text())["final_val_acc"] for k in range(3)]
+    assert lines[-1].endswith("val acc " + " ".join(f"{a:.3f}" for a in final))

@@ -8,9 +8,13 @@ checked), but a job hands its settings to this launcher instead of training. The
 groups the points whose steps can be one program (``gaf.fused_train.group_key``: the same data
 set, model, method kind, n, microbatch or batch size, length) into groups of at most ``max_fused``
 and trains each group with ``run_group``; points of different shapes go into separate groups.
+A group its runs cannot share, or whose one member fits no group in the device's memory, is one
+line (exit 2); SIGTERM stops the group under way as it stops one run, and the sweep (exit 143).
 """
 
 import logging
+import signal
+import sys
 from typing import Sequence
 
 from hydra._internal.core_plugins.basic_launcher import BasicLauncher
@@ -41,13 +45,20 @@ class FusedLauncher(BasicLauncher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from gaf.fused_train import check_group, run_group
+        from gaf.rundir import RunDirError
 
         with launch.collecting() as points:
             returns = super().launch(job_overrides, initial_job_idx)  # each job checks and hands in its run
         for members in groups(points, self.max_fused):
             cfgs, dirs = [points[i][0] for i in members], [points[i][1] for i in members]
-            check_group(cfgs)
             log.info("fused group of %d: %s", len(members), ", ".join(dirs))
-            for i, summary in zip(members, run_group(cfgs, dirs)):
+            try:
+                check_group(cfgs)
+                summaries = run_group(cfgs, dirs)
+            except (ValueError, RunDirError) as e:  # a group over memory, a folder in use: one line
+                launch.refuse(f"hydra/launcher=fused: {e}")
+            for i, summary in zip(members, summaries):
                 returns[i].return_value = summary.get("best_val_acc", float("nan"))
+            if any(s.get("stopped_by") == "SIGTERM" for s in summaries):  # checkpointed; the sweep stops, as one run's
+                sys.exit(128 + signal.SIGTERM)
         return returns
