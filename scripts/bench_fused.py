@@ -54,9 +54,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     a.model, a.classes = ("tiny", 10) if a.quick else ("resnet18", 10)
     a.k = a.k or ([1, 3] if a.quick else [1, 3, 9, 18])
-    a.steps, a.warmup = a.steps or (4 if a.quick else 100), 4 if a.quick else 10
-    if min(a.k) < 1 or a.steps < 1:
-        p.error(f"--k and --steps must be >= 1, got {a.k} and {a.steps}")
+    a.steps = (4 if a.quick else 100) if a.steps is None else a.steps  # --steps 0 is refused, not a default
+    a.warmup = 4 if a.quick else 10
+    if min(a.k) < 1:
+        p.error(f"--k takes group sizes >= 1, got {' '.join(map(str, a.k))}")
+    if a.steps < 1:
+        p.error(f"--steps takes a number of timed steps >= 1, got {a.steps}")
     return a
 
 
