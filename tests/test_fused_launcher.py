@@ -37,6 +37,9 @@ def test_the_fused_launcher_writes_the_runs_the_basic_one_does(tmp_path):
         assert fm["loss"].to_numpy() == pytest.approx(bm["loss"].to_numpy(), abs=1e-4)
         fe, be = pd.read_csv(f / "eval.csv"), pd.read_csv(b / "eval.csv")
         assert fe["val_acc"].to_numpy() == pytest.approx(be["val_acc"].to_numpy(), abs=1e-4)
+        logs = (f / "train.log").read_text(), (b / "train.log").read_text()
+        assert all("iteration 12/12: val acc" in text for text in logs)  # its own log, as under the basic one
+        assert not any(other in logs[0] for other in runs if other != name)
 
 
 def test_the_fused_launchers_dry_run_lists_its_groups_and_bad_groups_are_refused_in_one_line(tmp_path):

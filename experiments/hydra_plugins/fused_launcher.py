@@ -12,9 +12,11 @@ A group its runs cannot share, or whose one member fits no group in the device's
 line (exit 2); SIGTERM stops the group under way as it stops one run, and the sweep (exit 143).
 """
 
+import contextlib
 import logging
 import signal
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from hydra._internal.core_plugins.basic_launcher import BasicLauncher
@@ -38,6 +40,25 @@ def groups(points: list, max_fused: int) -> "list[list[int]]":
     return [members[j : j + max_fused] for members in by_key.values() for j in range(0, len(members), max_fused)]
 
 
+@contextlib.contextmanager
+def member_logs(dirs: list[str]):
+    """Each member's train.log gets its own lines (they begin with its folder) and the group's, as a
+    job's train.log gets its run's under the basic launcher (Hydra's handlers are gone by now)."""
+    handlers = []
+    for d in dirs:
+        handler = logging.FileHandler(Path(d) / "train.log")
+        handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        handler.addFilter(lambda r, d=d: r.name == "gaf.fused_train" or r.getMessage().startswith(d))
+        handlers.append(handler)
+        logging.getLogger().addHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+
+
 class FusedLauncher(BasicLauncher):
     def __init__(self, max_fused: int = 32) -> None:
         super().__init__()
@@ -54,7 +75,8 @@ class FusedLauncher(BasicLauncher):
             log.info("fused group of %d: %s", len(members), ", ".join(dirs))
             try:
                 check_group(cfgs)
-                summaries = run_group(cfgs, dirs)
+                with member_logs(dirs):
+                    summaries = run_group(cfgs, dirs)
             except (ValueError, RunDirError) as e:  # a group over memory, a folder in use: one line
                 launch.refuse(f"hydra/launcher=fused: {e}")
             for i, summary in zip(members, summaries):
