@@ -15,8 +15,8 @@ unbroken group's was, and a relaunch writes the files the unbroken group would h
 into groups that fit the device's free memory (``step_memory``).
 
 A group's members must share what makes their steps one program (``group_key``): data set,
-model, method kind, n and microbatch (or batch) size, iterations, validation period, and where
-they resume. They may differ in seed, noise, tau, merge, loss, lr, weight decay and schedule.
+model, method kind, n and microbatch (or batch) size, iterations and validation period. They may
+differ in seed, noise, tau, merge, loss, lr, weight decay, schedule and where they resume.
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def group_size(members: int, measured: tuple[int, int] | None) -> int:
         raise ValueError(f"a fused group's member needs {need / 2**30:.2f} GiB for its step, but only "
                          f"{free / 2**30:.2f} GiB of the device is free to it: it fits no group; use a smaller "
                          "method.per_class (method.batch_size for the baseline) or model.name")
-    return min(members, free // need)
+    return min(members, free // max(need, 1))
 
 
 def run_group(cfgs: list[RunConfig], run_dirs: list[str | os.PathLike], memory: Memory = step_memory) -> list[dict]:
