@@ -181,3 +181,16 @@ def test_the_group_logs_each_members_latest_accuracy(tmp_path, caplog):
                                                                   " iteration 12/12"]
     final = [json.loads((tmp_path / f"m{k}" / "summary.json").read_text())["final_val_acc"] for k in range(3)]
     assert lines[-1].endswith("val acc " + " ".join(f"{a:.3f}" for a in final))
+
+
+def test_a_member_that_diverges_leaves_the_group_as_its_run_alone_would(tmp_path):
+    """Its summary and rows end where its run alone ends (the group goes on without stepping it further)."""
+    cfgs = [config({"optim": {"lr": 1e6}, "train": {"iterations": 30, "val_every": 2}}),
+            config({"seed": 1, "train": {"iterations": 30, "val_every": 2}})]
+    fused = run_group(cfgs, [tmp_path / "f0", tmp_path / "f1"])
+    alone = run(cfgs[0], tmp_path / "a0")
+    assert [s["status"] for s in fused] == ["diverged", "finished"]
+    keys = ("status", "iterations", "images_seen", "steps_taken")
+    assert {k: fused[0][k] for k in keys} == {k: alone[k] for k in keys}
+    assert list(pd.read_csv(tmp_path / "f0" / "metrics.csv")["iter"]) == list(pd.read_csv(tmp_path / "a0" /
+                                                                                          "metrics.csv")["iter"])
