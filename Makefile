@@ -50,9 +50,9 @@ gpu-check: $(STAMP)  ## every CUDA path checked in minutes: results/gpu/<date>-<
 	$(PY) scripts/gpu_check.py $(ARGS)
 
 # On a lent device (its own python3, no network, no .venv) this runs as it is, and writes into
-# $(OUT)/gpu-grid where the device tool sets OUT; here it uses .venv.
-gpu-evidence:  ## the decisive grid on one GPU, continued call after call: results/gpu-grid/ (ARGS="--device cpu --quick" dry run)
-	$(if $(wildcard $(STAMP)),$(PY),python3) scripts/gpu_evidence.py $(if $(OUT),--out $(OUT)/gpu-grid) $(ARGS)
+# $(OUT)/gpu_small where the device tool sets OUT; here it uses .venv.
+gpu-evidence:  ## experiment=gpu_small on one GPU, continued call after call: results/gpu_small/ (ARGS="--device cpu --quick" dry run)
+	$(if $(wildcard $(STAMP)),$(PY),python3) scripts/gpu_evidence.py $(if $(OUT),--results $(OUT)) $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

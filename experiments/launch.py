@@ -35,8 +35,9 @@ from gaf.rundir import RUN_FILES, RunDirError, RunDirLock
 NAME_BYTES = 200  # a folder name may hold 255 bytes; leave room for Hydra's and the file system's suffixes
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Keys of a composed config that steer Hydra and the launch, not a run: a preset's adjustments per
-# scale (`at_scale`), what scripts/reproduce.py launches of it (`launches`), and `dry_run`.
-LAUNCH_KEYS = ("at_scale", "launches", "dry_run")
+# scale (`at_scale`), what scripts/reproduce.py launches of it (`launches`), the presets a scale is
+# made for where it is not for all (`scale_for`), and `dry_run`.
+LAUNCH_KEYS = ("at_scale", "launches", "scale_for", "dry_run")
 # What a scale fixes (configs/scale/) that makes a run "at" that scale: its length and its data. The
 # network and m are left out: presets sweep m and width (figures 4, 8, the premise) and pick their
 # own networks (figure 3).
@@ -74,6 +75,11 @@ def group_options(group: str) -> tuple[str, ...]:
 def scale_options() -> tuple[str, ...]:
     """The scales a run may be at: the scale group's options (configs/scale/)."""
     return group_options("scale")
+
+
+def scale_for(scale: str) -> list[str] | None:
+    """The presets a scale is made for (its file's ``scale_for``), or None: every preset."""
+    return OmegaConf.load(CONFIGS / "scale" / f"{scale}.yaml").get("scale_for")
 
 
 def register_configs(store: ConfigStore | None = None) -> None:
@@ -225,6 +231,9 @@ def run_config(cfg: DictConfig, overrides, choices=None, notes: list | None = No
                       overrides, container)
     if (note := with_chosen_model(container, overrides)) and notes is not None:
         notes.append(note)
+    if (presets := container.get("scale_for")) and container["experiment"] not in presets:
+        raise ValueError(f"scale={container['scale']} is made for experiment={','.join(presets)} only "
+                         f"(configs/scale/{container['scale']}.yaml); choose one of the other scales")
     container["scale"] = settings_scale(container, overrides)
     for key in LAUNCH_KEYS:
         container.pop(key, None)
@@ -255,7 +264,7 @@ def first_line(error: Exception) -> str:
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
-def _composed(point: list[str], config_name: str) -> tuple[object, str | None]:
+def composed_point(point: list[str], config_name: str = "config") -> tuple[object, str | None]:
     """(the point's RunConfig or the error that stops it, its folder under the sweep directory)."""
     try:
         cfg = compose(config_name, overrides=point, return_hydra_config=True)
@@ -267,14 +276,14 @@ def _composed(point: list[str], config_name: str) -> tuple[object, str | None]:
 def composed_points(points: list[list[str]], config_name: str = "config") -> list[tuple[list[str], object]]:
     """Each point as Hydra would launch it: (its overrides, its RunConfig or the error that stops it).
     Hydra is initialised by the caller."""
-    return [(point, _composed(point, config_name)[0]) for point in points]
+    return [(point, composed_point(point, config_name)[0]) for point in points]
 
 
 def point_errors(points: list[list[str]], sweep_dir: str | None = None, config_name: str = "config") -> list[str]:
     """'<point>: <error>' for every point that would not run (with ``sweep_dir``: its folder checked too)."""
     errors = []
     for point in points:
-        result, subdir = _composed(point, config_name)
+        result, subdir = composed_point(point, config_name)
         if not isinstance(result, Exception) and sweep_dir is not None:
             result = folder_refusal(Path(sweep_dir) / subdir, result) or result
         if isinstance(result, (Exception, str)):
@@ -389,8 +398,10 @@ class LaunchChecks(Callback):
         if why := folder_refusal(Path(run_dir), rc):
             refuse(why)
         if config.get("dry_run"):
-            print(f"dry run: 1 run -> {run_dir}\n  {' '.join(config.hydra.overrides.task) or '(defaults)'}")
-            sys.exit(0)
+            try:
+                print(f"dry run: 1 run -> {run_dir}\n  {' '.join(config.hydra.overrides.task) or '(defaults)'}")
+            finally:  # also where the listing cannot be written (a closed pipe): Hydra would go on and launch
+                sys.exit(0)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         try:
@@ -409,13 +420,19 @@ class LaunchChecks(Callback):
         fused = str(config.hydra.launcher.get("_target_", "")).endswith("FusedLauncher")
         found = fused_groups(points, config.hydra.launcher.max_fused) if fused else []
         if config.get("dry_run"):
-            print(f"dry run: {len(points)} runs under {sweep_dir}")
-            for point in points:
-                print("  " + " ".join(o for o in point if not o.startswith("dry_run=")))
-            if fused:
-                print(f"fused: {len(found)} group{'s' * (len(found) != 1)} (at most {config.hydra.launcher.max_fused} "
-                      "runs each)")
-                for members in found:
-                    print(f"  {len(members)} runs: " + "; ".join(
-                        ",".join(o for o in points[i] if not o.startswith("dry_run=")) for i in members))
-            sys.exit(0)
+            try:
+                list_launch(points, sweep_dir, found if fused else None, config.hydra.launcher.get("max_fused"))
+            finally:  # also where the listing cannot be written (a closed pipe): Hydra would go on and launch
+                sys.exit(0)
+
+
+def list_launch(points: list[list[str]], sweep_dir: str, groups: list[list[int]] | None, max_fused) -> None:
+    """What dry_run=true prints of a multirun: each point, and the fused launcher's groups."""
+    shown = [" ".join(o for o in point if not o.startswith("dry_run=")) for point in points]
+    print(f"dry run: {len(points)} runs under {sweep_dir}")
+    print("\n".join("  " + line for line in shown))
+    if groups is not None:
+        print(f"fused: {len(groups)} group{'s' * (len(groups) != 1)} (at most {max_fused} runs each)")
+        for members in groups:
+            print(f"  {len(members)} runs: " + "; ".join(
+                ",".join(o for o in points[i] if not o.startswith("dry_run=")) for i in members))

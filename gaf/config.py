@@ -262,7 +262,7 @@ class RunConfig:
     dist_mode: str = setting("gram", "choice", choices=DIST_MODES, applies="distributed")
     experiment: str = setting("single", "text")  # a preset's name; results are grouped by it
     # what the settings are: the scale chosen, else custom (experiments/launch.py's settings_scale decides)
-    scale: str = setting("custom", "choice", choices=("tiny", "small", "paper", "custom"))
+    scale: str = setting("custom", "choice", choices=("tiny", "small", "gpu", "paper", "custom"))
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":

@@ -181,6 +181,32 @@ def as_collected_now(runs):
     return runs.infer_objects()
 
 
+def finished_settings(out_dir, configs: list[dict]) -> list[bool]:
+    """Whether a finished run in out_dir/runs.csv has each config's settings (every one runs.csv
+    records, but the labels experiment and scale, how a run ran, and those without effect on it)."""
+    try:
+        runs = pd.read_csv(Path(out_dir) / "runs.csv")
+    except FileNotFoundError:
+        return [False] * len(configs)
+    runs = runs[runs["status"] == "finished"]
+    found = []
+    for config in configs:
+        flat = flatten(config)
+        keys = [k for k in set(flat) - without_effect_keys(flat) - {"experiment", "scale"}
+                if k in runs.columns and k.rsplit(".", 1)[-1] not in NOT_A_SWEEP_KEY]
+        found.append(any(all(_same(row[k], flat[k]) for k in keys) for _, row in runs.iterrows()))
+    return found
+
+
+def _same(recorded, setting) -> bool:
+    """A runs.csv cell against a setting (an empty cell is None; CSV reads floats back inexactly)."""
+    if pd.isna(recorded) or setting is None:
+        return pd.isna(recorded) and setting is None
+    if isinstance(setting, bool) or isinstance(recorded, str):
+        return str(recorded).lower() == str(setting).lower()
+    return isinstance(setting, (int, float)) and math.isclose(recorded, setting, rel_tol=1e-9)
+
+
 def downsample_curve(metrics, max_rows=MAX_CURVE_ROWS):
     """Per-iteration metrics -> at most `max_rows` rows.
 
@@ -228,10 +254,12 @@ def is_try_out(row, scales=None):
 
 
 def collect(run_roots=("multirun", "outputs"), results_dir="results", max_curve_rows=MAX_CURVE_ROWS, command=None,
-            ad_hoc=False, scales=None):
+            ad_hoc=False, scales=None, add=False):
     """Collect every run under `run_roots` into `results_dir`, scale by scale. Returns {experiment: runs
     DataFrame}. Ad-hoc runs (no preset, or scale "custom") only when `ad_hoc`: a try-out is not a result.
-    `scales`: collect runs of these scales only ("custom" among them collects custom-scale preset runs)."""
+    `scales`: collect runs of these scales only ("custom" among them collects custom-scale preset runs).
+    `add`: the runs found join what results/<experiment>/ holds (a run of the same id replaced) instead
+    of replacing their scales' rows (a grid continued call after call: scripts/gpu_evidence.py)."""
     if not (isinstance(max_curve_rows, int) and max_curve_rows >= 1):
         raise ValueError(f"max_curve_rows must be an integer >= 1, got {max_curve_rows!r}")
     run_roots, results_dir = list(run_roots), Path(results_dir)
@@ -262,7 +290,7 @@ def collect(run_roots=("multirun", "outputs"), results_dir="results", max_curve_
     for experiment in sorted({row["experiment"] for row in rows}):
         runs, dropped = dedupe(experiment_runs(rows, experiment))
         runs = runs.drop(columns=["_point", "_time"])
-        other = other_scales(results_dir / experiment, set(runs["scale"]))
+        other = other_scales(results_dir / experiment, set(runs["scale"]), set(runs["run_id"]) if add else None)
         if other is not None:
             runs = pd.concat([runs, other.runs], ignore_index=True)
             dropped += other.dropped
@@ -280,14 +308,15 @@ def collect(run_roots=("multirun", "outputs"), results_dir="results", max_curve_
     return out
 
 
-def other_scales(out_dir, scales):
-    """What results/<experiment>/ already holds at scales other than ``scales``: its runs, their
-    curves and evals by run id, and their dropped duplicates; None when there is nothing to keep."""
+def other_scales(out_dir, scales, found=None):
+    """What results/<experiment>/ already holds at scales other than ``scales`` (or, given the ids
+    ``found``, of runs other than those): its runs, their curves and evals by run id, and their
+    dropped duplicates; None when there is nothing to keep."""
     try:
         old = pd.read_csv(out_dir / "runs.csv")
     except (FileNotFoundError, pd.errors.EmptyDataError):
         return None
-    old = old[~old["scale"].isin(scales)]
+    old = old[~old["scale"].isin(scales) if found is None else ~old["run_id"].isin(found)]
     if old.empty:
         return None
     old = as_collected_now(old)
@@ -368,6 +397,7 @@ def _write_experiment(out_dir, runs, curves, evals, dropped, command, run_roots)
                 "the newest finished run is kept; the others are listed in duplicates_dropped.",
     }
     old = _read_json(out_dir / "provenance.json") if (out_dir / "provenance.json").is_file() else None
+    provenance = {**(old or {}), **provenance}  # what others recorded there (a GPU call's record) stays
     unchanged = (old is not None and all((out_dir / name).is_file() and (out_dir / name).read_text() == text
                                          for name, text in tables.items())
                  and {k: v for k, v in old.items() if k not in WHEN_AND_HOW}

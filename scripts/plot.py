@@ -31,9 +31,9 @@ from matplotlib.figure import Figure  # figures made without pyplot: no global s
 from matplotlib.patches import Rectangle
 
 from results_data import (MODEL, NAME, _fmt, _unique, acc_stats, curve, data_asked, data_label, data_used, datasets_of, evals,
-                          file_hash, input_path, load, models_of, noise_pct, ran_on, read_paper_fig6, reads_recorded,
-                          role, sha256, spread, title_suffix, variant)
-from tables import TABLES, premise_table, robust_table
+                          file_hash, input_path, load, models_of, noise_pct, optimizer, arm, ran_on, read_paper_fig6,
+                          reads_recorded, role, sha256, spread, title_suffix, variant)
+from tables import GPU_SMALL_ARMS, TABLES, gpu_small_table, premise_table, robust_table
 
 HERE = Path(__file__).resolve().parent
 CODE = [HERE / name for name in ("plot.py", "results_data.py", "tables.py")]  # what a figure is drawn by
@@ -498,9 +498,57 @@ def robust(results_dir, scale=None):
                        f"{datasets_of(r.runs)}", r)
 
 
+ARM_COLOR = {"baseline (CE)": COLOR["baseline"], "averaging (tau 2)": "#2ca02c", "GAF": COLOR["gaf"]}
+
+
+def gpu_small(results_dir, scale=None):
+    """experiment=gpu_small: a pair of rows per optimizer (validation accuracy, solid, and flipped
+    training labels fitted, dashed, per arm: the mean over seeds, their range shaded; beneath,
+    plain averaging's micro-gradient distance), one column per noise level."""
+    df = gpu_small_table(results_dir, scale)
+    if df is None:
+        return None
+    r, runs = df.attrs["source"], df.attrs["runs"]
+    meta = r.runs.assign(optimizer=r.runs.apply(optimizer, axis=1), arm=r.runs.apply(arm, axis=1))
+    optimizers, noises = list(dict.fromkeys(runs["optimizer"])), sorted(runs["noise"].unique())
+    fig, ax = new_figure(2 * len(optimizers), len(noises), (max(7.0, 3.4 * len(noises) + 0.8), 4.6 * len(optimizers)),
+                         sharex="col", gridspec_kw={"height_ratios": [2, 1] * len(optimizers)})
+    for i, o in enumerate(optimizers):
+        for j, noise in enumerate(noises):
+            top, bottom = ax[2 * i, j], ax[2 * i + 1, j]
+            cell = meta[(meta["optimizer"] == o) & (meta["data.noise"] == noise)]
+            for name in GPU_SMALL_ARMS:
+                ids = cell.loc[cell["arm"] == name, "run_id"]
+                if ids.empty:
+                    continue
+                e = r.evals[r.evals["run_id"].isin(ids)]
+                seed_mean(top, e, "val_acc", ARM_COLOR[name], f"{name} ({len(ids)} seed{'s' * (len(ids) > 1)})")
+                if noise > 0:
+                    seed_mean(top, e, "mem_flipped_noisy_acc", ARM_COLOR[name], None, ls="--")
+                if name == "averaging (tau 2)":
+                    plot_distance(bottom, curve(r, ids.iloc[0]), ARM_COLOR[name], None)
+            top.set_title(f"{o}\n{noise:.0%} noise", fontsize=8)
+            top.set_ylabel("accuracy (%)")
+            bottom.set_xlabel("iteration")
+    legend(ax[0, 0], loc="best", fontsize=6)  # the arms' colours, once
+    return titled(fig, f"GAF, plain averaging on the same microbatches and the batch-128 baseline, "
+                       f"{models_of(r.runs)}. Solid: validation accuracy; dashed: flipped training labels fitted "
+                       "(mean over seeds, range shaded); beneath: averaging's distance (first seed)", r)
+
+
+def seed_mean(ax, e, column, color, label, **kw):
+    """The mean over seeds of a per-validation column (in %), the seeds' range shaded."""
+    by = e.groupby("iter")[column]
+    mean, low, high = (100 * f() for f in (by.mean, by.min, by.max))
+    ax.plot(mean.index, mean.values, color=color, label=label, **kw)
+    if (high - low).max() > 0:
+        ax.fill_between(mean.index, low.values, high.values, color=color, alpha=0.15, lw=0)
+
+
 # ---------------------------------------------------------------- main
 FIGURES["premise"] = premise
 FIGURES["robust"] = robust
+FIGURES["gpu_small"] = gpu_small
 
 
 def main(argv=None):

@@ -17,6 +17,7 @@ re-launched at any point.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import shlex
@@ -29,8 +30,8 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]  # this tree's gaf, whichever tree .venv installed
-from launch import (composed_points, first_line, fixed_overrides, run_config, scale_options,  # noqa: E402
-                    sweep_keys_left_open, sweep_points)
+from launch import (composed_point, first_line, fixed_overrides, run_config, scale_for,  # noqa: E402
+                    scale_options, sweep_keys_left_open, sweep_points)
 
 SCALES = scale_options()
 LAUNCH_FIELDS = {"multirun", "overrides", "scales"}
@@ -39,13 +40,15 @@ LAUNCH_FIELDS = {"multirun", "overrides", "scales"}
 def declared_launches(preset: Path) -> list[tuple[list[str], bool, tuple[str, ...]]]:
     """A preset's ``launches``: (overrides, multirun?, scales it runs at) each. A multirun sweeps the
     preset's grid (hydra.sweeper.params); a single run is a baseline that a grid over GAF-only keys
-    (tau, m, n) would otherwise repeat once per grid point."""
+    (tau, m, n) would otherwise repeat once per grid point. A launch that names no scales runs at
+    every scale made for the preset (configs/scale/*.yaml: scale_for)."""
+    made_for = tuple(s for s in SCALES if preset.stem in (scale_for(s) or [preset.stem]))
     out = []
     for i, entry in enumerate(OmegaConf.to_container(OmegaConf.load(preset)).get("launches") or []):
         where = f"{preset.name}: launches[{i}]"
         if not isinstance(entry, dict) or set(entry) - LAUNCH_FIELDS:
             raise ValueError(f"{where} must be a mapping of {', '.join(sorted(LAUNCH_FIELDS))}, got {entry!r}")
-        scales = tuple(entry.get("scales", SCALES))
+        scales = tuple(entry.get("scales", made_for))
         if unknown := [s for s in scales if s not in SCALES]:
             raise ValueError(f"{where}.scales: {unknown} are not scales; allowed: {', '.join(SCALES)}")
         out.append(([str(o) for o in entry.get("overrides", [])], bool(entry.get("multirun", False)), scales))
@@ -95,26 +98,27 @@ def plan(scale: str, only: list[str] | None) -> list[tuple[str, list[str], bool]
             for overrides, multirun, scales in declared_launches(path) if scale in scales]
 
 
-def points(launch: tuple[str, list[str], bool], scale: str, extra: list[str]) -> list[tuple[list[str], object]]:
-    """Every run one launch makes: (its overrides, its RunConfig, or the error that stops it)."""
+def points(launch: tuple[str, list[str], bool], scale: str, extra: list[str]) -> list[tuple[list[str], object, str]]:
+    """Every run one launch makes: (its overrides, its RunConfig or the error that stops it, its
+    folder's name: a sweep point's under the sweep's folder, a single run's overrides)."""
     from hydra import compose
 
     preset, overrides, multirun = launch
     given = [f"experiment={preset}", f"scale={scale}", *overrides, *extra]
     cfg = compose("config", overrides=fixed_overrides(given), return_hydra_config=True)
     if multirun:
-        return composed_points(sweep_points(cfg.hydra.sweeper.params, given))
+        return [(point, *composed_point(point)) for point in sweep_points(cfg.hydra.sweeper.params, given)]
     try:
         rc = run_config(cfg, given)
         if left_open := sweep_keys_left_open(cfg, rc):
             raise ValueError(f"a single run of {preset} leaves its sweep over {', '.join(left_open)} open")
-        return [(given, rc)]
+        return [(given, rc, ",".join(overrides))]
     except Exception as e:  # noqa: BLE001 (bad values, composition errors: the run's one line)
-        return [(given, e)]
+        return [(given, e, None)]
 
 
 def check_plan(launches, scale: str, extra: list[str], show: bool) -> tuple[list[str], list]:
-    """(errors, RunConfigs) of every point of every launch; ``show`` lists them."""
+    """(errors, [(RunConfig, folder name)]) of every point of every launch; ``show`` lists them."""
     from hydra import initialize_config_dir
 
     errors, configs = [], []
@@ -124,13 +128,21 @@ def check_plan(launches, scale: str, extra: list[str], show: bool) -> tuple[list
             if show:
                 print(f"{launch[0]} {' '.join(launch[1])}: {len(got)} run{'s' * (len(got) != 1)}"
                       f"{' (multirun)' if launch[2] else ''}")
-            for point, result in got:
+            for point, result, folder in got:
                 ok = not isinstance(result, Exception)
-                configs += [result] if ok else []
+                configs += [(result, folder)] if ok else []
                 errors += [] if ok else [f"{launch[0]}: {' '.join(point)}: {first_line(result)}"]
                 if show:
                     print(f"  {' '.join(point)}" + ("" if ok else f"\n    error: {first_line(result)}"))
     return errors, configs
+
+
+def export(path: Path, planned: list, command: list[str]) -> None:
+    """The runs as JSON, each its folder's name and its whole RunConfig: scripts/gpu_evidence.py
+    trains experiment=gpu_small's on a lent GPU, which has no Hydra."""
+    points = [json.dumps({"folder": folder, "config": rc.to_dict()}) for rc, folder in planned]
+    path.write_text(f'{{"command": {json.dumps(shlex.join(command))},\n "points": [\n  ' + ",\n  ".join(points) + "\n]}\n")
+    print(f"exported {len(points)} runs to {path}")
 
 
 def prepare_data(configs, scale: str) -> str | None:
@@ -160,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="list every launch and its runs, check them, launch nothing")
     p.add_argument("--out", type=Path, default=ROOT,
                    help="folder for multirun/, outputs/ and results/ (default: the repository)")
+    p.add_argument("--export", type=Path, default=None, help="write every run (its folder's name and settings) "
+                   "to this JSON file and launch nothing: what a machine without Hydra trains")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. device=cuda")
     args = p.parse_args(argv)
 
@@ -172,11 +186,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # a malformed `launches` entry
         print(f"error: {e}", file=sys.stderr)
         return 2
-    errors, configs = check_plan(launches, args.scale, args.overrides, show=args.dry_run)
+    errors, planned = check_plan(launches, args.scale, args.overrides, show=args.dry_run)
+    configs = [rc for rc, _ in planned]
     if errors:
         print(f"error: {len(errors)} run(s) would not run; nothing was launched:\n  " + "\n  ".join(errors),
               file=sys.stderr)
         return 2
+    if args.export:
+        export(args.export, planned, ["python", "scripts/reproduce.py", *(argv if argv is not None else sys.argv[1:])])
+        return 0
     if args.dry_run:
         print(f"dry run: {len(configs)} runs in {len(launches)} launches at --scale {args.scale}, every one valid")
         return 0

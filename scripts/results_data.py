@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-SCALES = ["tiny", "small", "paper"]  # smallest to largest; unknown scales rank lowest
+SCALES = ["tiny", "small", "gpu", "paper"]  # smallest to largest; unknown scales rank lowest
 
 DATA = {"cifar100": "CIFAR-100", "cifar100n": "CIFAR-100N-Fine", "cifar10": "CIFAR-10",
         "cifar10_jpeg": "CIFAR-10 (JPEG copy)", "random": "random images and labels"}
@@ -185,6 +185,17 @@ def arm(row):
     else:
         method = "averaging (tau 2)" if role(row) == "baseline" else "GAF"
     return f"{method} + {loss}" if loss else method
+
+
+def optimizer(row):
+    """A run's optimizer regime as a label: its learning rate, weight decay and schedule, and whether
+    they are the paper's (RunConfig's defaults)."""
+    from gaf.config import RunConfig
+
+    lr, wd, schedule = row["optim.lr"], row["optim.weight_decay"], row["optim.schedule"]
+    paper = RunConfig().optim
+    label = f"lr {lr:g}, weight decay {wd:g}, {schedule}"
+    return label + (" (the paper's)" if (lr, wd, schedule) == (paper.lr, paper.weight_decay, paper.schedule) else "")
 
 
 def arm_order(name):

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from results_data import (PAPER_FIG6_SETUP, _unique, acc_stats, arm, arm_order, curve, data_asked, data_notes, data_used, datasets_of, load,
-                          models_of, noise_pct, ran_on, read_paper_fig6, title_suffix, variant)
+                          models_of, noise_pct, optimizer, ran_on, read_paper_fig6, title_suffix, variant)
 
 def _compare(runs, source):
     """Rows of (dataset, noise, GAF setting): baseline, GAF and GAF - baseline, best val acc in %: mean, s.d. and
@@ -294,5 +294,104 @@ def write_robust(df, results_dir):
     return [path, path.with_suffix(".csv")]
 
 
+# ---------------------------------------------------------------- experiment=gpu_small: GAF against its control
+
+GPU_SMALL_ARMS = ["baseline (CE)", "averaging (tau 2)", "GAF"]
+MEMORISED = 50.0  # the cosine regime's premise: the baseline fits this share (%) of the flipped labels at 40% noise
+
+
+def gpu_small_runs(r):
+    """One row per finished run of experiment=gpu_small: its optimizer, noise, arm, seed and what the
+    tables report (accuracies, flipped labels fitted and steps taken in %; averaging's distance over
+    the second half)."""
+    last = r.evals.sort_values("iter").groupby("run_id").tail(1).set_index("run_id")
+    rows = []
+    for _, row in r.runs.iterrows():
+        c = curve(r, row["run_id"])
+        its = int(row["iterations"])
+        rows.append({"optimizer": optimizer(row), "noise": row["data.noise"], "arm": arm(row), "seed": row["seed"],
+                     "best": 100 * row["best_val_acc"], "final": 100 * row["final_val_acc"],
+                     "fitted": 100 * last.loc[row["run_id"], "mem_flipped_noisy_acc"] if row["data.noise"] > 0
+                     else np.nan, "taken": 100 * row["steps_taken"] / its, "images": int(row["images_seen"]),
+                     "distance": _phase_mean(c, "d_mean", its / 2)})
+    out = pd.DataFrame(rows)
+    order = {"optimizer": lambda v: (not v.endswith("(the paper's)"), v), "arm": GPU_SMALL_ARMS.index}
+    return out.sort_values(["optimizer", "noise", "arm", "seed"], key=lambda c: c.map(order[c.name])
+                           if c.name in order else c).reset_index(drop=True)
+
+
+def pm(values, digits=1, signed=False):
+    """'mean ± std' over seeds ('mean' for one seed; '—' for none); ``signed``: the mean's sign always shown."""
+    v = pd.Series(values).dropna()
+    if v.empty:
+        return "—"
+    text = f"{v.mean():{'+' if signed else ''}.{digits}f}"
+    return text + (f" ± {v.std():.{digits}f}" if len(v) > 1 else "")
+
+
+def gpu_small_table(results_dir, scale=None):
+    """Per optimizer, noise and arm: mean ± std over seeds of best and final validation accuracy,
+    flipped labels fitted, steps taken, images seen, averaging's distance. None if no runs."""
+    r = load(results_dir, "gpu_small", scale)
+    if r is None:
+        return None
+    runs = gpu_small_runs(r)
+    rows = [{"optimizer": o, "noise": f"{n:.0%}", "arm": a, "seeds": len(g), "best (%)": pm(g["best"]),
+             "final (%)": pm(g["final"]), "fitted (%)": pm(g["fitted"]), "steps taken (%)": pm(g["taken"], 0),
+             "images seen": f"{int(g['images'].mean()):,}", "distance, 2nd half": pm(g["distance"], 3)}
+            for (o, n, a), g in runs.groupby(["optimizer", "noise", "arm"], sort=False)]
+    df = pd.DataFrame(rows)
+    df.attrs.update(source=r, runs=runs)
+    return df
+
+
+def gaf_minus_averaging(runs):
+    """Per optimizer and noise: GAF minus averaging on the same seed (the same microbatches), best and
+    final, mean ± std over seed pairs, and the flipped labels each arm fitted."""
+    rows = []
+    for (o, n), g in runs.groupby(["optimizer", "noise"], sort=False):
+        pair = g.pivot_table(index="seed", columns="arm", values=["best", "final"])
+        if not {("best", "GAF"), ("best", "averaging (tau 2)")} <= set(pair.columns):
+            continue
+        pair = pair.dropna()
+        rows.append({"optimizer": o, "noise": f"{n:.0%}", "seeds": len(pair),
+                     "best: GAF - averaging": pm(pair["best"]["GAF"] - pair["best"]["averaging (tau 2)"], signed=True),
+                     "final: GAF - averaging": pm(pair["final"]["GAF"] - pair["final"]["averaging (tau 2)"], signed=True),
+                     "fitted: averaging / GAF / baseline (%)": " / ".join(
+                         pm(g.loc[g["arm"] == a, "fitted"]) for a in ("averaging (tau 2)", "GAF", "baseline (CE)"))})
+    return pd.DataFrame(rows)
+
+
+def premise_lines(runs):
+    """Whether each optimizer's batch-128 baseline memorised at 40% noise (the cosine regime was chosen for it)."""
+    lines = []
+    for o, g in runs[(runs["noise"] == 0.4) & (runs["arm"] == "baseline (CE)")].groupby("optimizer", sort=False):
+        verdict = "memorised" if g["fitted"].mean() >= MEMORISED else "did not memorise"
+        lines.append(f"- {o}: the baseline at 40% noise fitted {pm(g['fitted'])}% of the flipped labels by its "
+                     f"end: {verdict} (premise: >= {MEMORISED:.0f}%).")
+    return lines
+
+
+def write_gpu_small(df, results_dir):
+    path = Path(results_dir) / "gpu_small" / "gpu_small.md"
+    r, runs = df.attrs["source"], df.attrs["runs"]
+    calls = r.provenance.get("calls", [])
+    text = ["# The grid that decides: baseline, plain averaging and GAF on the same microbatches "
+            "(experiment `gpu_small`)", "", title_suffix(r.runs), "",
+            "Calls: " + "; ".join(f"{c['card']} {c['date']} ({c.get('wall_s', '?')} s, `{c['command']}`)"
+                                  for c in calls) + ".", "",
+            "best = best validation accuracy, final = at the last validation, fitted = share of the flipped "
+            "training labels (memorisation probe) predicted as their noisy label at the end, steps taken = "
+            "iterations with an optimizer step, distance = mean micro-gradient cosine distance over the second "
+            "half; mean ± std over seeds, finished runs only.", "", *premise_lines(runs), "",
+            markdown_table(df), "", "## GAF minus averaging (same seed, same microbatches; points)", "",
+            markdown_table(gaf_minus_averaging(runs)), "", "Provenance:", *_provenance_lines([r]), ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(text))
+    df.to_csv(path.with_suffix(".csv"), index=False)
+    return [path, path.with_suffix(".csv")]
+
+
 TABLES = {"table1": (table1, write_table1), "paper_vs_repro": (paper_vs_repro, write_paper_vs_repro),
-          "premise_table": (premise_table, write_premise), "robust_table": (robust_table, write_robust)}
+          "premise_table": (premise_table, write_premise), "robust_table": (robust_table, write_robust),
+          "gpu_small_table": (gpu_small_table, write_gpu_small)}

@@ -43,12 +43,16 @@ SWEEPS = {
     "robust": [dict(method="baseline", noise=0.4, loss=loss) for loss in ("ce", "label_smoothing", "gce", "sce")]
     + [dict(method="coteaching", noise=0.4), dict(PLAIN, noise=0.4), dict(method="gaf", noise=0.4),
        dict(method="gaf", noise=0.4, loss="gce")],
+    # two optimizer regimes x the three arms, at two noise levels (the baseline's m and merge: RunConfig's)
+    "gpu_small": [dict(regime, **arm, noise=p) for p in (0.0, 0.4)
+                  for regime in (dict(), dict(lr=0.02, weight_decay=5e-4, schedule="cosine"))
+                  for arm in (dict(method="baseline"), dict(PLAIN), dict(method="gaf", merge="mean"))],
 }
 
 
 def run_config(experiment, *, scale="tiny", seed=0, data="cifar100", noise=0.0, model="tiny", width=None, method="gaf",
                tau=0.97, n_micro=2, per_class=1, batch_size=128, merge="halving", lr=0.01, weight_decay=1e-2,
-               iterations=60, val_every=20, loss="ce"):
+               iterations=60, val_every=20, loss="ce", schedule="plateau"):
     """The nested config.json of one run (docs/rundir.md)."""
     gaf = method == "gaf"
     return {
@@ -59,7 +63,8 @@ def run_config(experiment, *, scale="tiny", seed=0, data="cifar100", noise=0.0, 
         "method": {"name": method, "tau": tau if gaf else None, "n_micro": n_micro, "per_class": per_class,
                    "merge": merge, "batch_size": None if gaf else batch_size, "adaptive_k": None},
         "loss": {"name": loss},
-        "optim": {"name": "sgd", "lr": lr, "momentum": 0.9, "nesterov": True, "weight_decay": weight_decay},
+        "optim": {"name": "sgd", "lr": lr, "momentum": 0.9, "nesterov": True, "weight_decay": weight_decay,
+                  "schedule": schedule},
         "train": {"iterations": iterations, "val_every": val_every},
     }
 

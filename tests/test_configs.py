@@ -41,7 +41,7 @@ def test_figure_presets_exist():
 
 
 # An option named for what it is rather than the setting's value: plain averaging is GAF at tau = 2.
-OPTION_NAMES = {("method", "averaging"): "gaf"}
+OPTION_NAMES = {("method", "averaging"): "gaf", ("optim", "sgd_cosine"): "sgd"}
 
 
 @pytest.mark.parametrize("group, option", [(g, o) for g, opts in GROUPS.items() for o in opts])
@@ -90,10 +90,12 @@ def test_a_preset_methods_defining_keys_cannot_turn_it_into_another_method(given
 
 
 def swept_value_reached(point, key: str, value: str) -> bool:
-    """Whether the composed config of one sweep point holds the swept value (a group: its name; a
-    group without a node of its own, such as arm: Hydra's record of the choice)."""
-    if OmegaConf.select(point, key) is None and key in point.hydra.runtime.choices:
-        return point.hydra.runtime.choices[key] == value
+    """Whether the composed config of one sweep point holds the swept value (a group: Hydra's record
+    of the choice, and the option's name where its node has one)."""
+    if key in point.hydra.runtime.choices:
+        node = OmegaConf.select(point, key)
+        name = OPTION_NAMES.get((key, value), value)
+        return point.hydra.runtime.choices[key] == value and (node is None or node.name == name)
     got = OmegaConf.select(point, key)
     got = got.name if OmegaConf.is_config(got) else got
     try:
@@ -164,7 +166,7 @@ def test_the_lr_schedule_is_chosen_on_the_command_line_with_any_optimizer():
     for optim in GROUPS["optim"]:
         given = [f"optim={optim}", "optim.schedule=cosine"]
         rc = to_run_config(composed(given), given)
-        assert (rc.optim.name, rc.optim.schedule) == (optim, "cosine")
+        assert (rc.optim.name, rc.optim.schedule) == (OPTION_NAMES.get(("optim", optim), optim), "cosine")
     given = ["optim.schedule=cosine", "optim.plateau_patience=5"]
     with pytest.raises(ValueError, match=r"^optim.plateau_patience=5 has no effect here: only optim.schedule=plateau"):
         to_run_config(composed(given), given)
@@ -449,16 +451,26 @@ def test_a_presets_per_scale_adjustments_are_its_at_scale_block_only(preset):
         launch.scale_options())
 
 
-@pytest.mark.parametrize("scale", ["tiny", "small", "paper"])
+@pytest.mark.parametrize("scale", ["tiny", "small", "paper", "gpu"])
 def test_the_scale_group_sets_what_its_file_says(scale):
-    rc = to_run_config(composed([f"scale={scale}"], hydra=True), [f"scale={scale}"])
+    given = [f"scale={scale}", *(["experiment=gpu_small"] if scale == "gpu" else [])]
+    rc = to_run_config(composed(given, hydra=True), given)
     meant = leaves(OmegaConf.to_container(OmegaConf.load(CONFIGS / "scale" / f"{scale}.yaml")))
+    meant = {k: v for k, v in meant.items() if k not in launch.LAUNCH_KEYS and not k.startswith("method.")}
     got = leaves(rc.to_dict())
     assert rc.scale == scale and {k: got[k] for k in meant} == meant
 
 
+@pytest.mark.parametrize("preset", ["fig6", "robust", None])
+def test_a_scale_made_for_one_preset_is_refused_for_the_others_in_one_line(preset):
+    given = ["scale=gpu", *([f"experiment={preset}"] if preset else [])]
+    with pytest.raises(ValueError, match=r"^scale=gpu is made for experiment=gpu_small only \(configs/scale/gpu.yaml\); "
+                                         r"choose one of the other scales$"):
+        to_run_config(composed(given, hydra=True), given)
+
+
 @pytest.mark.parametrize("override, options", [
-    ("scale=huge", "paper, small, tiny"), ("loss=foo", "ce, gce, label_smoothing, sce"),
+    ("scale=huge", "gpu, paper, small, tiny"), ("loss=foo", "ce, gce, label_smoothing, sce"),
     ("arm=foo", "averaging, baseline, coteaching, gaf, gaf_gce, gce, label_smoothing, sce")])
 def test_an_optional_groups_choice_that_is_no_option_is_one_line_naming_the_options(override, options):
     """Hydra would skip them silently (the groups are optional): the run would train with the default."""

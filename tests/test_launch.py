@@ -131,7 +131,7 @@ TINY = ["data=random", "model=tiny", "device=cpu", "data.random_train=100", "dat
     (["data.label_file=x.pt"], "error: data.label_file=x.pt has no effect here: only data=cifar100n"),
     (["method=averaging", "method.tau=0.5"], "error: method.tau=0.5 would change what method=averaging is (gaf with "
                                              "method.tau=2.0, method.merge=mean); use method=gaf method.tau=0.5"),
-    (["scale=huge"], "error: scale must be one of paper, small, tiny, got 'huge'"),
+    (["scale=huge"], "error: scale must be one of gpu, paper, small, tiny, got 'huge'"),
     (["method.foo=1"], "error: unknown config key method.foo; allowed under method: adaptive_k, adaptive_window, "
                        "batch_size, forget_rate, merge, n_micro, name, per_class, ramp_epochs, replacement, tau"),
     (["methd.tau=1"], "error: unknown config key methd.tau; allowed under the top level: arm, data, device, "),
@@ -211,6 +211,23 @@ def test_dry_run_lists_a_sweeps_points_and_launches_nothing(tmp_path):
     one = train_cli(["experiment=fig6", "scale=tiny", "data.noise=0.4", "method=gaf", "seed=1", "dry_run=true",
                      f"hydra.run.dir={tmp_path}/one"], tmp_path)
     assert one.returncode == 0 and f"dry run: 1 run -> {tmp_path}/one" in one.stdout, one.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("multirun", [True, False])
+def test_a_dry_run_whose_listing_cannot_be_written_still_launches_nothing(tmp_path, multirun):
+    """`... dry_run=true | head`: the pipe closes while the listing is printed. Hydra swallows a
+    callback's exceptions and would go on to train every point (it once did, for an hour)."""
+    read, write = os.pipe()
+    os.close(read)  # every write to the pipe fails: EPIPE
+    args = ["-m", "experiment=fig6", "scale=tiny"] if multirun else ["model=tiny", "data=random"]
+    env = {**os.environ, "CI": "true", "PYTHONPATH": str(ROOT)}
+    got = subprocess.run([sys.executable, str(ROOT / "experiments/train.py"), *args, "dry_run=true",
+                          "train.iterations=3", f"hydra.sweep.dir={tmp_path}/sweep", f"hydra.run.dir={tmp_path}/run"],
+                         cwd=tmp_path, env=env, stdout=write, stderr=subprocess.PIPE, text=True, timeout=300)
+    os.close(write)
+    assert got.returncode in (0, 120), got.stderr[-2000:]  # 120: Python could not flush stdout at exit
+    assert not (tmp_path / "sweep").exists() and not (tmp_path / "run").exists(), got.stderr[-2000:]
 
 
 def test_reproduce_dry_run_lists_every_launch_and_checks_every_point(capsys):

@@ -98,21 +98,25 @@ def test_a_job_count_below_one_is_refused_naming_it(tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # refused before anything is made
 
 
-@pytest.mark.parametrize("scale, runs", [("tiny", 48), ("small", 150), ("paper", 150)])
+@pytest.mark.parametrize("scale, runs", [("tiny", 48), ("small", 150), ("paper", 150), ("gpu", 90)])
 def test_every_presets_declared_launches_compose_and_validate(scale, runs):
-    """What reproduce.py runs is what the presets declare (their `launches`), every point valid."""
+    """What reproduce.py runs is what the presets declare (their `launches`), every point valid; the
+    gpu scale is made for experiment=gpu_small alone (configs/scale/gpu.yaml: scale_for)."""
     reproduce = load_reproduce()
     launches = reproduce.plan(scale, None)
-    presets = {path.stem for path in (ROOT / "configs/experiment").glob("*.yaml")} - {"smoke"}
-    assert {preset for preset, _, _ in launches} == presets - ({"table1"} if scale == "tiny" else set())
-    errors, configs = reproduce.check_plan(launches, scale, [], show=False)
+    presets = {path.stem for path in (ROOT / "configs/experiment").glob("*.yaml")} - {"smoke", "gpu_small"}
+    expected = {"gpu_small"} if scale == "gpu" else presets - ({"table1"} if scale == "tiny" else set())
+    assert {preset for preset, _, _ in launches} == expected
+    presets |= {"gpu_small"}
+    errors, planned = reproduce.check_plan(launches, scale, [], show=False)
+    configs = [rc for rc, _ in planned]
     assert errors == [] and len(configs) == runs
     assert {c.scale for c in configs} == {scale} and all(c.experiment in presets for c in configs)
 
 
 @pytest.mark.parametrize("entry, message", [
     ("{multirun: true, scale: [tiny]}", "figx.yaml: launches[0] must be a mapping of multirun, overrides, scales"),
-    ("{scales: [huge]}", "figx.yaml: launches[0].scales: ['huge'] are not scales; allowed: paper, small, tiny"),
+    ("{scales: [huge]}", "figx.yaml: launches[0].scales: ['huge'] are not scales; allowed: gpu, paper, small, tiny"),
 ])
 def test_a_malformed_launch_is_one_error_naming_it(tmp_path, entry, message):
     (tmp_path / "figx.yaml").write_text(f"launches:\n  - {entry}\n")
