@@ -243,7 +243,7 @@ def test_the_dry_run_runs_every_stage_with_resnet18_and_a_second_call_continues_
     bench = json.loads((out / "provenance.json").read_text())["calls"][0]["fused_bench"]  # the budget left
     assert "| kind | K | processes | separate | fused | fused / processes | fused / separate |" in bench
 
-    lines = dry_run(tmp_path, second, "--waves", "1", "--committed", str(first), "--budget-s", "110")
+    lines = dry_run(tmp_path, second, "--waves", "1", "--committed", str(first), "--budget-s", "3000", "--no-bench")
     assert "grid: 27 of 30 runs to go (3 committed)" in lines
     out = second / ge.EXPERIMENT
     runs = pd.read_csv(out / "runs.csv")
@@ -253,7 +253,7 @@ def test_the_dry_run_runs_every_stage_with_resnet18_and_a_second_call_continues_
     provenance = json.loads((out / "provenance.json").read_text())
     assert len(provenance["calls"]) == 2 and provenance["n_runs"] == len(runs) == 6
     record = provenance["calls"][-1]
-    assert "fused_bench" not in record  # under 90 s left after its wave
+    assert "fused_bench" not in record  # --no-bench
     assert record["card"] == "cpu" and record["speed_from"] == "this call's first wave" and record["compile"] == "none"
     assert {r["status"] for r in record["preflight"].values()} == {"PASS"}
     assert all(w["wall_s"] > 0 for w in record["waves"])
