@@ -366,12 +366,11 @@ def collect(settings: RunConfig, run_dir: str) -> bool:
 def fused_groups(points: list[list[str]], max_fused) -> list[list[int]]:
     """hydra/launcher=fused's groups of these sweep points (indices), each checked: a group its
     runs cannot share is refused in one line before anything is made."""
-    from gaf.fused_train import check_group
-    from hydra_plugins.fused_launcher import groups
+    from gaf.fused_train import check_group, groups
 
     try:
         configs = [(rc, None) for _, rc in composed_points(points)]
-        found = groups(configs, max_fused)
+        found = groups([rc for rc, _ in configs], max_fused)
         for members in found:
             check_group([configs[i][0] for i in members])
     except ValueError as e:

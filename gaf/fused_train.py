@@ -52,6 +52,17 @@ def group_key(cfg: RunConfig) -> tuple:
     return tuple(values[key] for key in SHARED)
 
 
+def groups(cfgs: list[RunConfig], max_fused: int) -> list[list[int]]:
+    """Indices of these runs grouped by ``group_key``, in their order (a group where its first run
+    is), each group at most ``max_fused`` long."""
+    if not (isinstance(max_fused, int) and max_fused >= 1):
+        raise ValueError(f"hydra.launcher.max_fused must be an integer >= 1, got {max_fused!r}")
+    by_key: dict[tuple, list[int]] = {}
+    for i, cfg in enumerate(cfgs):
+        by_key.setdefault(group_key(cfg), []).append(i)
+    return [members[j : j + max_fused] for members in by_key.values() for j in range(0, len(members), max_fused)]
+
+
 def check_group(cfgs: list[RunConfig]) -> None:
     """One line naming the first setting that keeps these runs from one group, or the reason."""
     keys = [group_key(c) for c in cfgs]

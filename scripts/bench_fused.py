@@ -56,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.k = a.k or ([1, 3] if a.quick else [1, 3, 9, 18])
     a.steps = (4 if a.quick else 100) if a.steps is None else a.steps  # --steps 0 is refused, not a default
     a.warmup = 4 if a.quick else 10
+    a.shapes = {kind: (n, QUICK_B[kind] if a.quick else b) for kind, (n, b) in KINDS.items()}
     if min(a.k) < 1:
         p.error(f"--k takes group sizes >= 1, got {' '.join(map(str, a.k))}")
     if a.steps < 1:
@@ -79,9 +80,8 @@ def members(a, kind: str, k: int, seed: int = 0) -> tuple[list[nn.Module], torch
 
 
 def shape(a, kind: str) -> tuple[int, int]:
-    """(n, b) of a member's step."""
-    n, b = KINDS[kind]
-    return n, QUICK_B[kind] if a.quick else b
+    """(n, b) of a member's step (gpu_evidence times its grid's own shapes through ``a.shapes``)."""
+    return a.shapes[kind]
 
 
 def stepper(a, kind: str, model: nn.Module):

@@ -5,25 +5,25 @@
     python scripts/gpu_evidence.py --device cpu --quick     # the dry run the tests run: every stage, ResNet18
 
 What it trains is the preset's (configs/experiment/gpu_small.yaml at scale=gpu), as reproduce.py
-exports it to configs/experiment/gpu_small.points.json: a lent GPU has no Hydra, and a test keeps
-the file equal to the preset. This script holds only what is about one call with a time budget:
+exports it to configs/experiment/gpu_small.points.json (a lent GPU has no Hydra; a test keeps the
+file equal to the preset), as fused groups (gaf.fused_train: one program steps many runs, each an
+ordinary run). This script holds only what is about one call with a time budget:
 
- 1. preflight  gpu_check's sync-free and fp32-equal checks with the grid's network, classes, m and
-               merge (the suite runs the same checks on a CPU with ResNet18); the runs capture their
-               step as a CUDA graph only where the graph equals eager.
- 2. speed      the card's speed recorded by an earlier call (results/*/provenance.json); a card
-               never seen runs its first wave unpredicted, and that wave measures it.
- 3. plan       the points no committed run has the settings of, in the preset's order, in waves of
-               k runs, each predicted by ``Speed.wave_s``; after every wave the rate is re-measured
-               from it and the rest re-planned. A wave starts only if it is predicted to end in time.
- 4. sweep      the waves, each run ``gaf.train.run`` in its own process; after each the outputs are
-               rewritten, so a call cut short returns what it finished. Budget left over
-               (>= FUSED_BENCH_S) measures bench_fused.
+ 1. preflight  gpu_check's sync-free, fp32-equal and fused-equal checks with the grid's network,
+               classes, m and merge (the suite runs them on a CPU with ResNet18). Where only
+               fused-equal fails, the runs go one per process (the fast step alone).
+ 2. plan       the points no committed run has the settings of, in the preset's order. A wave is the
+               longest run of them predicted to end within the time left (the first wave: within
+               half of it), trained as one process per fused group, all at once. The first wave's
+               rate is its groups' steps timed on the device; after each wave the rate it measured
+               re-plans the rest.
+ 3. sweep      wave after wave; the outputs rewritten after each, so a call cut short returns what
+               it finished. Budget left over (>= FUSED_BENCH_S) measures bench_fused.
 
 Outputs, in --results/gpu_small/: runs.csv, curves.csv, evals.csv and provenance.json as
 scripts/collect.py writes them, this call's runs added to the committed ones (provenance.json's
-"calls": every call's card, versions, wall time, speed, plan, preflight), and preflight.md: five
-files, within what a device call brings back. `make figures` draws results/gpu_small/'s figure and table from them, like every preset's.
+"calls": every call's card, versions, wall time, speed, waves, preflight), and preflight.md: five
+files, within what a device call brings back. `make figures` draws the figure and table from them.
 The 480-s budget and the file count are a lent GPU's defaults, not the design: --budget-s 36000 on
 a GPU of one's own runs the whole grid.
 """
@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import io
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -44,18 +43,20 @@ import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import NamedTuple
 
-import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]  # a checkout without installing; the scripts beside this
 
 import bench_concurrent  # noqa: E402
+import bench_fused  # noqa: E402
 import collect  # noqa: E402
 import gpu_check  # noqa: E402
 from gaf.config import CLASSES, RunConfig  # noqa: E402
+from gaf.fused_train import groups, run_group  # noqa: E402
 from gaf.sources import DataError, cifar10_jpeg_file  # noqa: E402
 from gaf.train import run  # noqa: E402
 
@@ -65,6 +66,7 @@ DATA_FILES = ("runs.csv", "curves.csv", "evals.csv", "provenance.json")  # what 
 GRACE_S = 30  # runs still going this long after --budget-s are ended (a device call is cut at its timeout)
 FUSED_BENCH_S = 90  # budget left after the waves that buys bench_fused's measurement
 MAX_CURVE_ROWS = 500  # per run in curves.csv: the whole grid (90 runs) stays under 16 MiB
+EVAL_S, START_S = 1.0, 30.0  # a validation of one run, and a wave's start and end, on a card never recorded
 
 
 @dataclass(frozen=True)
@@ -72,13 +74,14 @@ class Call:
     """How a call spends its time, apart from what it trains."""
 
     budget_s: float  # --budget-s by default
-    k: int  # runs at once where no speed is recorded (on an H200, nine were no faster than three)
+    max_fused: int  # runs in one fused group at most
     sync_steps: int  # steps of the preflight's sync-free check
+    timed_steps: int  # steps of a group timed to predict the first wave
     seeds: int  # the grid's seeds run by default
 
 
-GPU = Call(budget_s=480, k=3, sync_steps=200, seeds=3)
-QUICK = Call(budget_s=400, k=3, sync_steps=5, seeds=1)
+GPU = Call(budget_s=480, max_fused=32, sync_steps=200, timed_steps=20, seeds=3)
+QUICK = Call(budget_s=400, max_fused=3, sync_steps=5, timed_steps=2, seeds=1)
 # The dry run: the grid's points, ResNet18 still, on a few images for a few iterations.
 QUICK_SIZES = {"data": {"train_per_class": 20, "test_per_class": 10}, "method": {"per_class": 1},
                "train": {"iterations": 8, "val_every": 4, "memorisation_samples": 100}}
@@ -91,12 +94,18 @@ class Point(NamedTuple):
     config: dict
 
     @property
+    def shape(self) -> tuple[str, int, int]:
+        """(kind, n, b) of its step: GAF's n microbatches of per_class images of every class, or one batch."""
+        m = self.config["method"]
+        if m["name"] == "gaf":
+            return "gaf", m["n_micro"], m["per_class"] * CLASSES[self.config["data"]["name"]]
+        return "baseline", 1, m["batch_size"]
+
+    @property
     def images(self) -> int:
         """Training images over the whole run."""
-        m, per_iteration = self.config["method"], self.config["method"]["batch_size"]
-        if m["name"] == "gaf":
-            per_iteration = m["n_micro"] * m["per_class"] * CLASSES[self.config["data"]["name"]]
-        return self.config["train"]["iterations"] * per_iteration
+        _, n, b = self.shape
+        return self.config["train"]["iterations"] * n * b
 
     @property
     def validations(self) -> int:
@@ -117,15 +126,129 @@ def committed(points: list[Point], out: Path) -> set[str]:
     return {p.folder for p, done in zip(points, collect.finished_settings(out, [p.config for p in points])) if done}
 
 
-def launch(a, configs: list[dict], run_dirs: list[Path]) -> dict:
-    """Train these runs at once, each in its own process on one CPU thread (bench_concurrent.launch:
-    their summaries and the wall time until the last ends), ending those still going at the deadline."""
-    argvs = []
-    for cfg, d in zip(configs, run_dirs):
-        d.parent.mkdir(parents=True, exist_ok=True)
-        path = d.with_name(d.name + ".json")
-        path.write_text(json.dumps(cfg))
-        argvs.append([sys.executable, str(Path(__file__).resolve()), "--run", str(path), str(d)])
+def jobs(points: list[Point], max_fused: int) -> list[list[Point]]:
+    """These points as the processes that train them: fused groups of at most ``max_fused``."""
+    found = groups([RunConfig.from_dict(p.config) for p in points], max_fused)
+    return [[points[i] for i in members] for members in found]
+
+
+# ----------------------------------------------------------------------------- 1. preflight
+
+
+def preflight(a, out: Path, points: list[Point]) -> tuple[dict, str]:
+    """gpu_check's sync-free, fp32-equal and fused-equal checks with the grid's network, classes, m
+    and merge; writes out/preflight.md. Returns the results and the runs' train.compile, or exits
+    where the fast step failed (a failed fused-equal sets a.max_fused to 1: one run per process)."""
+    gaf = next(p.config for p in points if p.config["method"]["name"] == "gaf")
+    args = gpu_check.parse_args(["--device", a.device, *(["--quick"] if a.quick else []), "--jpeg", str(a.data),
+                                 "--out-dir", str(out)])
+    ctx = gpu_check.context(args)  # decodes the JPEG copy once, into the cache every run then reads
+    ctx.model, ctx.classes, ctx.m = gaf["model"]["name"], CLASSES[gaf["data"]["name"]], gaf["method"]["per_class"]
+    ctx.merge, ctx.sync_steps = gaf["method"]["merge"], a.call.sync_steps
+    results = gpu_check.run_checks(ctx, ["sync-free", "fp32-equal", "fused-equal"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "preflight.md").write_text(gpu_check.markdown(gpu_check.environment(ctx) | {"command": command_line()},
+                                                         results, []))
+    del ctx
+    if a.device == "cuda":
+        torch.cuda.empty_cache()
+    if failed := [(n, r) for n, r in results.items() if r["status"] != "PASS" and n != "fused-equal"]:
+        print(f"FAIL preflight {failed[0][0]}: {failed[0][1]['detail']}; the grid did not run "
+              f"(report: {out / 'preflight.md'})", flush=True)
+        sys.exit(1)
+    if results["fused-equal"]["status"] != "PASS":
+        a.max_fused = 1
+        print("fused-equal failed: the runs go one per process", flush=True)
+    return results, "graph" if a.device == "cuda" else "none"
+
+
+# ----------------------------------------------------------------------------- 2. plan
+
+
+@dataclass(frozen=True)
+class Speed:
+    """A wave's time: start_s + its images / rate + its validations x eval_s. A fused group validates
+    its members in turn and the groups validate at once, so the validations counted are the largest
+    group's. With one run per process this is the model fitted to the recorded H200 calls, whose
+    waves it predicts within 3% and 13% (tests/test_gpu_evidence.py)."""
+
+    rate: float  # images/s summed over the wave's processes
+    eval_s: float  # one validation (and its checkpoint) of one run alone
+    start_s: float  # process start, data, model, the first iterations; and the end
+
+    def seconds(self, images: int, validations: int) -> float:
+        return self.start_s + images / self.rate + validations * self.eval_s
+
+    def wave_s(self, wave: list[Point], max_fused: int) -> float:
+        return self.seconds(*load(wave, max_fused))
+
+    def remeasured(self, images: int, validations: int, wall_s: float) -> "Speed":
+        """This speed scaled to predict the ``wall_s`` that a wave of ``images`` and ``validations``
+        took: every part at once (start, rate and validation were timed apart, recorded or guessed;
+        the wave measured them together)."""
+        slower = wall_s / self.seconds(images, validations)
+        return Speed(self.rate / slower, self.eval_s * slower, self.start_s * slower)
+
+
+def load(wave: list[Point], max_fused: int) -> tuple[int, int]:
+    """A wave's training images, and its validations as they follow one another (the largest group's)."""
+    return sum(p.images for p in wave), max(len(job) * job[0].validations for job in jobs(wave, max_fused))
+
+
+def recorded_speed(card: str, results: Path = ROOT / "results") -> Speed | None:
+    """The speed of the newest call recorded for this card (results/*/provenance.json), or None."""
+    calls = []
+    for path in sorted(results.glob("*/provenance.json")):
+        p = json.loads(path.read_text())
+        calls += [c for c in p.get("calls", [p.get("gpu-small")]) if c and c.get("card") == card
+                  and (c.get("speeds") or c.get("speed_after"))]
+    return call_speed(max(calls, key=lambda c: c["date"])) if calls else None
+
+
+def call_speed(call: dict) -> Speed:
+    """A recorded call's speed: the one its last wave measured, or (calls before that was recorded)
+    that of its plan's k runs at once from seconds per iteration of GAF runs of 200 images, with one
+    run alone's validation."""
+    if "speed_after" in call:
+        return Speed(*(call["speed_after"][f] for f in ("rate", "eval_s", "start_s")))
+    s = next(s for s in call["speeds"] if s["k"] == call["plan"]["k"])
+    return Speed(s["k"] * 200 / s["iter_s"], min(s["eval_s"] for s in call["speeds"]), s["start_s"])
+
+
+def timed_rate(a, wave: list[Point]) -> float:
+    """Images/s of the wave's groups' steps, each group's timed in turn on the device (bench_fused:
+    random images of the runs' shapes, the graph captured where the runs capture it)."""
+    images = seconds = 0.0
+    for job in jobs(wave, a.max_fused):
+        kind, n, b = job[0].shape
+        bench = SimpleNamespace(device=a.device, model=job[0].config["model"]["name"], warmup=3,
+                                classes=CLASSES[job[0].config["data"]["name"]], steps=a.call.timed_steps,
+                                shapes={kind: (n, b)})
+        measure = bench_fused.fused if len(job) > 1 else bench_fused.separate
+        images += len(job) * n * b
+        seconds += len(job) * n * b / measure(bench, kind, len(job))
+    return images / seconds
+
+
+def next_wave(todo: list[Point], speed: Speed, max_fused: int, left_s: float) -> list[Point]:
+    """The longest run of ``todo``'s first points predicted to end within ``left_s`` (at least one)."""
+    fitting = [i for i in range(1, len(todo) + 1) if speed.wave_s(todo[:i], max_fused) <= left_s]
+    return todo[: max(fitting, default=1)]
+
+
+# ----------------------------------------------------------------------------- 3. sweep and outputs
+
+
+def launch(a, wave: list[Point], work: Path, compile: str) -> dict:
+    """Train the wave at once, one process per fused group, on one CPU thread each (bench_concurrent:
+    the summaries and the wall time until the last ends), ending those still going at the deadline."""
+    argvs, run_dirs = [], []
+    for i, job in enumerate(jobs(wave, a.max_fused)):
+        dirs = [work / "sweep" / p.folder for p in job]
+        path = work / f"job-{time.monotonic_ns()}-{i}.json"
+        path.write_text(json.dumps([[as_run(a, p.config, compile), str(d)] for p, d in zip(job, dirs)]))
+        argvs.append([sys.executable, str(Path(__file__).resolve()), "--run", str(path)])
+        run_dirs += dirs
     return bench_concurrent.launch(argvs, run_dirs, {**os.environ, "OMP_NUM_THREADS": "1"},
                                    timeout=a.deadline - time.perf_counter())
 
@@ -136,141 +259,39 @@ def as_run(a, config: dict, compile: str) -> dict:
             "train": {**config["train"], "compile": compile, "progress": False}}
 
 
-# ----------------------------------------------------------------------------- 1. preflight
+def train_job(path: str) -> list[dict]:
+    """A process's runs: one run alone (gaf.train.run), or a fused group (gaf.fused_train.run_group)."""
+    configs, run_dirs = zip(*json.loads(Path(path).read_text()))
+    configs = [RunConfig.from_dict(c) for c in configs]
+    return [run(configs[0], run_dirs[0])] if len(configs) == 1 else run_group(configs, run_dirs)
 
 
-def preflight(a, out: Path, points: list[Point]) -> tuple[dict, str]:
-    """gpu_check's sync-free and fp32-equal checks with the grid's network, classes, m and merge;
-    writes out/preflight.md. Returns the results and the runs' train.compile, or exits."""
-    gaf = next(p.config for p in points if p.config["method"]["name"] == "gaf")
-    args = gpu_check.parse_args(["--device", a.device, *(["--quick"] if a.quick else []), "--jpeg", str(a.data),
-                                 "--out-dir", str(out)])
-    ctx = gpu_check.context(args)  # decodes the JPEG copy once, into the cache every run then reads
-    ctx.model, ctx.classes, ctx.m = gaf["model"]["name"], CLASSES[gaf["data"]["name"]], gaf["method"]["per_class"]
-    ctx.merge, ctx.sync_steps = gaf["method"]["merge"], a.call.sync_steps
-    results = gpu_check.run_checks(ctx, ["sync-free", "fp32-equal"])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "preflight.md").write_text(gpu_check.markdown(gpu_check.environment(ctx) | {"command": command_line()},
-                                                         results, []))
-    del ctx
-    if a.device == "cuda":
-        torch.cuda.empty_cache()
-    if failed := [(n, r) for n, r in results.items() if r["status"] != "PASS"]:
-        print(f"FAIL preflight {failed[0][0]}: {failed[0][1]['detail']}; the grid did not run "
-              f"(report: {out / 'preflight.md'})", flush=True)
-        sys.exit(1)
-    return results, "graph" if a.device == "cuda" else "none"
-
-
-# ----------------------------------------------------------------------------- 2. speed
-
-
-@dataclass(frozen=True)
-class Speed:
-    """k runs at once train ``rate`` images/s between them in the steady state; a wave of them
-    takes start_s + its images / rate + V * eval_s. A validation is counted at its cost with one
-    run alone (while one run validates the others go on): fitted to the two recorded H200 calls,
-    whose waves it predicts within 3% and 13% (tests/test_gpu_evidence.py)."""
-
-    k: int
-    rate: float  # images/s summed over the k runs
-    eval_s: float  # one validation (and its checkpoint) of one run alone
-    start_s: float  # process start, data, model, the first iterations; and the end
-
-    def wave_s(self, images: int, validations: int) -> float:
-        return self.start_s + images / self.rate + validations * self.eval_s
-
-    def remeasured(self, images: int, validations: int, wall_s: float) -> "Speed":
-        """The rate that a wave of ``images`` that took ``wall_s`` implies."""
-        training_s = max(wall_s - self.start_s - validations * self.eval_s, 1e-3)
-        return Speed(self.k, images / training_s, self.eval_s, self.start_s)
-
-
-def recorded_speed(card: str, results: Path = ROOT / "results") -> Speed | None:
-    """The fastest speed of the newest call recorded for this card (results/*/provenance.json), or None."""
-    calls = []
-    for path in sorted(results.glob("*/provenance.json")):
-        p = json.loads(path.read_text())
-        calls += [c for c in p.get("calls", [p.get("gpu-small")]) if c and c.get("card") == card
-                  and (c.get("speeds") or c.get("speed_after"))]
-    return max(call_speeds(max(calls, key=lambda c: c["date"])), key=lambda s: s.rate) if calls else None
-
-
-def call_speeds(call: dict) -> list[Speed]:
-    """A recorded call's speeds: the rate its last wave measured, or (calls before the rate was
-    recorded) seconds per iteration of GAF runs of 200 images, with one run alone's validation."""
-    if "speed_after" in call:
-        return [Speed(**call["speed_after"])]
-    alone = min(s["eval_s"] for s in call["speeds"])
-    return [Speed(s["k"], s["k"] * 200 / s["iter_s"], alone, s["start_s"]) for s in call["speeds"]]
-
-
-# ----------------------------------------------------------------------------- 3. plan
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The waves still to run and the speed that predicts them."""
-
-    waves: list[list[Point]]
-    speed: Speed
-
-    @classmethod
-    def make(cls, points: list[Point], speed: Speed) -> "Plan":
-        """Waves of the speed's k runs, in grid order."""
-        return cls([points[i : i + speed.k] for i in range(0, len(points), speed.k)], speed)
-
-    def wave_s(self, wave: list[Point]) -> float:
-        return self.speed.wave_s(sum(p.images for p in wave), max(p.validations for p in wave))
-
-    def fitting(self, left_s: float) -> int:
-        """How many of the waves, in order, are predicted to end within ``left_s``."""
-        ends = [sum(self.wave_s(w) for w in self.waves[: i + 1]) for i in range(len(self.waves))]
-        return sum(end <= left_s for end in ends)
-
-    def after(self, wave: list[Point], wall_s: float) -> "Plan":
-        """The rest, predicted with the rate this wave measured."""
-        validations = max(p.validations for p in wave)
-        return Plan(self.waves[1:], self.speed.remeasured(sum(p.images for p in wave), validations, wall_s))
-
-    def describe(self, left_s: float) -> str:
-        n = self.fitting(left_s)
-        return (f"plan: {sum(map(len, self.waves))} runs to go in {len(self.waves)} waves of {self.speed.k}; "
-                f"{n} predicted to fit ({sum(self.wave_s(w) for w in self.waves[:n]):.0f} s of the {left_s:.0f} s "
-                f"left, {self.speed.rate:,.0f} images/s)")
-
-
-# ----------------------------------------------------------------------------- 4. sweep and outputs
-
-
-def sweep(a, plan: Plan, compile: str, work: Path, record: dict) -> None:
-    """Wave after wave while the next is predicted to end within the budget; the outputs are
-    rewritten after each. The first wave runs whatever its prediction (the call's minimum answer)."""
+def sweep(a, todo: list[Point], speed: Speed, compile: str, work: Path, record: dict) -> None:
+    """Wave after wave while one is predicted to end within the budget; the outputs rewritten after each."""
     waves = record["waves"] = []
-    while plan.waves:
-        wave, left = plan.waves[0], a.t0 + a.budget_s - time.perf_counter()
-        predicted = plan.wave_s(wave)
-        if len(waves) == a.waves:
-            print(f"stop: --waves {a.waves} made; {len(plan.waves)} waves not made", flush=True)
-            break
+    todo = todo[: a.runs]
+    while todo:
+        left = a.t0 + a.budget_s - time.perf_counter()
+        wave = next_wave(todo, speed, a.max_fused, left / 2 if not waves else left)
+        predicted = speed.wave_s(wave, a.max_fused)
         if waves and predicted > left:
-            print(f"stop: the next wave is predicted to take {predicted:.0f} s, {left:.0f} s are left; "
-                  f"{len(plan.waves)} waves not made", flush=True)
+            print(f"stop: {len(todo)} runs not made; the next wave is predicted to take {predicted:.0f} s, "
+                  f"{left:.0f} s are left", flush=True)
             break
+        print(f"wave {len(waves) + 1}: {len(wave)} runs in {len(jobs(wave, a.max_fused))} processes, predicted "
+              f"{predicted:.0f} s ({speed.rate:,.0f} images/s) of the {left:.0f} s left", flush=True)
         started = time.perf_counter()
         try:
-            got = launch(a, [as_run(a, p.config, compile) for p in wave], [work / "sweep" / p.folder for p in wave])
+            got = launch(a, wave, work, compile)
             wall = got["wall_s"]
             record["images_seen"] += got["images"]
         except SystemExit as e:  # a failed or cut run must not cost the outputs of the others
             wall = time.perf_counter() - started
-            print(f"FAIL wave {'; '.join(p.folder for p in wave)}: {e}", flush=True)
+            print(f"FAIL wave {len(waves) + 1}: {e}", flush=True)
         waves.append({"runs": [p.folder for p in wave], "predicted_s": round(predicted, 1), "wall_s": round(wall, 1)})
-        print(f"wave {len(waves)} ({'; '.join(p.folder for p in wave)}): {wall:.0f} s, predicted {predicted:.0f} s",
-              flush=True)
-        plan = plan.after(wave, wall)
-        record["speed_after"] = asdict(plan.speed)
-        record["wall_s"] = round(time.perf_counter() - a.t0, 1)
+        print(f"wave {len(waves)}: {wall:.0f} s, predicted {predicted:.0f} s", flush=True)
+        speed, todo = speed.remeasured(*load(wave, a.max_fused), wall), todo[len(wave):]
+        record.update(speed_after=asdict(speed), wall_s=round(time.perf_counter() - a.t0, 1))
         write_outputs(a, work, record)
 
 
@@ -296,7 +317,7 @@ def record_call(out: Path, record: dict) -> None:
                     + "\n")
 
 
-def bench_fused(a, left_s: float) -> list[str]:
+def bench(a, left_s: float) -> list[str]:
     """What the budget left after the waves buys: scripts/bench_fused.py's GAF rows (K runs as
     processes, in turn, fused), its table's lines, or why there are none."""
     quick = ["--quick", "--k", "1", "3"] if a.quick else ["--k", "1", "3", "9", "--steps", "50"]
@@ -331,14 +352,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    f"(default {GPU.budget_s:.0f}; {QUICK.budget_s:.0f} with --quick)")
     p.add_argument("--seeds", type=int, default=None, help=f"seeds of the grid (default {GPU.seeds}; {QUICK.seeds} "
                    "with --quick)")
+    p.add_argument("--max-fused", type=int, default=None, help=f"runs in one fused group at most (default "
+                   f"{GPU.max_fused}; {QUICK.max_fused} with --quick; 1: one run per process)")
     p.add_argument("--jpeg", default=None, help="the CIFAR-10 JPEG copy (default: data/, then the offline copy)")
     p.add_argument("--results", default=None, help=f"the results folder whose {EXPERIMENT}/ the call writes "
                    "(default results/; outputs/gpu-evidence with --quick)")
-    p.add_argument("--waves", type=int, default=None, help="at most this many waves (default: what the budget allows)")
+    p.add_argument("--runs", type=int, default=None, help="at most this many runs in this call (default: what the "
+                   "budget allows)")
     p.add_argument("--committed", default=None, help="the results folder whose grid the call continues (default "
                    "results/; none with --quick)")
     p.add_argument("--no-bench", action="store_true", help="no bench_fused measurement with the budget left")
-    p.add_argument("--run", nargs=2, metavar=("CONFIG", "RUN_DIR"), help=argparse.SUPPRESS)  # one run, in its process
+    p.add_argument("--run", metavar="JOB", help=argparse.SUPPRESS)  # one process's runs
     a = p.parse_args(argv)
     if a.run:
         return a
@@ -347,10 +371,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.device == "cpu" and not a.quick:
         p.error("the grid needs a GPU; on a CPU only the dry run: --device cpu --quick")
     a.call = QUICK if a.quick else GPU
-    a.seeds, a.budget_s = a.seeds or a.call.seeds, a.budget_s or a.call.budget_s
-    for name in ("seeds", "waves", "budget_s"):
+    for name in ("seeds", "runs", "budget_s", "max_fused"):
         if getattr(a, name) is not None and getattr(a, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(a, name)}")
+    a.seeds, a.budget_s, a.max_fused = a.seeds or a.call.seeds, a.budget_s or a.call.budget_s, \
+        a.max_fused or a.call.max_fused
     a.results = Path(a.results or ROOT / ("outputs/gpu-evidence" if a.quick else "results"))
     a.committed = Path(a.committed) if a.committed else (None if a.quick else ROOT / "results")
     try:
@@ -371,10 +396,10 @@ def continue_committed(a) -> Path:
     return out
 
 
-def main(argv=None) -> dict | None:
+def main(argv=None) -> dict | list | None:
     a = parse_args(argv)
     if a.run:
-        return run(RunConfig.from_dict(json.loads(Path(a.run[0]).read_text())), a.run[1])
+        return train_job(a.run)
     a.t0 = t0 = time.perf_counter()
     a.deadline = t0 + a.budget_s + GRACE_S
     card = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
@@ -390,18 +415,18 @@ def main(argv=None) -> dict | None:
     if not todo:
         return record
     results, compile = preflight(a, out, points)
-    record.update(compile=compile, preflight={n: {k: r[k] for k in ("status", "seconds", "detail", "figures")}
-                                              for n, r in results.items()})
-    speed = recorded_speed(card) if a.device == "cuda" else None
-    record["speed_from"] = "recorded" if speed else "this call's first wave"
-    plan, left = Plan.make(todo, speed or Speed(a.call.k, math.inf, 0.0, 0.0)), a.budget_s - (time.perf_counter() - t0)
-    print(plan.describe(left) if speed else f"plan: {len(todo)} runs to go in waves of {a.call.k}; no speed recorded "
-          f"for {card}: the first wave measures it", flush=True)
-    record["plan"] = {"waves": len(plan.waves), "k": plan.speed.k, "fitting": plan.fitting(left), "left_s": round(left, 1)}
+    record.update(compile=compile, max_fused=a.max_fused, preflight={
+        n: {k: r[k] for k in ("status", "seconds", "detail", "figures")} for n, r in results.items()})
+    recorded = recorded_speed(card) if a.device == "cuda" else None
+    first = todo[: max(3 * a.max_fused // 2, 3)]  # a full group of GAF runs (two arms in three), baselines beside
+    speed = Speed(timed_rate(a, first), *((recorded.eval_s, recorded.start_s) if recorded else (EVAL_S, START_S)))
+    record["speed_timed"] = {**asdict(speed), "on": len(first), "validation_from": "recorded" if recorded else "guess"}
+    print(f"speed: {speed.rate:,.0f} images/s timed on {len(first)} runs' groups; a validation {speed.eval_s:.2f} s "
+          f"({record['speed_timed']['validation_from']})", flush=True)
     with tempfile.TemporaryDirectory(prefix="gpu-evidence-") as tmp:
-        sweep(a, plan, compile, Path(tmp), record)
+        sweep(a, todo, speed, compile, Path(tmp), record)
     if not a.no_bench and a.budget_s - (time.perf_counter() - t0) >= FUSED_BENCH_S:
-        record["fused_bench"] = bench_fused(a, a.budget_s - (time.perf_counter() - t0))
+        record["fused_bench"] = bench(a, a.budget_s - (time.perf_counter() - t0))
         record_call(out, record)
     files = sorted(f for f in out.iterdir() if f.is_file())
     print(f"done in {time.perf_counter() - t0:.0f} s (budget {a.budget_s:.0f} s): {len(files)} files, "

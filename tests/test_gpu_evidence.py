@@ -103,83 +103,103 @@ def test_the_speed_model_predicts_the_recorded_h200_calls_within_15_percent(fold
     ran (the runs' images; 20 validations) and its measured wall time. The planner of that day
     predicted 261 s for the first (its k = 9 eval_s counted each validation at 4.5 s)."""
     call = json.loads((ROOT / "results" / folder / "provenance.json").read_text())["gpu-small"]
-    speed = next(s for s in ge.call_speeds(call) if s.k == call["plan"]["k"])
     assert call["sweep_wall_s"] == measured_s
-    predicted = speed.wave_s(call["images_seen"], 20)
+    predicted = ge.call_speed(call).seconds(call["images_seen"], 20)
     assert abs(predicted / measured_s - 1) <= 0.15, predicted
 
 
+def test_the_grids_second_call_planned_from_the_firsts_recorded_rate_within_15_percent():
+    """results/gpu_small: the first call predicted its first wave from another day's speeds (189 s for
+    364 s: calls differ); the second, planned from the rate the first call's wave measured, predicted
+    its wave (three runs, one per process) within 15%."""
+    calls = json.loads((ROOT / "results" / ge.EXPERIMENT / "provenance.json").read_text())["calls"]
+    first, second = calls[0], calls[1]
+    wave = second["waves"][0]
+    points = [p for p in ge.grid(3) if p.folder in wave["runs"]]
+    predicted = ge.call_speed(first).wave_s(points, max_fused=1)
+    assert predicted == pytest.approx(wave["predicted_s"], abs=0.1)
+    assert abs(predicted / wave["wall_s"] - 1) <= 0.15
+
+
 def test_the_newest_recorded_call_of_the_card_gives_the_speed(tmp_path):
-    old = {"card": "X", "date": "2026-12-01 10:00 UTC", "speeds": [{"k": 1, "iter_s": 0.01, "eval_s": 0.5,
-                                                                   "start_s": 9.0}]}
-    new = {"card": "X", "date": "2026-12-02 10:00:00 UTC", "speeds": [{"k": 3, "rate": 1.0, "eval_s": 1, "start_s": 1}],
-           "speed_after": {"k": 3, "rate": 50_000.0, "eval_s": 0.4, "start_s": 12.0}}
+    old = {"card": "X", "date": "2026-12-01 10:00 UTC", "plan": {"k": 1},
+           "speeds": [{"k": 1, "iter_s": 0.01, "eval_s": 0.5, "start_s": 9.0}]}
+    new = {"card": "X", "date": "2026-12-02 10:00:00 UTC", "speed_after": {"rate": 50_000.0, "eval_s": 0.4,
+                                                                          "start_s": 12.0}}
     other = {"card": "Y", "date": "2026-12-03 10:00:00 UTC", "speed_after": new["speed_after"], "speeds": [{}]}
     for name, p in (("a", {"gpu-small": old}), ("b", {"calls": [new, other]})):
         (tmp_path / name).mkdir()
         (tmp_path / name / "provenance.json").write_text(json.dumps(p))
-    assert ge.recorded_speed("X", tmp_path) == ge.Speed(3, 50_000.0, 0.4, 12.0)
+    assert ge.recorded_speed("X", tmp_path) == ge.Speed(50_000.0, 0.4, 12.0)
     assert ge.recorded_speed("Z", tmp_path) is None
-    assert ge.call_speeds(old) == [ge.Speed(1, 200 / 0.01, 0.5, 9.0)]
+    assert ge.call_speed(old) == ge.Speed(200 / 0.01, 0.5, 9.0)
 
 
-def test_a_wave_remeasures_the_rate_and_the_rest_is_replanned():
-    speed = ge.Speed(3, 50_000.0, 0.5, 10.0)
-    plan = ge.Plan.make(ge.grid(1)[:9], speed)
-    assert [len(w) for w in plan.waves] == [3, 3, 3]
-    images = 16_000 * (128 + 200 + 200)
-    assert plan.wave_s(plan.waves[0]) == pytest.approx(10 + images / 50_000 + 20 * 0.5)
-    slower = plan.after(plan.waves[0], wall_s=300.0)  # the wave took 300 s: the same waves will too
-    assert len(slower.waves) == 2 and slower.wave_s(slower.waves[0]) == pytest.approx(300.0)
-    assert slower.fitting(599) == 1 and slower.fitting(600) == 2 and slower.fitting(299) == 0
-    assert "2 waves of 3; 1 predicted to fit" in slower.describe(450)
+def test_a_wave_is_fused_groups_and_its_validations_are_the_largest_groups():
+    """The first 12 points: 8 GAF-shaped runs (averaging and GAF), 4 baselines, 20 validations each."""
+    points = ge.grid(1)[:12]
+    assert [[p.shape[0] for p in job] for job in ge.jobs(points, 32)] == [["baseline"] * 4, ["gaf"] * 8]
+    assert [len(job) for job in ge.jobs(points, 3)] == [3, 1, 3, 3, 2]
+    assert ge.load(points, 32) == (16_000 * (4 * 128 + 8 * 200), 8 * 20)
+    assert ge.load(points, 1) == (16_000 * (4 * 128 + 8 * 200), 20)  # one run per process: all validate at once
+    speed = ge.Speed(100_000.0, 0.5, 10.0)
+    assert speed.wave_s(points, 32) == pytest.approx(10 + 16_000 * 2112 / 100_000 + 160 * 0.5)
 
 
-def test_a_card_never_seen_runs_its_first_wave_unpredicted_and_that_wave_measures_it():
-    unknown = ge.Plan.make(ge.grid(1)[:6], ge.Speed(3, float("inf"), 0.0, 0.0))
-    assert unknown.wave_s(unknown.waves[0]) == 0.0
-    measured = unknown.after(unknown.waves[0], wall_s=200.0)
-    assert measured.wave_s(measured.waves[0]) == pytest.approx(200.0)  # the same arms: the same time
+def test_a_wave_remeasures_the_speed_and_the_next_is_the_longest_run_of_points_that_fits():
+    speed, points = ge.Speed(100_000.0, 0.5, 10.0), ge.grid(1)
+    wave = ge.next_wave(points, speed, 32, left_s=400)
+    assert speed.wave_s(wave, 32) <= 400 < speed.wave_s(points[: len(wave) + 1], 32)
+    slower = speed.remeasured(*ge.load(wave, 32), wall_s=2 * speed.wave_s(wave, 32))
+    assert slower.wave_s(wave, 32) == pytest.approx(2 * speed.wave_s(wave, 32))  # the same wave: what it took
+    assert len(ge.next_wave(points, slower, 32, left_s=400)) < len(wave)
+    assert ge.next_wave(points, speed, 32, left_s=1) == points[:1]  # at least one
 
 
-def fake_sweep(monkeypatch, tmp_path, budget_s: float, wall_s: float, fail=()) -> tuple[list, list, dict]:
-    """gpu_evidence.sweep with launch (each wave taking wall_s of make-believe time) and
-    write_outputs recorded instead of run."""
-    clock = [1000.0]
+def fake_sweep(monkeypatch, tmp_path, budget_s: float, slower: float, fail=(), runs=None) -> tuple[list, dict, str]:
+    """gpu_evidence.sweep with launch (each wave taking ``slower`` times its prediction from a
+    Speed of 100,000 images/s, of make-believe time) and write_outputs recorded instead of run."""
+    clock, speed = [1000.0], ge.Speed(100_000.0, 0.5, 10.0)
     monkeypatch.setattr(ge.time, "perf_counter", lambda: clock[0])
-    a = SimpleNamespace(t0=clock[0], budget_s=budget_s, waves=None, deadline=clock[0] + budget_s + ge.GRACE_S,
-                        jpeg=None, device="cuda", results=tmp_path)
+    a = SimpleNamespace(t0=clock[0], budget_s=budget_s, runs=runs, deadline=clock[0] + budget_s + ge.GRACE_S,
+                        jpeg=None, device="cuda", results=tmp_path, max_fused=32)
     launched, written = [], []
 
-    def launch(a, configs, dirs):
-        clock[0] += wall_s
-        launched.append([d.name for d in dirs])
+    def launch(a, wave, work, compile):
+        clock[0] += slower * speed.wave_s(wave, a.max_fused)
+        launched.append([p.folder for p in wave])
         if len(launched) in fail:
             raise SystemExit("a run failed (exit 1): planted")
-        return {"images": 10 * len(dirs), "wall_s": wall_s}
+        return {"images": len(wave), "wall_s": slower * speed.wave_s(wave, a.max_fused)}
 
     monkeypatch.setattr(ge, "launch", launch)
     monkeypatch.setattr(ge, "write_outputs", lambda a, work, record: written.append(record["images_seen"]))
     record = {"images_seen": 0}
-    plan = ge.Plan.make(ge.grid(1)[:12], ge.Speed(3, 1e9, 0.0, 1.0))  # predicts 1 s a wave
-    ge.sweep(a, plan, "graph", tmp_path, record)
-    return launched, written, record
+    ge.sweep(a, ge.grid(1), speed, "graph", tmp_path, record)
+    return launched, record, written
 
 
-def test_the_sweep_replans_after_each_wave_and_stops_before_one_that_would_not_fit(monkeypatch, tmp_path, capsys):
-    launched, written, record = fake_sweep(monkeypatch, tmp_path, budget_s=250, wall_s=100)
-    assert launched == [[p.folder for p in ge.grid(1)[i : i + 3]] for i in (0, 3)]  # a third: 100 s of 50 left
-    assert written == [30, 60] and [w["predicted_s"] for w in record["waves"]] == [1.0, 100.0]
-    assert "stop: the next wave is predicted to take 100 s, 50 s are left; 2 waves not made" in capsys.readouterr().out
+def test_the_sweep_fills_the_budget_replanned_after_each_wave_and_ends_within_it(monkeypatch, tmp_path, capsys):
+    launched, record, written = fake_sweep(monkeypatch, tmp_path, budget_s=1200, slower=1.5)
+    waves = record["waves"]
+    assert waves[0]["predicted_s"] <= 600 and len(waves) >= 2  # the first within half the budget
+    assert waves[1]["predicted_s"] == pytest.approx(waves[1]["wall_s"], rel=0.15)  # replanned from the first
+    assert sum(w["wall_s"] for w in waves) <= 1200
+    made = sum(map(len, launched))
+    assert [p for wave in launched for p in wave] == [p.folder for p in ge.grid(1)[:made]]  # in the grid's order
+    assert written == [sum(map(len, launched[: i + 1])) for i in range(len(launched))]
+    assert f"stop: {30 - made} runs not made; the next wave is predicted" in capsys.readouterr().out
 
 
-def test_the_first_wave_runs_whatever_its_prediction_and_a_failed_wave_costs_not_the_rest(monkeypatch, tmp_path,
-                                                                                      capsys):
-    launched, written, record = fake_sweep(monkeypatch, tmp_path, budget_s=50, wall_s=100)
-    assert len(launched) == 1 and written == [30]
-    launched, written, record = fake_sweep(monkeypatch, tmp_path, budget_s=1000, wall_s=100, fail=(1,))
-    assert len(launched) == 4 and written == [0, 30, 60, 90]
-    assert "FAIL wave arm=baseline,data.noise=0.4,optim=sgd_cosine,seed=0; " in capsys.readouterr().out
+def test_the_first_wave_runs_whatever_its_prediction_a_failed_wave_costs_not_the_rest_and_runs_caps(
+        monkeypatch, tmp_path, capsys):
+    launched, _, written = fake_sweep(monkeypatch, tmp_path, budget_s=10, slower=1.0)
+    assert len(launched) == 1 and len(launched[0]) == 1
+    launched, _, written = fake_sweep(monkeypatch, tmp_path, budget_s=100_000, slower=1.0, fail=(1,))
+    assert sum(map(len, launched)) == 30 and written[0] == 0 and written[-1] == 30 - len(launched[0])
+    assert "FAIL wave 1: a run failed (exit 1): planted" in capsys.readouterr().out
+    launched, _, _ = fake_sweep(monkeypatch, tmp_path, budget_s=100_000, slower=1.0, runs=4)
+    assert sum(map(len, launched)) == 4
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -228,33 +248,35 @@ def test_the_dry_run_runs_every_stage_with_resnet18_and_a_second_call_continues_
     import Hydra, on a tiny JPEG copy in the official layout, ResNet18 in the preflight and the runs.
     The first call makes one wave; the second continues from its outputs; plot.py draws them."""
     first, second = tmp_path / "first", tmp_path / "second"
-    lines = dry_run(tmp_path, first, "--waves", "1", "--budget-s", "3000")  # a budget a busy CPU cannot spend
-    assert [line.split()[1] for line in lines if line.startswith("PASS ")] == ["sync-free", "fp32-equal"]
-    assert "resnet18" in next(line for line in lines if line.startswith("PASS fp32-equal"))
-    assert "plan: 30 runs to go in waves of 3; no speed recorded for cpu: the first wave measures it" in lines
-    assert "stop: --waves 1 made; 9 waves not made" in lines
+    lines = dry_run(tmp_path, first, "--runs", "6", "--budget-s", "3000")  # a budget a busy CPU cannot spend
+    assert [line.split()[1] for line in lines if line.startswith("PASS ")] == ["sync-free", "fp32-equal", "fused-equal"]
+    assert all("resnet18" in line for line in lines if line.startswith("PASS f"))
+    assert next(line for line in lines if line.startswith("speed: ")).endswith("a validation 1.00 s (guess)")
+    assert "wave 1: 6 runs in 3 processes" in next(line for line in lines if line.startswith("wave 1: 6"))
     out = first / ge.EXPERIMENT
     assert {f.name for f in out.iterdir()} == OUTPUTS  # within what a device call brings back
     done = pd.read_csv(out / "runs.csv")
     assert set(done["status"]) == {"finished"} and set(done["train.iterations"]) == {ge.QUICK_SIZES["train"]["iterations"]}
-    assert set(done["run_id"]) == {f"sweep/{p.folder}" for p in ge.grid(1)[:3]}
+    assert set(done["run_id"]) == {f"sweep/{p.folder}" for p in ge.grid(1)[:6]}
     assert set(done["experiment"]) == {"gpu_small"} and set(done["scale"]) == {"gpu"}
 
     bench = json.loads((out / "provenance.json").read_text())["calls"][0]["fused_bench"]  # the budget left
     assert "| kind | K | processes | separate | fused | fused / processes | fused / separate |" in bench
 
-    lines = dry_run(tmp_path, second, "--waves", "1", "--committed", str(first), "--budget-s", "3000", "--no-bench")
-    assert "grid: 27 of 30 runs to go (3 committed)" in lines
+    lines = dry_run(tmp_path, second, "--runs", "3", "--committed", str(first), "--budget-s", "3000", "--no-bench",
+                    "--max-fused", "1")
+    assert "grid: 24 of 30 runs to go (6 committed)" in lines
     out = second / ge.EXPERIMENT
     runs = pd.read_csv(out / "runs.csv")
-    assert set(runs["run_id"]) == {f"sweep/{p.folder}" for p in ge.grid(1)[:6]}
+    assert set(runs["run_id"]) == {f"sweep/{p.folder}" for p in ge.grid(1)[:9]}
     kept = runs.set_index("run_id").loc[done["run_id"], ["best_val_acc", "final_val_acc", "images_seen"]]
     pd.testing.assert_frame_equal(kept.reset_index(drop=True), done[kept.columns], check_dtype=False)
     provenance = json.loads((out / "provenance.json").read_text())
-    assert len(provenance["calls"]) == 2 and provenance["n_runs"] == len(runs) == 6
+    assert len(provenance["calls"]) == 2 and provenance["n_runs"] == len(runs) == 9
     record = provenance["calls"][-1]
     assert "fused_bench" not in record  # --no-bench
-    assert record["card"] == "cpu" and record["speed_from"] == "this call's first wave" and record["compile"] == "none"
+    assert record["card"] == "cpu" and record["max_fused"] == 1 and record["compile"] == "none"
+    assert "wave 1: 3 runs in 3 processes" in next(line for line in lines if line.startswith("wave 1: 3"))
     assert {r["status"] for r in record["preflight"].values()} == {"PASS"}
     assert all(w["wall_s"] > 0 for w in record["waves"])
     evals, curves = pd.read_csv(out / "evals.csv"), pd.read_csv(out / "curves.csv")
@@ -275,16 +297,3 @@ def test_the_readmes_summary_of_the_grid_is_what_the_committed_results_give():
     if df is None:
         pytest.skip("no committed grid results in this checkout")
     assert tables.markdown_table(tables.gaf_minus_averaging(df.attrs["runs"])) in (ROOT / "README.md").read_text()
-
-
-def test_the_grids_second_call_planned_from_the_firsts_recorded_rate_within_15_percent():
-    """results/gpu_small: the first call predicted its first wave from another day's speeds (189 s for
-    364 s: calls differ); the second, planned from the rate the first call's wave measured, predicted
-    its wave within 15%."""
-    calls = json.loads((ROOT / "results" / ge.EXPERIMENT / "provenance.json").read_text())["calls"]
-    first, second = calls[0], calls[1]
-    wave = second["waves"][0]
-    points = [p for p in ge.grid(3) if p.folder in wave["runs"]]
-    predicted = ge.Plan.make(points, ge.call_speeds(first)[0]).wave_s(points)
-    assert predicted == pytest.approx(wave["predicted_s"], abs=0.1)
-    assert abs(predicted / wave["wall_s"] - 1) <= 0.15

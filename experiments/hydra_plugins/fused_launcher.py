@@ -23,21 +23,9 @@ from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra.core.utils import JobReturn
 
 import launch
+from gaf.fused_train import groups
 
 log = logging.getLogger(__name__)
-
-
-def groups(points: list, max_fused: int) -> "list[list[int]]":
-    """Indices of the collected (RunConfig, run dir) points, grouped by shape, in sweep order,
-    each group at most ``max_fused`` long."""
-    from gaf.fused_train import group_key
-
-    if not (isinstance(max_fused, int) and max_fused >= 1):
-        raise ValueError(f"hydra.launcher.max_fused must be an integer >= 1, got {max_fused!r}")
-    by_key = {}
-    for i, (cfg, _) in enumerate(points):
-        by_key.setdefault(group_key(cfg), []).append(i)
-    return [members[j : j + max_fused] for members in by_key.values() for j in range(0, len(members), max_fused)]
 
 
 @contextlib.contextmanager
@@ -70,7 +58,7 @@ class FusedLauncher(BasicLauncher):
 
         with launch.collecting() as points:
             returns = super().launch(job_overrides, initial_job_idx)  # each job checks and hands in its run
-        for members in groups(points, self.max_fused):
+        for members in groups([cfg for cfg, _ in points], self.max_fused):
             cfgs, dirs = [points[i][0] for i in members], [points[i][1] for i in members]
             log.info("fused group of %d: %s", len(members), ", ".join(dirs))
             try:
