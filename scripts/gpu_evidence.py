@@ -4,28 +4,23 @@
     python scripts/gpu_evidence.py --results $OUT           # the device call (README: carrying the data)
     python scripts/gpu_evidence.py --device cpu --quick     # the dry run the tests run: every stage, ResNet18
 
-What it trains is the preset's (configs/experiment/gpu_small.yaml at scale=gpu), as reproduce.py
-exports it to configs/experiment/gpu_small.points.json (a lent GPU has no Hydra; a test keeps the
-file equal to the preset), as fused groups (gaf.fused_train: one program steps many runs, each an
-ordinary run). This script holds only what is about one call with a time budget:
+It trains the preset's points (configs/experiment/gpu_small.yaml at scale=gpu) as reproduce.py exports
+them to configs/experiment/gpu_small.points.json (a lent GPU has no Hydra), as fused groups
+(gaf.fused_train), and holds only what is about one call with a time budget:
 
- 1. preflight  gpu_check's sync-free, fp32-equal and fused-equal checks with the grid's network,
-               classes, m and merge (the suite runs them on a CPU with ResNet18). Where only
-               fused-equal fails, the runs go one per process (the fast step alone).
- 2. plan       the points no committed run has the settings of, in the preset's order. A wave is the
-               longest run of them predicted to end within the time left (the first wave: within
-               half of it), trained as one process per fused group, all at once. The first wave's
-               rate is its groups' steps timed on the device; after each wave the rate it measured
-               re-plans the rest.
- 3. sweep      wave after wave; the outputs rewritten after each, so a call cut short returns what
-               it finished. Budget left over (>= FUSED_BENCH_S) measures bench_fused.
+ 1. preflight  gpu_check's sync-free, fp32-equal and fused-equal checks with the grid's network, classes,
+               m and merge (the suite runs them on a CPU with ResNet18); a failed fused-equal sends the
+               runs one per process.
+ 2. plan       a wave is the longest run of the points still to go, in the preset's order, predicted to
+               end within the time left (the first wave: within half of it), one process per fused group,
+               all at once; the first rate is timed on the device, and each wave rescales the prediction.
+ 3. sweep      wave after wave; the outputs rewritten after each, so a call cut short returns what it
+               finished. Budget left over (>= FUSED_BENCH_S) measures bench_fused.
 
-Outputs, in --results/gpu_small/: runs.csv, curves.csv, evals.csv and provenance.json as
-scripts/collect.py writes them, this call's runs added to the committed ones (provenance.json's
-"calls": every call's card, versions, wall time, speed, waves, preflight), and preflight.md: five
-files, within what a device call brings back. `make figures` draws the figure and table from them.
-The 480-s budget and the file count are a lent GPU's defaults, not the design: --budget-s 36000 on
-a GPU of one's own runs the whole grid.
+Outputs, in --results/gpu_small/: runs.csv, curves.csv, evals.csv and provenance.json as collect.py
+writes them (this call's runs added to those it continues from; "calls" records every call) and
+preflight.md: five files, within what a device call brings back. The 480-s budget and the file count
+are a lent GPU's defaults, not the design: --budget-s 36000 on a GPU of one's own runs the whole grid.
 """
 
 from __future__ import annotations
@@ -66,7 +61,7 @@ DATA_FILES = ("runs.csv", "curves.csv", "evals.csv", "provenance.json")  # what 
 GRACE_S = 30  # runs still going this long after --budget-s are ended (a device call is cut at its timeout)
 FUSED_BENCH_S = 90  # budget left after the waves that buys bench_fused's measurement
 MAX_CURVE_ROWS = 500  # per run in curves.csv: the whole grid (90 runs) stays under 16 MiB
-EVAL_S, START_S = 1.0, 30.0  # a validation of one run, and a wave's start and end, on a card never recorded
+EVAL_S, START_S = 1.0, 30.0  # a run's validation, and a wave's start and end, on a card never recorded
 
 
 @dataclass(frozen=True)
@@ -76,7 +71,7 @@ class Call:
     budget_s: float  # --budget-s by default
     max_fused: int  # runs in one fused group at most
     sync_steps: int  # steps of the preflight's sync-free check
-    timed_steps: int  # steps of a group timed to predict the first wave
+    timed_steps: int  # steps of each group timed for the first wave's rate
     seeds: int  # the grid's seeds run by default
 
 
@@ -104,8 +99,7 @@ class Point(NamedTuple):
     @property
     def images(self) -> int:
         """Training images over the whole run."""
-        _, n, b = self.shape
-        return self.config["train"]["iterations"] * n * b
+        return self.config["train"]["iterations"] * self.shape[1] * self.shape[2]
 
     @property
     def validations(self) -> int:
@@ -128,38 +122,31 @@ def committed(points: list[Point], out: Path) -> set[str]:
 
 def jobs(points: list[Point], max_fused: int) -> list[list[Point]]:
     """These points as the processes that train them: fused groups of at most ``max_fused``."""
-    found = groups([RunConfig.from_dict(p.config) for p in points], max_fused)
-    return [[points[i] for i in members] for members in found]
+    return [[points[i] for i in g] for g in groups([RunConfig.from_dict(p.config) for p in points], max_fused)]
 
 
 # ----------------------------------------------------------------------------- 1. preflight
 
 
-def preflight(a, out: Path, points: list[Point]) -> tuple[dict, str]:
-    """gpu_check's sync-free, fp32-equal and fused-equal checks with the grid's network, classes, m
-    and merge; writes out/preflight.md. Returns the results and the runs' train.compile, or exits
-    where the fast step failed (a failed fused-equal sets a.max_fused to 1: one run per process)."""
+def preflight(a, out: Path, points: list[Point]) -> dict:
+    """gpu_check's sync-free, fp32-equal and fused-equal checks with the grid's network, classes, m and
+    merge, reported in out/preflight.md; exits where the fast step failed, and where only the fused
+    step did, sets a.max_fused to 1 (one run per process)."""
     gaf = next(p.config for p in points if p.config["method"]["name"] == "gaf")
-    args = gpu_check.parse_args(["--device", a.device, *(["--quick"] if a.quick else []), "--jpeg", str(a.data),
-                                 "--out-dir", str(out)])
+    args = gpu_check.parse_args(["--device", a.device, *(["--quick"] if a.quick else []), "--jpeg", str(a.data)])
     ctx = gpu_check.context(args)  # decodes the JPEG copy once, into the cache every run then reads
     ctx.model, ctx.classes, ctx.m = gaf["model"]["name"], CLASSES[gaf["data"]["name"]], gaf["method"]["per_class"]
     ctx.merge, ctx.sync_steps = gaf["method"]["merge"], a.call.sync_steps
     results = gpu_check.run_checks(ctx, ["sync-free", "fp32-equal", "fused-equal"])
-    out.mkdir(parents=True, exist_ok=True)
     (out / "preflight.md").write_text(gpu_check.markdown(gpu_check.environment(ctx) | {"command": command_line()},
                                                          results, []))
-    del ctx
-    if a.device == "cuda":
-        torch.cuda.empty_cache()
-    if failed := [(n, r) for n, r in results.items() if r["status"] != "PASS" and n != "fused-equal"]:
-        print(f"FAIL preflight {failed[0][0]}: {failed[0][1]['detail']}; the grid did not run "
-              f"(report: {out / 'preflight.md'})", flush=True)
-        sys.exit(1)
+    if failed := [name for name, r in results.items() if r["status"] != "PASS" and name != "fused-equal"]:
+        sys.exit(f"FAIL preflight {failed[0]}: {results[failed[0]]['detail']}; the grid did not run "
+                 f"(report: {out / 'preflight.md'})")
     if results["fused-equal"]["status"] != "PASS":
         a.max_fused = 1
         print("fused-equal failed: the runs go one per process", flush=True)
-    return results, "graph" if a.device == "cuda" else "none"
+    return results
 
 
 # ----------------------------------------------------------------------------- 2. plan
@@ -173,7 +160,7 @@ class Speed:
     waves it predicts within 3% and 13% (tests/test_gpu_evidence.py)."""
 
     rate: float  # images/s summed over the wave's processes
-    eval_s: float  # one validation (and its checkpoint) of one run alone
+    eval_s: float  # one validation (and its checkpoint) of one run
     start_s: float  # process start, data, model, the first iterations; and the end
 
     def seconds(self, images: int, validations: int) -> float:
@@ -184,8 +171,7 @@ class Speed:
 
     def remeasured(self, images: int, validations: int, wall_s: float) -> "Speed":
         """This speed scaled to predict the ``wall_s`` that a wave of ``images`` and ``validations``
-        took: every part at once (start, rate and validation were timed apart, recorded or guessed;
-        the wave measured them together)."""
+        took: every part at once (timed apart, recorded or guessed; the wave measured them together)."""
         slower = wall_s / self.seconds(images, validations)
         return Speed(self.rate / slower, self.eval_s * slower, self.start_s * slower)
 
@@ -206,9 +192,8 @@ def recorded_speed(card: str, results: Path = ROOT / "results") -> Speed | None:
 
 
 def call_speed(call: dict) -> Speed:
-    """A recorded call's speed: the one its last wave measured, or (calls before that was recorded)
-    that of its plan's k runs at once from seconds per iteration of GAF runs of 200 images, with one
-    run alone's validation."""
+    """A recorded call's speed: its last wave's, or (calls before that was recorded) its plan's k runs
+    at once, from seconds per iteration of GAF runs of 200 images, with one run alone's validation."""
     if "speed_after" in call:
         return Speed(*(call["speed_after"][f] for f in ("rate", "eval_s", "start_s")))
     s = next(s for s in call["speeds"] if s["k"] == call["plan"]["k"])
@@ -216,7 +201,7 @@ def call_speed(call: dict) -> Speed:
 
 
 def timed_rate(a, wave: list[Point]) -> float:
-    """Images/s of the wave's groups' steps, each group's timed in turn on the device (bench_fused:
+    """Images/s of the wave's groups' steps, each group timed in turn on the device (bench_fused:
     random images of the runs' shapes, the graph captured where the runs capture it)."""
     images = seconds = 0.0
     for job in jobs(wave, a.max_fused):
@@ -224,9 +209,11 @@ def timed_rate(a, wave: list[Point]) -> float:
         bench = SimpleNamespace(device=a.device, model=job[0].config["model"]["name"], warmup=3,
                                 classes=CLASSES[job[0].config["data"]["name"]], steps=a.call.timed_steps,
                                 shapes={kind: (n, b)})
-        measure = bench_fused.fused if len(job) > 1 else bench_fused.separate
-        images += len(job) * n * b
-        seconds += len(job) * n * b / measure(bench, kind, len(job))
+        per_step = len(job) * n * b
+        images += per_step
+        seconds += per_step / (bench_fused.fused if len(job) > 1 else bench_fused.separate)(bench, kind, len(job))
+    if a.device == "cuda":
+        torch.cuda.empty_cache()  # the runs' processes get the memory this one's cache would keep
     return images / seconds
 
 
@@ -239,24 +226,25 @@ def next_wave(todo: list[Point], speed: Speed, max_fused: int, left_s: float) ->
 # ----------------------------------------------------------------------------- 3. sweep and outputs
 
 
-def launch(a, wave: list[Point], work: Path, compile: str) -> dict:
-    """Train the wave at once, one process per fused group, on one CPU thread each (bench_concurrent:
-    the summaries and the wall time until the last ends), ending those still going at the deadline."""
+def launch(a, wave: list[Point], work: Path) -> dict:
+    """Train the wave at once, one process per fused group on one CPU thread (bench_concurrent: the
+    summaries and the wall time until the last ends), ending those still going at the deadline."""
     argvs, run_dirs = [], []
-    for i, job in enumerate(jobs(wave, a.max_fused)):
+    for job in jobs(wave, a.max_fused):
         dirs = [work / "sweep" / p.folder for p in job]
-        path = work / f"job-{time.monotonic_ns()}-{i}.json"
-        path.write_text(json.dumps([[as_run(a, p.config, compile), str(d)] for p, d in zip(job, dirs)]))
+        path = dirs[0].with_name(dirs[0].name + ".job.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps([[as_run(a, p.config), str(d)] for p, d in zip(job, dirs)]))
         argvs.append([sys.executable, str(Path(__file__).resolve()), "--run", str(path)])
         run_dirs += dirs
     return bench_concurrent.launch(argvs, run_dirs, {**os.environ, "OMP_NUM_THREADS": "1"},
                                    timeout=a.deadline - time.perf_counter())
 
 
-def as_run(a, config: dict, compile: str) -> dict:
+def as_run(a, config: dict) -> dict:
     """A point's settings with how this call runs it: its device, graph capture, data file, no bar."""
     return {**config, "device": a.device, "data": {**config["data"], "jpeg_path": a.jpeg},
-            "train": {**config["train"], "compile": compile, "progress": False}}
+            "train": {**config["train"], "compile": a.compile, "progress": False}}
 
 
 def train_job(path: str) -> list[dict]:
@@ -266,7 +254,7 @@ def train_job(path: str) -> list[dict]:
     return [run(configs[0], run_dirs[0])] if len(configs) == 1 else run_group(configs, run_dirs)
 
 
-def sweep(a, todo: list[Point], speed: Speed, compile: str, work: Path, record: dict) -> None:
+def sweep(a, todo: list[Point], speed: Speed, work: Path, record: dict) -> None:
     """Wave after wave while one is predicted to end within the budget; the outputs rewritten after each."""
     waves = record["waves"] = []
     todo = todo[: a.runs]
@@ -282,9 +270,8 @@ def sweep(a, todo: list[Point], speed: Speed, compile: str, work: Path, record: 
               f"{predicted:.0f} s ({speed.rate:,.0f} images/s) of the {left:.0f} s left", flush=True)
         started = time.perf_counter()
         try:
-            got = launch(a, wave, work, compile)
-            wall = got["wall_s"]
-            record["images_seen"] += got["images"]
+            got = launch(a, wave, work)
+            wall, record["images_seen"] = got["wall_s"], record["images_seen"] + got["images"]
         except SystemExit as e:  # a failed or cut run must not cost the outputs of the others
             wall = time.perf_counter() - started
             print(f"FAIL wave {len(waves) + 1}: {e}", flush=True)
@@ -296,32 +283,26 @@ def sweep(a, todo: list[Point], speed: Speed, compile: str, work: Path, record: 
 
 
 def write_outputs(a, work: Path, record: dict) -> None:
-    """collect.py's files with this call's runs added to the committed ones, and this call's record;
-    a failure is printed, not raised (the next wave may still be written)."""
+    """collect.py's files with this call's runs added, and provenance.json's "calls" with this call's
+    record (replacing an earlier version of it); a failure is printed, not raised."""
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # its line names the temporary folder
             collect.collect([work / "sweep"], a.results, MAX_CURVE_ROWS, command=record["command"], add=True)
-        record_call(a.results / EXPERIMENT, record)
+        path = a.results / EXPERIMENT / "provenance.json"
+        provenance = json.loads(path.read_text()) if path.is_file() else {}
+        calls = [c for c in provenance.get("calls", []) if c.get("date") != record["date"]] + [record]
+        path.write_text(json.dumps({**provenance, "calls": calls, "run_roots": ["TMP/sweep"]}, indent=2, default=str)
+                        + "\n")
     except Exception:
         traceback.print_exc()
         print("FAIL the outputs were not all written", flush=True)
 
 
-def record_call(out: Path, record: dict) -> None:
-    """provenance.json's "calls" with this call's record (replacing an earlier version of it)."""
-    path = out / "provenance.json"
-    provenance = json.loads(path.read_text()) if path.is_file() else {}
-    calls = [c for c in provenance.get("calls", []) if c.get("date") != record["date"]] + [record]
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**provenance, "calls": calls, "run_roots": ["TMP/sweep"]}, indent=2, default=str)
-                    + "\n")
-
-
 def bench(a, left_s: float) -> list[str]:
-    """What the budget left after the waves buys: scripts/bench_fused.py's GAF rows (K runs as
-    processes, in turn, fused), its table's lines, or why there are none."""
-    quick = ["--quick", "--k", "1", "3"] if a.quick else ["--k", "1", "3", "9", "--steps", "50"]
-    argv = [sys.executable, str(ROOT / "scripts" / "bench_fused.py"), "--device", a.device, "--kinds", "gaf", *quick]
+    """What the budget left after the waves buys: bench_fused.py's GAF table (K runs as processes,
+    in turn, fused), or why there is none."""
+    sizes = ["--quick", "--k", "1", "3"] if a.quick else ["--k", "1", "3", "9", "--steps", "50"]
+    argv = [sys.executable, str(ROOT / "scripts" / "bench_fused.py"), "--device", a.device, "--kinds", "gaf", *sizes]
     try:
         got = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=left_s)
     except subprocess.TimeoutExpired:
@@ -329,17 +310,14 @@ def bench(a, left_s: float) -> list[str]:
     if got.returncode != 0:
         return [f"bench_fused failed (exit {got.returncode}): {got.stderr.strip().splitlines()[-1:]}"]
     out = got.stdout.splitlines()
-    lines = out[next(i for i, line in enumerate(out) if line.startswith("K runs of")):]  # its table
-    print("\n".join(lines), flush=True)
-    return lines
+    return out[next(i for i, line in enumerate(out) if line.startswith("K runs of")):]
 
 
 # ----------------------------------------------------------------------------- main
 
 
 def command_line() -> str:
-    """This call's command line, with ``$OUT`` for the device tool's output folder: committed
-    files name no machine's paths."""
+    """This call's command line, ``$OUT`` for the device tool's output folder (no machine's paths)."""
     text = " ".join(["python", "scripts/gpu_evidence.py", *sys.argv[1:]])
     return text.replace(os.environ["OUT"], "$OUT") if os.environ.get("OUT") else text
 
@@ -348,19 +326,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="the dry run: ResNet18 on a few images, a few iterations")
-    p.add_argument("--budget-s", type=float, default=None, help=f"wall seconds from start to the last wave's end "
-                   f"(default {GPU.budget_s:.0f}; {QUICK.budget_s:.0f} with --quick)")
-    p.add_argument("--seeds", type=int, default=None, help=f"seeds of the grid (default {GPU.seeds}; {QUICK.seeds} "
-                   "with --quick)")
-    p.add_argument("--max-fused", type=int, default=None, help=f"runs in one fused group at most (default "
-                   f"{GPU.max_fused}; {QUICK.max_fused} with --quick; 1: one run per process)")
+    for name, what in (("budget-s", "wall seconds from start to the last wave's end"), ("seeds", "seeds of the grid"),
+                       ("max-fused", "runs in one fused group at most (1: one run per process)")):
+        p.add_argument(f"--{name}", type=float if name == "budget-s" else int, default=None, help=f"{what} (default "
+                       f"{getattr(GPU, name.replace('-', '_')):g}; {getattr(QUICK, name.replace('-', '_')):g} with --quick)")
+    p.add_argument("--runs", type=int, default=None, help="at most this many runs in this call")
     p.add_argument("--jpeg", default=None, help="the CIFAR-10 JPEG copy (default: data/, then the offline copy)")
-    p.add_argument("--results", default=None, help=f"the results folder whose {EXPERIMENT}/ the call writes "
-                   "(default results/; outputs/gpu-evidence with --quick)")
-    p.add_argument("--runs", type=int, default=None, help="at most this many runs in this call (default: what the "
-                   "budget allows)")
-    p.add_argument("--committed", default=None, help="the results folder whose grid the call continues (default "
-                   "results/; none with --quick)")
+    p.add_argument("--results", default=None, help=f"the folder whose {EXPERIMENT}/ the call continues and writes; "
+                   "where that holds no grid, it starts from results/'s (default results/; outputs/gpu-evidence, "
+                   "from nothing, with --quick)")
     p.add_argument("--no-bench", action="store_true", help="no bench_fused measurement with the budget left")
     p.add_argument("--run", metavar="JOB", help=argparse.SUPPRESS)  # one process's runs
     a = p.parse_args(argv)
@@ -370,14 +344,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--device cuda but CUDA is not available; --device cpu --quick is the dry run")
     if a.device == "cpu" and not a.quick:
         p.error("the grid needs a GPU; on a CPU only the dry run: --device cpu --quick")
-    a.call = QUICK if a.quick else GPU
-    for name in ("seeds", "runs", "budget_s", "max_fused"):
+    a.call, a.compile = (QUICK if a.quick else GPU), ("graph" if a.device == "cuda" else "none")  # CUDA graphs
+    for name in ("budget_s", "seeds", "max_fused", "runs"):
         if getattr(a, name) is not None and getattr(a, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(a, name)}")
-    a.seeds, a.budget_s, a.max_fused = a.seeds or a.call.seeds, a.budget_s or a.call.budget_s, \
-        a.max_fused or a.call.max_fused
+        if name != "runs":
+            setattr(a, name, getattr(a, name) or getattr(a.call, name))
     a.results = Path(a.results or ROOT / ("outputs/gpu-evidence" if a.quick else "results"))
-    a.committed = Path(a.committed) if a.committed else (None if a.quick else ROOT / "results")
     try:
         a.data, a.data_source = cifar10_jpeg_file(None, a.jpeg)
     except DataError as e:
@@ -385,14 +358,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-def continue_committed(a) -> Path:
-    """The call's folder, holding the committed grid's data to continue from."""
-    out = a.results / EXPERIMENT
+def call_folder(a) -> Path:
+    """--results/gpu_small/, holding the grid to continue from: its own, or results/'s copied in."""
+    out, committed_grid = a.results / EXPERIMENT, ROOT / "results" / EXPERIMENT
     out.mkdir(parents=True, exist_ok=True)
-    if a.committed is not None and (a.committed / EXPERIMENT).resolve() != out.resolve():
+    if not (out / "runs.csv").is_file() and not a.quick:
         for name in DATA_FILES:
-            if (a.committed / EXPERIMENT / name).is_file():
-                shutil.copy(a.committed / EXPERIMENT / name, out / name)
+            if (committed_grid / name).is_file():
+                shutil.copy(committed_grid / name, out / name)
     return out
 
 
@@ -400,10 +373,10 @@ def main(argv=None) -> dict | list | None:
     a = parse_args(argv)
     if a.run:
         return train_job(a.run)
-    a.t0 = t0 = time.perf_counter()
-    a.deadline = t0 + a.budget_s + GRACE_S
+    a.t0 = time.perf_counter()
+    a.deadline = a.t0 + a.budget_s + GRACE_S
     card = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
-    out = continue_committed(a)
+    out = call_folder(a)
     print(f"gpu_evidence on {card}, torch {torch.__version__}; {a.data_source}; budget {a.budget_s:.0f} s; "
           f"out {out}", flush=True)
     record = {"card": card, "torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0],
@@ -414,22 +387,23 @@ def main(argv=None) -> dict | list | None:
     print(f"grid: {len(todo)} of {len(points)} runs to go ({len(points) - len(todo)} committed)", flush=True)
     if not todo:
         return record
-    results, compile = preflight(a, out, points)
-    record.update(compile=compile, max_fused=a.max_fused, preflight={
-        n: {k: r[k] for k in ("status", "seconds", "detail", "figures")} for n, r in results.items()})
+    results = preflight(a, out, points)
+    record.update(max_fused=a.max_fused, compile=a.compile, preflight={n: {k: r[k] for k in ("status", "seconds", "detail", "figures")}
+                                                    for n, r in results.items()})
     recorded = recorded_speed(card) if a.device == "cuda" else None
     first = todo[: max(3 * a.max_fused // 2, 3)]  # a full group of GAF runs (two arms in three), baselines beside
     speed = Speed(timed_rate(a, first), *((recorded.eval_s, recorded.start_s) if recorded else (EVAL_S, START_S)))
-    record["speed_timed"] = {**asdict(speed), "on": len(first), "validation_from": "recorded" if recorded else "guess"}
+    record["speed_timed"] = {**asdict(speed), "runs": len(first), "validation": "recorded" if recorded else "guessed"}
     print(f"speed: {speed.rate:,.0f} images/s timed on {len(first)} runs' groups; a validation {speed.eval_s:.2f} s "
-          f"({record['speed_timed']['validation_from']})", flush=True)
+          f"({record['speed_timed']['validation']})", flush=True)
     with tempfile.TemporaryDirectory(prefix="gpu-evidence-") as tmp:
-        sweep(a, todo, speed, compile, Path(tmp), record)
-    if not a.no_bench and a.budget_s - (time.perf_counter() - t0) >= FUSED_BENCH_S:
-        record["fused_bench"] = bench(a, a.budget_s - (time.perf_counter() - t0))
-        record_call(out, record)
+        sweep(a, todo, speed, Path(tmp), record)
+        if not a.no_bench and (left := a.budget_s - (time.perf_counter() - a.t0)) >= FUSED_BENCH_S:
+            record["fused_bench"] = bench(a, left)
+            print("\n".join(record["fused_bench"]), flush=True)
+            write_outputs(a, Path(tmp), record)
     files = sorted(f for f in out.iterdir() if f.is_file())
-    print(f"done in {time.perf_counter() - t0:.0f} s (budget {a.budget_s:.0f} s): {len(files)} files, "
+    print(f"done in {time.perf_counter() - a.t0:.0f} s (budget {a.budget_s:.0f} s): {len(files)} files, "
           f"{sum(f.stat().st_size for f in files) / 2**20:.1f} MiB in {out}", flush=True)
     return record
 

@@ -165,7 +165,7 @@ def fake_sweep(monkeypatch, tmp_path, budget_s: float, slower: float, fail=(), r
                         jpeg=None, device="cuda", results=tmp_path, max_fused=32)
     launched, written = [], []
 
-    def launch(a, wave, work, compile):
+    def launch(a, wave, work):
         clock[0] += slower * speed.wave_s(wave, a.max_fused)
         launched.append([p.folder for p in wave])
         if len(launched) in fail:
@@ -175,7 +175,7 @@ def fake_sweep(monkeypatch, tmp_path, budget_s: float, slower: float, fail=(), r
     monkeypatch.setattr(ge, "launch", launch)
     monkeypatch.setattr(ge, "write_outputs", lambda a, work, record: written.append(record["images_seen"]))
     record = {"images_seen": 0}
-    ge.sweep(a, ge.grid(1), speed, "graph", tmp_path, record)
+    ge.sweep(a, ge.grid(1), speed, tmp_path, record)
     return launched, record, written
 
 
@@ -246,12 +246,13 @@ def dry_run(tmp_path, results: Path, *extra: str) -> list[str]:
 def test_the_dry_run_runs_every_stage_with_resnet18_and_a_second_call_continues_the_grid(tmp_path):
     """`make gpu-evidence ARGS="--device cpu --quick"`: the GPU's code path in a Python that cannot
     import Hydra, on a tiny JPEG copy in the official layout, ResNet18 in the preflight and the runs.
-    The first call makes one wave; the second continues from its outputs; plot.py draws them."""
-    first, second = tmp_path / "first", tmp_path / "second"
+    The first call makes one wave of fused groups; the second continues its folder, one run per
+    process; plot.py draws them."""
+    first = tmp_path / "first"
     lines = dry_run(tmp_path, first, "--runs", "6", "--budget-s", "3000")  # a budget a busy CPU cannot spend
     assert [line.split()[1] for line in lines if line.startswith("PASS ")] == ["sync-free", "fp32-equal", "fused-equal"]
     assert all("resnet18" in line for line in lines if line.startswith("PASS f"))
-    assert next(line for line in lines if line.startswith("speed: ")).endswith("a validation 1.00 s (guess)")
+    assert next(line for line in lines if line.startswith("speed: ")).endswith("a validation 1.00 s (guessed)")
     assert "wave 1: 6 runs in 3 processes" in next(line for line in lines if line.startswith("wave 1: 6"))
     out = first / ge.EXPERIMENT
     assert {f.name for f in out.iterdir()} == OUTPUTS  # within what a device call brings back
@@ -263,10 +264,8 @@ def test_the_dry_run_runs_every_stage_with_resnet18_and_a_second_call_continues_
     bench = json.loads((out / "provenance.json").read_text())["calls"][0]["fused_bench"]  # the budget left
     assert "| kind | K | processes | separate | fused | fused / processes | fused / separate |" in bench
 
-    lines = dry_run(tmp_path, second, "--runs", "3", "--committed", str(first), "--budget-s", "3000", "--no-bench",
-                    "--max-fused", "1")
-    assert "grid: 24 of 30 runs to go (6 committed)" in lines
-    out = second / ge.EXPERIMENT
+    lines = dry_run(tmp_path, first, "--runs", "3", "--budget-s", "3000", "--no-bench", "--max-fused", "1")
+    assert "grid: 24 of 30 runs to go (6 committed)" in lines  # continues the folder it writes
     runs = pd.read_csv(out / "runs.csv")
     assert set(runs["run_id"]) == {f"sweep/{p.folder}" for p in ge.grid(1)[:9]}
     kept = runs.set_index("run_id").loc[done["run_id"], ["best_val_acc", "final_val_acc", "images_seen"]]
@@ -287,7 +286,7 @@ def test_the_dry_run_runs_every_stage_with_resnet18_and_a_second_call_continues_
     assert "| fp32-equal | PASS |" in (out / "preflight.md").read_text()
 
     import plot  # the figure and the table of make figures, from the call's files alone
-    made = plot.main(["--results", str(second), "--only", "gpu_small", "gpu_small_table"])
+    made = plot.main(["--results", str(first), "--only", "gpu_small", "gpu_small_table"])
     assert set(made) == {"gpu_small", "gpu_small_table"} and (out / "gpu_small.png").is_file()
     assert "| lr 0.02, weight decay 0.0005, cosine | 40% | GAF | 1 |" in (out / "gpu_small.md").read_text()
 
