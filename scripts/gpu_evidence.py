@@ -217,6 +217,25 @@ def timed_rate(a, wave: list[Point]) -> float:
     return images / seconds
 
 
+def first_speed(a, todo: list[Point], record: dict) -> Speed:
+    """The first wave's speed: its rate timed on the device for a full group of GAF runs (two arms in
+    three) and the baselines beside them; validation and start as the card's last call recorded them,
+    else guessed. Where timing the fused groups fails, the runs go one per process."""
+    recorded = recorded_speed(record["card"]) if a.device == "cuda" else None
+    first = todo[: max(3 * a.max_fused // 2, 3)]
+    try:
+        rate = timed_rate(a, first)
+    except Exception as e:  # noqa: BLE001 (a fused step that fails here would fail every group)
+        print(f"FAIL timing the fused groups ({type(e).__name__}: {e}): the runs go one per process", flush=True)
+        a.max_fused = record["max_fused"] = 1
+        rate = timed_rate(a, first)
+    speed = Speed(rate, *((recorded.eval_s, recorded.start_s) if recorded else (EVAL_S, START_S)))
+    record["speed_timed"] = {**asdict(speed), "runs": len(first), "validation": "recorded" if recorded else "guessed"}
+    print(f"speed: {rate:,.0f} images/s timed on {len(first)} runs' groups; a validation {speed.eval_s:.2f} s "
+          f"({record['speed_timed']['validation']})", flush=True)
+    return speed
+
+
 def next_wave(todo: list[Point], speed: Speed, max_fused: int, left_s: float) -> list[Point]:
     """The longest run of ``todo``'s first points predicted to end within ``left_s`` (at least one)."""
     fitting = [i for i in range(1, len(todo) + 1) if speed.wave_s(todo[:i], max_fused) <= left_s]
@@ -388,14 +407,9 @@ def main(argv=None) -> dict | list | None:
     if not todo:
         return record
     results = preflight(a, out, points)
-    record.update(max_fused=a.max_fused, compile=a.compile, preflight={n: {k: r[k] for k in ("status", "seconds", "detail", "figures")}
-                                                    for n, r in results.items()})
-    recorded = recorded_speed(card) if a.device == "cuda" else None
-    first = todo[: max(3 * a.max_fused // 2, 3)]  # a full group of GAF runs (two arms in three), baselines beside
-    speed = Speed(timed_rate(a, first), *((recorded.eval_s, recorded.start_s) if recorded else (EVAL_S, START_S)))
-    record["speed_timed"] = {**asdict(speed), "runs": len(first), "validation": "recorded" if recorded else "guessed"}
-    print(f"speed: {speed.rate:,.0f} images/s timed on {len(first)} runs' groups; a validation {speed.eval_s:.2f} s "
-          f"({record['speed_timed']['validation']})", flush=True)
+    record.update(max_fused=a.max_fused, compile=a.compile,
+                  preflight={n: {k: r[k] for k in ("status", "seconds", "detail", "figures")} for n, r in results.items()})
+    speed = first_speed(a, todo, record)
     with tempfile.TemporaryDirectory(prefix="gpu-evidence-") as tmp:
         sweep(a, todo, speed, Path(tmp), record)
         if not a.no_bench and (left := a.budget_s - (time.perf_counter() - a.t0)) >= FUSED_BENCH_S:

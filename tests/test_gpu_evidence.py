@@ -156,6 +156,20 @@ def test_a_wave_remeasures_the_speed_and_the_next_is_the_longest_run_of_points_t
     assert ge.next_wave(points, speed, 32, left_s=1) == points[:1]  # at least one
 
 
+def test_where_timing_a_fused_group_fails_the_runs_go_one_per_process(monkeypatch, capsys):
+    def broken(*args):
+        raise RuntimeError("planted")
+
+    timed = []
+    monkeypatch.setattr(ge.bench_fused, "fused", broken)
+    monkeypatch.setattr(ge.bench_fused, "separate", lambda bench, kind, k: timed.append(kind) or 1000.0)
+    a, record = SimpleNamespace(device="cpu", max_fused=32, call=ge.GPU), {"card": "cpu", "max_fused": 32}
+    speed = ge.first_speed(a, ge.grid(1), record)
+    assert a.max_fused == record["max_fused"] == 1 and speed.rate == pytest.approx(1000.0)
+    assert timed == ["baseline", "gaf", "gaf"]  # the first three runs, each alone
+    assert "FAIL timing the fused groups (RuntimeError: planted): the runs go one per process" in capsys.readouterr().out
+
+
 def fake_sweep(monkeypatch, tmp_path, budget_s: float, slower: float, fail=(), runs=None) -> tuple[list, dict, str]:
     """gpu_evidence.sweep with launch (each wave taking ``slower`` times its prediction from a
     Speed of 100,000 images/s, of make-believe time) and write_outputs recorded instead of run."""
