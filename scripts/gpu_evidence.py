@@ -200,10 +200,11 @@ def call_speed(call: dict) -> Speed:
     return Speed(s["k"] * 200 / s["iter_s"], min(s["eval_s"] for s in call["speeds"]), s["start_s"])
 
 
-def timed_rate(a, wave: list[Point]) -> float:
-    """Images/s of the wave's groups' steps, each group timed in turn on the device (bench_fused:
-    random images of the runs' shapes, the graph captured where the runs capture it)."""
-    images = seconds = 0.0
+def timed_rate(a, todo: list[Point]) -> tuple[float, int]:
+    """Images/s of a full first wave's groups' steps (a full group of GAF runs, two arms in three, and
+    the baselines beside them), each group timed in turn on the device (bench_fused: random images of
+    the runs' shapes, the graph captured where the runs capture it); and how many runs that wave has."""
+    wave, images, seconds = todo[: max(3 * a.max_fused // 2, 3)], 0.0, 0.0
     for job in jobs(wave, a.max_fused):
         kind, n, b = job[0].shape
         bench = SimpleNamespace(device=a.device, model=job[0].config["model"]["name"], warmup=3,
@@ -214,24 +215,23 @@ def timed_rate(a, wave: list[Point]) -> float:
         seconds += per_step / (bench_fused.fused if len(job) > 1 else bench_fused.separate)(bench, kind, len(job))
     if a.device == "cuda":
         torch.cuda.empty_cache()  # the runs' processes get the memory this one's cache would keep
-    return images / seconds
+    return images / seconds, len(wave)
 
 
 def first_speed(a, todo: list[Point], record: dict) -> Speed:
-    """The first wave's speed: its rate timed on the device for a full group of GAF runs (two arms in
-    three) and the baselines beside them; validation and start as the card's last call recorded them,
-    else guessed. Where timing the fused groups fails, the runs go one per process."""
+    """The first wave's speed: its rate timed on the device (``timed_rate``), validation and start as
+    the card's last call recorded them, else guessed. Where timing the fused groups fails, the runs
+    go one per process."""
     recorded = recorded_speed(record["card"]) if a.device == "cuda" else None
-    first = todo[: max(3 * a.max_fused // 2, 3)]
     try:
-        rate = timed_rate(a, first)
+        rate, first = timed_rate(a, todo)
     except Exception as e:  # noqa: BLE001 (a fused step that fails here would fail every group)
         print(f"FAIL timing the fused groups ({type(e).__name__}: {e}): the runs go one per process", flush=True)
         a.max_fused = record["max_fused"] = 1
-        rate = timed_rate(a, first)
+        rate, first = timed_rate(a, todo)
     speed = Speed(rate, *((recorded.eval_s, recorded.start_s) if recorded else (EVAL_S, START_S)))
-    record["speed_timed"] = {**asdict(speed), "runs": len(first), "validation": "recorded" if recorded else "guessed"}
-    print(f"speed: {rate:,.0f} images/s timed on {len(first)} runs' groups; a validation {speed.eval_s:.2f} s "
+    record["speed_timed"] = {**asdict(speed), "runs": first, "validation": "recorded" if recorded else "guessed"}
+    print(f"speed: {rate:,.0f} images/s timed on {first} runs' groups; a validation {speed.eval_s:.2f} s "
           f"({record['speed_timed']['validation']})", flush=True)
     return speed
 
