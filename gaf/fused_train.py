@@ -115,7 +115,7 @@ class FusedGroup:
 
     def __init__(self, trainers: list[Trainer]):
         self.trainers = trainers
-        graph = "graph" if resolve(trainers[0].cfg, trainers[0].device.type).compile else False
+        graph = "graph" if trainers[0].plan.compile else False
         self.steps = fused_steps(trainers, graph)
         for k, t in enumerate(trainers):
             if t.optimizer.state:  # resumed: its momentum into the stacked state

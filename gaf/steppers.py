@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from gaf.config import COMPILE_MODES, OptimConfig, RunConfig
+from gaf.config import OptimConfig, RunConfig, RunPlan
 from gaf.coteaching import CoTeachingStep
 from gaf.distributed import DistributedGAFStep, DistributedMeanStep
 from gaf.fast import FastGAFStep, FastPlainStep
@@ -44,22 +44,20 @@ def build_schedule(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> Schedule
 
 
 def make_stepper(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, tau: Tau,
-                 fast: bool) -> Stepper:
-    """The stepper ``cfg`` asks for: distributed (``cfg.distributed``), the fast path
-    (``fast``, with ``cfg.train``'s options) or the readable one."""
+                 plan: RunPlan) -> Stepper:
+    """The stepper ``cfg`` asks for: distributed (``cfg.distributed``), the fast path (``plan.fast``,
+    with the options ``plan`` decided) or the readable one."""
     baseline, merge = cfg.method.name == "baseline", cfg.method.merge
     if cfg.distributed:
         if baseline:  # every rank a slice of the batch, one all-reduce
             return DistributedMeanStep(model, optimizer, loss_fn)
         return DistributedGAFStep(model, optimizer, loss_fn, tau, merge, mode=cfg.dist_mode)
-    if fast:
-        t = cfg.train
-        options = dict(amp_dtype=torch.bfloat16 if t.amp else None,
-                       channels_last=t.amp if t.channels_last is None else t.channels_last,
-                       compile=COMPILE_MODES[t.compile])
+    if plan.fast:
+        options = dict(amp_dtype=torch.bfloat16 if plan.amp else None, channels_last=plan.channels_last,
+                       compile=plan.compile)
         if baseline:
             return FastPlainStep(model, optimizer, loss_fn, **options)
-        return FastGAFStep(model, optimizer, loss_fn, tau, merge, batched=t.batched, **options)
+        return FastGAFStep(model, optimizer, loss_fn, tau, merge, batched=plan.batched, **options)
     if baseline:
         return PlainStep(model, optimizer, loss_fn)
     return ReferenceGAFStep(model, optimizer, loss_fn, tau, merge)

@@ -269,7 +269,7 @@ class Trainer:
     from wherever ``state`` stands (0, or a restored checkpoint) and writes the files."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, rank: int, world: int, device: torch.device, plan: RunPlan):
-        self.cfg, self.run_dir, self.rank, self.world, self.device = cfg, run_dir, rank, world, device
+        self.cfg, self.run_dir, self.rank, self.world, self.device, self.plan = cfg, run_dir, rank, world, device, plan
         self.is_main = rank == 0
         self.summary_path, self.ckpt_path = run_dir / "summary.json", run_dir / "checkpoint.pt"
         torch.manual_seed(cfg.seed)
@@ -279,15 +279,14 @@ class Trainer:
         self.sampler = make_sampler(cfg, self.ds)
         self.model = build_model(cfg.model.name, self.ds.num_classes, width=cfg.model.width,
                                  blocks=cfg.model.blocks).to(device)
-        fast = plan.fast
-        self.optimizer = build_optimizer(cfg.optim, self.model.parameters(), masked=fast)
+        self.optimizer = build_optimizer(cfg.optim, self.model.parameters(), masked=plan.fast)
         self.schedule = build_schedule(cfg, self.optimizer)  # sets the lr: before each step, after each validation
         m = cfg.method
         self.tau: float | AdaptiveTau = (AdaptiveTau(m.tau, m.adaptive_k, m.adaptive_window)
                                          if m.adaptive_k is not None else m.tau)
         self.stepper = (make_coteaching(cfg, self.model, self.optimizer, self.ds) if m.name == "coteaching" else
                         make_stepper(cfg, self.model, self.optimizer, make_loss(cfg, self.ds.num_classes), self.tau,
-                                     fast))
+                                     plan))
         self.aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         self.probe = MemorisationProbe.draw(self.ds, cfg.train.memorisation_samples, cfg.seed + 2, device)
         self.n_dist = m.n_micro - 1 if m.name == "gaf" else 0

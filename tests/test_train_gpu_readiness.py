@@ -9,7 +9,7 @@ import torch
 
 import gaf.steppers as steppers
 import gaf.train as train
-from gaf.config import RunConfig
+from gaf.config import RunConfig, resolve
 from gaf.data import random_dataset
 from gaf.samplers import ClassBalancedSampler
 from gaf.fast import FastGAFStep
@@ -64,6 +64,8 @@ def test_channels_last_is_its_own_key(amp, channels_last, expected):
     cfg = config(fast=True, amp=amp, channels_last=channels_last)
     model = train.build_model("tiny", 5)
     opt = steppers.build_optimizer(cfg.optim, model.parameters(), masked=True)
-    stepper = steppers.make_stepper(cfg, model, opt, torch.nn.CrossEntropyLoss(), 0.97, fast=True)
+    plan = resolve(cfg, "cpu")  # train.fast=true: the fast path on a CPU, the options decided there once
+    assert plan.fast and plan.channels_last is expected and plan.amp is amp
+    stepper = steppers.make_stepper(cfg, model, opt, torch.nn.CrossEntropyLoss(), 0.97, plan)
     assert isinstance(stepper, FastGAFStep)
     assert stepper.channels_last is expected and (stepper.amp_dtype is torch.bfloat16) is amp
