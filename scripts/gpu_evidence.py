@@ -294,6 +294,9 @@ def sweep(a, todo: list[Point], speed: Speed, work: Path, record: dict) -> None:
         except SystemExit as e:  # a failed or cut run must not cost the outputs of the others
             wall = time.perf_counter() - started
             print(f"FAIL wave {len(waves) + 1}: {e}", flush=True)
+            if a.max_fused > 1:  # a fused group that fails once would fail in every wave
+                print("the rest go one per process", flush=True)
+                a.max_fused = record["max_fused"] = 1
         waves.append({"runs": [p.folder for p in wave], "predicted_s": round(predicted, 1), "wall_s": round(wall, 1)})
         print(f"wave {len(waves)}: {wall:.0f} s, predicted {predicted:.0f} s", flush=True)
         speed, todo = speed.remeasured(*load(wave, a.max_fused), wall), todo[len(wave):]

@@ -188,7 +188,7 @@ def fake_sweep(monkeypatch, tmp_path, budget_s: float, slower: float, fail=(), r
 
     monkeypatch.setattr(ge, "launch", launch)
     monkeypatch.setattr(ge, "write_outputs", lambda a, work, record: written.append(record["images_seen"]))
-    record = {"images_seen": 0}
+    record = {"images_seen": 0, "max_fused": a.max_fused}
     ge.sweep(a, ge.grid(1), speed, tmp_path, record)
     return launched, record, written
 
@@ -209,9 +209,10 @@ def test_the_first_wave_runs_whatever_its_prediction_a_failed_wave_costs_not_the
         monkeypatch, tmp_path, capsys):
     launched, _, written = fake_sweep(monkeypatch, tmp_path, budget_s=10, slower=1.0)
     assert len(launched) == 1 and len(launched[0]) == 1
-    launched, _, written = fake_sweep(monkeypatch, tmp_path, budget_s=100_000, slower=1.0, fail=(1,))
+    launched, record, written = fake_sweep(monkeypatch, tmp_path, budget_s=100_000, slower=1.0, fail=(1,))
     assert sum(map(len, launched)) == 30 and written[0] == 0 and written[-1] == 30 - len(launched[0])
-    assert "FAIL wave 1: a run failed (exit 1): planted" in capsys.readouterr().out
+    assert "FAIL wave 1: a run failed (exit 1): planted\nthe rest go one per process" in capsys.readouterr().out
+    assert record["max_fused"] == 1  # a fused group that failed would fail again
     launched, _, _ = fake_sweep(monkeypatch, tmp_path, budget_s=100_000, slower=1.0, runs=4)
     assert sum(map(len, launched)) == 4
 
