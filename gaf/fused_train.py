@@ -96,8 +96,9 @@ class MemberStep:
         self.group.write_back(self.k)
 
 
-def fused_steps(trainers: list[Trainer], compile: bool | str = False) -> FusedSteps:
-    """One FusedSteps over these members' models, optimizers' settings, taus, merges and losses."""
+def fused_steps(trainers: list[Trainer], compile: bool | str = False, graphs=None) -> FusedSteps:
+    """One FusedSteps over these members' models, optimizers' settings, taus, merges and losses
+    (``graphs``: gaf.fast's stand-in for CUDA's graph calls, in tests)."""
     cfg = trainers[0].cfg
     gaf = cfg.method.name == "gaf"
     return FusedSteps(
@@ -105,7 +106,7 @@ def fused_steps(trainers: list[Trainer], compile: bool | str = False) -> FusedSt
         weight_decay=[t.cfg.optim.weight_decay for t in trainers], momentum=cfg.optim.momentum,
         nesterov=cfg.optim.nesterov, tau=[t.cfg.method.tau for t in trainers] if gaf else None,
         merge=[t.cfg.method.merge for t in trainers] if gaf else "halving",
-        loss=[t.stepper.loss_fn for t in trainers], compile=compile)
+        loss=[t.stepper.loss_fn for t in trainers], compile=compile, graphs=graphs)
 
 
 class FusedGroup:

@@ -54,6 +54,29 @@ def test_a_fused_group_equals_its_members_run_one_by_one(tmp_path):
     assert taken[0] == 12 and taken[1] == 0 and 0 < taken[2] < 12  # tau 2 takes every step, 0 none, 1 some
 
 
+def test_a_group_whose_step_is_captured_as_a_graph_trains_as_the_eager_group(tmp_path, monkeypatch):
+    """The CUDA path of a fused run (compile=graph: warm-up, one capture, replays on static inputs,
+    each member's lr schedule written into the captured step), with gaf.fast's stand-in for the
+    CUDA calls: every file bit for bit as the eager group's."""
+    import functools
+
+    import gaf.fused_train
+    from gaf.fast import StandInGraphs
+
+    cfgs = [config(m) for m in MEMBERS]
+    run_group(cfgs, [tmp_path / f"eager{k}" for k in range(3)])
+    graphs = StandInGraphs()
+    graphed = functools.partial(gaf.fused_train.fused_steps, compile="graph", graphs=graphs)
+    monkeypatch.setattr(gaf.fused_train, "fused_steps", lambda trainers, compile=False: graphed(trainers))
+    run_group(cfgs, [tmp_path / f"graph{k}" for k in range(3)])
+    assert graphs.captures == 1 and graphs.replays == 12 - graphs.warmups
+    for k in range(3):
+        (gm, ge, gs), (em, ee, es) = files(tmp_path / f"graph{k}"), files(tmp_path / f"eager{k}")
+        assert gm.drop(columns="time_s").equals(em.drop(columns="time_s"))
+        assert ge.drop(columns="time_s").equals(ee.drop(columns="time_s"))
+        assert gs["steps_taken"] == es["steps_taken"] and gs["best_val_acc"] == es["best_val_acc"]
+
+
 def test_a_fused_group_of_baselines_equals_them_run_one_by_one(tmp_path):
     base = {k: v for k, v in BASE.items() if k != "method"}
     cfgs = [RunConfig.from_dict({**base, "seed": s, "method": {"name": "baseline", "batch_size": 8},
