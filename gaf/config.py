@@ -6,10 +6,10 @@ Plain dataclasses, no Hydra object: ``RunConfig.from_dict`` takes what Hydra (or
 composes; ``validate`` rejects bad settings up front with one message each; ``resolve``
 decides once, on the run's device, what the trainer derives from them (``RunPlan``).
 
-The schema imports neither torch nor another gaf module (reading run files needs neither):
-the choices are literals here, and the modules implementing them are held to them
-(gaf.data imports them; tests/test_configs.py checks the models, merges, optimizers and
-distributed modes against their registries).
+The schema imports no torch and no gaf module but the data sets' records (gaf.datasets, pure
+Python): reading run files needs neither. The other choices are literals here, and the modules
+implementing them are held to them (tests/test_configs.py checks the models, merges, optimizers
+and distributed modes against their registries).
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ import os
 import re
 from dataclasses import dataclass, field
 
-# The data sets gaf.data loads, and their fallbacks (None: none).
-DATASETS = ("cifar100", "cifar100n", "cifar10", "cifar10_jpeg", "random")
-FALLBACKS = (None, "cifar10", "cifar10_jpeg", "random")
+from gaf.datasets import DATA_SETS, named
+
+# The data sets (gaf.datasets' records), what may stand in for them (None: nothing), their sizes.
+DATASETS = tuple(DATA_SETS)
+FALLBACKS = (None, *dict.fromkeys(s for d in DATA_SETS.values() for s in d.stand_ins))
 FALLBACK_WHEN = ("missing", "always")
-# Training images per class of each fixed data set (CIFAR-100N: on average; its classes are its human labels').
-TRAIN_PER_CLASS = {"cifar100": 500, "cifar100n": 500, "cifar10": 5000, "cifar10_jpeg": 5000}
-CLASSES = {"cifar100": 100, "cifar100n": 100, "cifar10": 10, "cifar10_jpeg": 10}
+TRAIN_PER_CLASS = {d.name: d.train_per_class for d in DATA_SETS.values() if d.train_per_class}
+CLASSES = {d.name: d.classes for d in DATA_SETS.values() if d.classes}
 # The networks of gaf.models.MODELS, and the size keys (model.width, model.blocks) each takes.
 MODEL_SIZES = {"resnet18": (), "resnet18_cifar": (), "resnet34_cifar": (), "vit_tiny": (),
                "resnet_cifar": ("width", "blocks"), "cnn4": ("width",), "tiny": ("width",)}
@@ -102,6 +103,11 @@ class Rule:
             raise ValueError(f"{key} must be {self.allowed()}, got {value!r}")
 
 
+def _data_sets(flag: str) -> str:
+    """The data sets with this flag of their record, as a message names them: data=a or data=b."""
+    return " or ".join(f"data={d.name}" for d in DATA_SETS.values() if getattr(d, flag))
+
+
 # When a setting has an effect: (the condition, what runs instead, said when it is set anyway; {c} is the run's
 # config).
 APPLIES = {
@@ -115,16 +121,17 @@ APPLIES = {
     "label_smoothing": (lambda c: c.loss.name == "label_smoothing", "only loss=label_smoothing smooths"),
     "gce": (lambda c: c.loss.name == "gce", "only loss=gce has q"),
     "sce": (lambda c: c.loss.name == "sce", "only loss=sce has alpha and beta"),
-    "cifar100n": (lambda c: c.data.name == "cifar100n", "only data=cifar100n reads a label file"),
-    "substitutable": (lambda c: c.data.name in ("cifar100", "cifar100n") or c.data.name == "cifar10"
-                      and c.data.fallback in (None, "random"),
-                      "only CIFAR-100, CIFAR-100N (and CIFAR-10, by random data) can be substituted"),
+    "human_labels": (lambda c: any(d.human_labels for d in named(c.data.name)),
+                     f"only {_data_sets('human_labels')} reads a label file"),
+    "substitutable": (lambda c: any(c.data.fallback in (None, *d.stand_ins) and d.stand_ins for d in named(c.data.name)),
+                      "only " + ", ".join(f"data={d.name} (by {' or '.join(d.stand_ins)})"
+                                          for d in DATA_SETS.values() if d.stand_ins) + " can be substituted"),
     "fallback": (lambda c: c.data.fallback is not None and APPLIES["substitutable"][0](c),
                  "no data.fallback is set"),
-    "jpeg": (lambda c: c.data.name in ("cifar10", "cifar10_jpeg") or c.data.fallback in ("cifar10", "cifar10_jpeg"),
-             "only CIFAR-10 (data=cifar10, data=cifar10_jpeg, or as data.fallback) reads the JPEG copy"),
-    "random": (lambda c: "random" in (c.data.name, c.data.fallback),
-               "only random data (data=random, or data.fallback=random) has these sizes"),
+    "jpeg": (lambda c: any(d.jpeg for d in named(c.data.name, c.data.fallback)),
+             f"only {_data_sets('jpeg')} (as data.name or data.fallback) reads the JPEG copy"),
+    "random": (lambda c: any(d.random for d in named(c.data.name, c.data.fallback)),
+               f"only {_data_sets('random')} (as data.name or data.fallback) has these sizes"),
     "sgd": (lambda c: c.optim.name == "sgd", "only optim=sgd has momentum"),
     "adam": (lambda c: c.optim.name in ("adam", "adamw"), "only optim=adam and optim=adamw have betas"),
     "plateau": (lambda c: c.optim.schedule == "plateau",
@@ -145,7 +152,7 @@ class DataConfig:
     # root: the folder data sets live in and are downloaded into; null: data/ in the repository
     root: str | None = setting(None, "path", optional=True)
     # CIFAR-100N's CIFAR-100_human.pt; null: looked for (gaf.sources)
-    label_file: str | None = setting(None, "path", optional=True, applies="cifar100n")
+    label_file: str | None = setting(None, "path", optional=True, applies="human_labels")
     noise: float = setting(0.0, "float", low=0, high=1, open_high=True)  # symmetric label noise rate p
     download: bool = setting(True, "bool")  # fetch a missing data set where the network allows
     # instead of CIFAR-100: cifar10 | cifar10_jpeg | random (said in the note)
@@ -320,9 +327,9 @@ def validate(cfg: RunConfig) -> None:
     if t.compile == "full" and t.batched:
         raise ValueError("train.compile=full does not combine with train.batched=true (torch.compile of vmap "
                          "is not used); use train.compile=graph or train.batched=false")
-    if cfg.data.name == "cifar100n" and cfg.data.noise > 0:
-        raise ValueError(f"data.noise={cfg.data.noise} with data=cifar100n: CIFAR-100N's noise is its human labels; "
-                         "use data.noise=0")
+    if DATA_SETS[cfg.data.name].human_labels and cfg.data.noise > 0:
+        raise ValueError(f"data.noise={cfg.data.noise} with data={cfg.data.name}: "
+                         f"{DATA_SETS[cfg.data.name].title}'s noise is its human labels; use data.noise=0")
     if error := class_size_error(cfg, most_images_per_class(cfg), "per class at most"):
         raise ValueError(error)
     if cfg.wandb.mode != "disabled" and importlib.util.find_spec("wandb") is None:
@@ -352,8 +359,7 @@ def most_images_per_class(cfg: RunConfig) -> float:
     (a substitute included): a step needing more cannot be class-balanced."""
     d = cfg.data
     names = [d.fallback] if d.fallback_when == "always" and d.fallback else [d.name, d.fallback]
-    sizes = [TRAIN_PER_CLASS[n] if n != "random" else d.random_train / (d.num_classes or CLASSES.get(d.name, 100))
-             for n in names if n is not None]
+    sizes = [r.train_per_class or d.random_train / (d.num_classes or CLASSES.get(d.name, 100)) for r in named(*names)]
     return min(max(sizes), d.train_per_class or math.inf)
 
 

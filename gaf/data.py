@@ -35,6 +35,7 @@ import torch
 
 from gaf import sources
 from gaf.config import DATASETS, FALLBACK_WHEN, FALLBACKS  # the schema's choices: the names load_dataset takes
+from gaf.datasets import DATA_SETS
 from gaf.formats import check_cifar100n_label_file, read_cifar, read_cifar100n_labels, read_image_folder
 from gaf.samplers import check_positive_int
 from gaf.sources import DataError, DataNotFound  # the data errors live with the sources; re-exported here
@@ -342,8 +343,8 @@ def load_dataset(name: str, root=None, *, label_file=None, noise: float = 0.0, s
     if fallback_when not in FALLBACK_WHEN:
         raise DataError(f"data.fallback_when={fallback_when!r} is unknown; choose one of {list(FALLBACK_WHEN)}")
     _check_noise_rate(noise)
-    if name == "cifar100n" and noise > 0:
-        raise DataError(f"noise={noise} with cifar100n: CIFAR-100N's noise is its human labels; use noise=0")
+    if DATA_SETS[name].human_labels and noise > 0:
+        raise DataError(f"noise={noise} with {name}: {DATA_SETS[name].title}'s noise is its human labels; use noise=0")
     substitute = dict(root=root, download=download, jpeg_path=jpeg_path, seed=seed, random_size=random_size)
     substituted_n = False
     if name in ("cifar100", "cifar100n"):

@@ -34,6 +34,7 @@ from gaf import data as gdata
 from gaf.augment import augment, normalize
 from gaf.checkpoint import CheckpointError, prior_run, save_checkpoint
 from gaf.config import RunConfig, RunPlan, class_size_error, resolve, validate
+from gaf.datasets import DATA_SETS
 from gaf.distributed import check_replicas
 from gaf.evaluation import MemorisationProbe, accuracy, evaluate, is_finite
 from gaf.filter import AdaptiveTau
@@ -68,7 +69,7 @@ def make_sampler(cfg: RunConfig, ds: gdata.ImageDataset):
     m = cfg.method
     # The paper balances on clean labels under synthetic noise and on the human (noisy)
     # labels for CIFAR-100N, where no clean labels would be known in practice.
-    labels = ds.train_y if cfg.data.name == "cifar100n" else ds.clean_y
+    labels = ds.train_y if DATA_SETS[cfg.data.name].human_labels else ds.clean_y
     smallest = int(torch.bincount(labels.cpu(), minlength=ds.num_classes).min())
     if m.name == "gaf":
         if error := class_size_error(cfg, smallest, f"in its smallest class ({ds.name})"):

@@ -22,7 +22,7 @@ WHERE = {
     "label_smoothing": ({"loss": {"name": "label_smoothing"}}, {"loss": {"name": "ce"}}),
     "gce": ({"loss": {"name": "gce"}}, {"loss": {"name": "ce"}}),
     "sce": ({"loss": {"name": "sce"}}, {"loss": {"name": "gce"}}),
-    "cifar100n": ({"data": {"name": "cifar100n"}}, {"data": {"name": "cifar100"}}),
+    "human_labels": ({"data": {"name": "cifar100n"}}, {"data": {"name": "cifar100"}}),
     "substitutable": ({"data": {"name": "cifar100"}}, {"data": {"name": "cifar10_jpeg"}}),
     "fallback": ({"data": {"fallback": "cifar10"}}, {}),
     "jpeg": ({"data": {"name": "cifar10_jpeg"}}, {"data": {"name": "cifar100"}}),
