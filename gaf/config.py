@@ -6,8 +6,8 @@ Plain dataclasses, no Hydra object: ``RunConfig.from_dict`` takes what Hydra (or
 composes; ``validate`` rejects bad settings up front with one message each; ``resolve``
 decides once, on the run's device, what the trainer derives from them (``RunPlan``).
 
-The schema imports no torch and no gaf module but the data sets' records (gaf.datasets, pure
-Python): reading run files needs neither. The other choices are literals here, and the modules
+The schema imports no torch and no gaf module but the records of the data sets and methods
+(gaf.datasets, gaf.methods: pure Python): reading run files needs neither. The other choices are literals here, and the modules
 implementing them are held to them (tests/test_configs.py checks the models, merges, optimizers
 and distributed modes against their registries).
 """
@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass, field
 
 from gaf.datasets import DATA_SETS, named
+from gaf.methods import METHODS as METHOD_RECORDS, Method
 
 # The data sets (gaf.datasets' records), what may stand in for them (None: nothing), their sizes.
 DATASETS = tuple(DATA_SETS)
@@ -33,7 +34,7 @@ CLASSES = {d.name: d.classes for d in DATA_SETS.values() if d.classes}
 # The networks of gaf.models.MODELS, and the size keys (model.width, model.blocks) each takes.
 MODEL_SIZES = {"resnet18": (), "resnet18_cifar": (), "resnet34_cifar": (), "vit_tiny": (),
                "resnet_cifar": ("width", "blocks"), "cnn4": ("width",), "tiny": ("width",)}
-METHODS = ("gaf", "baseline", "coteaching")
+METHODS = tuple(METHOD_RECORDS)  # gaf.methods' records
 MERGES = ("halving", "mean")  # gaf.filter.MERGES
 LOSSES = ("ce", "label_smoothing", "gce", "sce")  # gaf.losses.LOSSES
 OPTIMIZERS = ("sgd", "adam", "adamw")  # gaf.optim.OPTIMIZERS
@@ -103,6 +104,15 @@ class Rule:
             raise ValueError(f"{key} must be {self.allowed()}, got {value!r}")
 
 
+def _method(cfg):
+    """The record of the run's method (a name of none: a record with no effects, for the schema's
+    own error to name)."""
+    return METHOD_RECORDS.get(cfg.method.name, _NO_METHOD)
+
+
+_NO_METHOD = Method("", "", microbatches=False, fast=False)
+
+
 def _data_sets(flag: str) -> str:
     """The data sets with this flag of their record, as a message names them: data=a or data=b."""
     return " or ".join(f"data={d.name}" for d in DATA_SETS.values() if getattr(d, flag))
@@ -111,13 +121,15 @@ def _data_sets(flag: str) -> str:
 # When a setting has an effect: (the condition, what runs instead, said when it is set anyway; {c} is the run's
 # config).
 APPLIES = {
-    "gaf": (lambda c: c.method.name == "gaf",
+    "microbatches": (lambda c: _method(c).microbatches,
             "method={c.method.name} steps on one batch of method.batch_size images: no microbatches, no filter"),
-    "adaptive": (lambda c: c.method.name == "gaf" and c.method.adaptive_k is not None,
+    "adaptive": (lambda c: _method(c).microbatches and c.method.adaptive_k is not None,
                  "the adaptive threshold is off (set method.adaptive_k to turn it on)"),
-    "batch": (lambda c: c.method.name in ("baseline", "coteaching"),
+    "batch": (lambda c: not _method(c).microbatches,
               "method=gaf draws method.n_micro microbatches of method.per_class images per class"),
-    "coteaching": (lambda c: c.method.name == "coteaching", "only method=coteaching trains two networks"),
+    "peer": (lambda c: _method(c).peer,
+                   f"only {' or '.join(f'method={m.name}' for m in METHOD_RECORDS.values() if m.peer)} "
+                   "trains two networks"),
     "label_smoothing": (lambda c: c.loss.name == "label_smoothing", "only loss=label_smoothing smooths"),
     "gce": (lambda c: c.loss.name == "gce", "only loss=gce has q"),
     "sce": (lambda c: c.loss.name == "sce", "only loss=sce has alpha and beta"),
@@ -181,23 +193,23 @@ class ModelConfig:
 @dataclass
 class MethodConfig:
     name: str = setting("gaf", "choice", choices=METHODS)
-    tau: float = setting(0.97, "float", low=0, high=2, applies="gaf")  # the cosine distance's range
-    n_micro: int = setting(2, "int", low=2, applies="gaf")  # n: microbatches per step
-    per_class: int = setting(1, "int", low=1, applies="gaf")  # m: images per class per microbatch
+    tau: float = setting(0.97, "float", low=0, high=2, applies="microbatches")  # the cosine distance's range
+    n_micro: int = setting(2, "int", low=2, applies="microbatches")  # n: microbatches per step
+    per_class: int = setting(1, "int", low=1, applies="microbatches")  # m: images per class per microbatch
     # halving (authors' package) | mean (their multi-GPU script)
-    merge: str = setting("halving", "choice", choices=MERGES, applies="gaf")
+    merge: str = setting("halving", "choice", choices=MERGES, applies="microbatches")
     # sample microbatches with replacement when classes are small
-    replacement: bool = setting(False, "bool", applies="gaf")
+    replacement: bool = setting(False, "bool", applies="microbatches")
     # set: tau_t = min(tau, mean + k*std of recent distances)
-    adaptive_k: float | None = setting(None, "float", low=0, optional=True, applies="gaf")
+    adaptive_k: float | None = setting(None, "float", low=0, optional=True, applies="microbatches")
     adaptive_window: int = setting(200, "int", low=2, applies="adaptive")
     # the batch of baseline and co-teaching (class-balanced + random fill)
     batch_size: int = setting(128, "int", low=1, applies="batch")
     # co-teaching: R(t)'s plateau, the fraction of each batch a network leaves out; null: the
     # fraction of flipped training labels (the noise rate, as Han et al. assume it known)
     forget_rate: float | None = setting(None, "float", low=0, high=1, open_high=True, optional=True,
-                                        applies="coteaching")
-    ramp_epochs: float = setting(10.0, "float", low=0, applies="coteaching")  # T_k: epochs over which R(t) ramps up
+                                        applies="peer")
+    ramp_epochs: float = setting(10.0, "float", low=0, applies="peer")  # T_k: epochs over which R(t) ramps up
 
 
 @dataclass
@@ -334,11 +346,11 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(error)
     if cfg.wandb.mode != "disabled" and importlib.util.find_spec("wandb") is None:
         raise ValueError(f"wandb.mode={cfg.wandb.mode} needs wandb: pip install 'gaf[wandb]', or set wandb.mode=disabled")
-    if t.batched and cfg.method.name != "gaf":
+    if t.batched and not _method(cfg).microbatches:
         raise ValueError(f"train.batched=true batches GAF's micro-gradients; method={cfg.method.name} has none: "
                          "drop train.batched")
-    if cfg.method.name == "coteaching" and (cfg.distributed or t.fast):
-        raise ValueError(f"method=coteaching runs on the readable path of one process; drop "
+    if not _method(cfg).fast and (cfg.distributed or t.fast):
+        raise ValueError(f"method={cfg.method.name} runs on the readable path of one process; drop "
                          f"{'distributed=true' if cfg.distributed else 'train.fast=true'}")
 
 
@@ -367,7 +379,7 @@ def class_size_error(cfg: RunConfig, available: float, what: str) -> str | None:
     """Why GAF's class-balanced microbatches cannot be drawn from ``available`` images of a class, or None."""
     m = cfg.method
     need = m.per_class * m.n_micro
-    if m.name != "gaf" or m.replacement or need <= available:
+    if not _method(cfg).microbatches or m.replacement or need <= available:
         return None
     return (f"method.per_class={m.per_class} x method.n_micro={m.n_micro} = {need} images of every class per step, "
             f"but the data has {available:g} {what}; lower method.per_class or method.n_micro, "

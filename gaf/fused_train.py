@@ -34,6 +34,7 @@ import torch
 from gaf.checkpoint import prior_run
 from gaf.config import RunConfig, resolve, settings, validate
 from gaf.fused import FusedSteps, unstack_stats
+from gaf.methods import METHODS
 from gaf.rundir import RunDirLock
 from gaf.step import StepStats
 from gaf.train import Trainer, _progress, nothing_to_do, resolve_device, sigterm_stops
@@ -71,8 +72,9 @@ def check_group(cfgs: list[RunConfig]) -> None:
         if len(values) > 1:
             raise ValueError(f"a fused group's runs must share {key}; got {', '.join(sorted(values))}")
     cfg = cfgs[0]
-    if cfg.method.name not in ("gaf", "baseline") or cfg.optim.name != "sgd" or cfg.distributed:
-        raise ValueError(f"a fused group runs method=gaf or baseline with optim=sgd on one device; got "
+    if not METHODS[cfg.method.name].fast or cfg.optim.name != "sgd" or cfg.distributed:
+        fast = " or ".join(m.name for m in METHODS.values() if m.fast)
+        raise ValueError(f"a fused group runs method={fast} with optim=sgd on one device; got "
                          f"method={cfg.method.name}, optim={cfg.optim.name}, distributed={cfg.distributed}")
     if any(c.method.adaptive_k is not None for c in cfgs):
         raise ValueError("a fused group takes a fixed tau per member: method.adaptive_k must be unset")
@@ -100,7 +102,7 @@ def fused_steps(trainers: list[Trainer], compile: bool | str = False, graphs=Non
     """One FusedSteps over these members' models, optimizers' settings, taus, merges and losses
     (``graphs``: gaf.fast's stand-in for CUDA's graph calls, in tests)."""
     cfg = trainers[0].cfg
-    gaf = cfg.method.name == "gaf"
+    gaf = METHODS[cfg.method.name].microbatches
     return FusedSteps(
         [t.model for t in trainers], lr=[t.optimizer.param_groups[0]["lr"] for t in trainers],
         weight_decay=[t.cfg.optim.weight_decay for t in trainers], momentum=cfg.optim.momentum,
@@ -192,7 +194,7 @@ def batch_shape(trainer: Trainer) -> tuple[int, ...]:
     """(n, b, C, H, W) of a member's step: GAF's n microbatches of per_class images of every class,
     or the baseline's one batch."""
     m, ds = trainer.cfg.method, trainer.ds
-    n, b = (m.n_micro, m.per_class * ds.num_classes) if m.name == "gaf" else (1, m.batch_size)
+    n, b = (m.n_micro, m.per_class * ds.num_classes) if METHODS[m.name].microbatches else (1, m.batch_size)
     return (n, b, *ds.train_x.shape[1:])
 
 

@@ -20,6 +20,7 @@ from gaf.distributed import DistributedGAFStep, DistributedMeanStep
 from gaf.fast import FastGAFStep, FastPlainStep
 from gaf.filter import Tau
 from gaf.losses import build_loss
+from gaf.methods import METHODS
 from gaf.models import build_model
 from gaf.optim import build_optimizer as build_named_optimizer
 from gaf.schedule import Schedule
@@ -47,7 +48,7 @@ def make_stepper(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimi
                  plan: RunPlan) -> Stepper:
     """The stepper ``cfg`` asks for: distributed (``cfg.distributed``), the fast path (``plan.fast``,
     with the options ``plan`` decided) or the readable one."""
-    baseline, merge = cfg.method.name == "baseline", cfg.method.merge
+    baseline, merge = not METHODS[cfg.method.name].microbatches, cfg.method.merge
     if cfg.distributed:
         if baseline:  # every rank a slice of the batch, one all-reduce
             return DistributedMeanStep(model, optimizer, loss_fn)

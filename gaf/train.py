@@ -35,6 +35,7 @@ from gaf.augment import augment, normalize
 from gaf.checkpoint import CheckpointError, prior_run, save_checkpoint
 from gaf.config import RunConfig, RunPlan, class_size_error, resolve, validate
 from gaf.datasets import DATA_SETS
+from gaf.methods import METHODS
 from gaf.distributed import check_replicas
 from gaf.evaluation import MemorisationProbe, accuracy, evaluate, is_finite
 from gaf.filter import AdaptiveTau
@@ -71,7 +72,7 @@ def make_sampler(cfg: RunConfig, ds: gdata.ImageDataset):
     # labels for CIFAR-100N, where no clean labels would be known in practice.
     labels = ds.train_y if DATA_SETS[cfg.data.name].human_labels else ds.clean_y
     smallest = int(torch.bincount(labels.cpu(), minlength=ds.num_classes).min())
-    if m.name == "gaf":
+    if METHODS[m.name].microbatches:
         if error := class_size_error(cfg, smallest, f"in its smallest class ({ds.name})"):
             raise gdata.DataError(error)  # the sampler's own check, in the run's keys
         return ClassBalancedSampler(labels, ds.num_classes, m.per_class, m.n_micro, cfg.seed,
@@ -200,7 +201,7 @@ def _this_process(cfg: RunConfig) -> Iterator[tuple[int, int, torch.device]]:
 
 def _check_shares(cfg: RunConfig, world: int) -> None:
     """Every rank takes an equal share of each step: GAF's microbatches, or the baseline's batch."""
-    split, what = ((cfg.method.n_micro, "method.n_micro") if cfg.method.name == "gaf"
+    split, what = ((cfg.method.n_micro, "method.n_micro") if METHODS[cfg.method.name].microbatches
                    else (cfg.method.batch_size, "method.batch_size"))
     if split % world:
         raise ValueError(f"{what}={split} must be a multiple of the number of ranks ({world}): "
@@ -285,12 +286,12 @@ class Trainer:
         m = cfg.method
         self.tau: float | AdaptiveTau = (AdaptiveTau(m.tau, m.adaptive_k, m.adaptive_window)
                                          if m.adaptive_k is not None else m.tau)
-        self.stepper = (make_coteaching(cfg, self.model, self.optimizer, self.ds) if m.name == "coteaching" else
+        self.stepper = (make_coteaching(cfg, self.model, self.optimizer, self.ds) if METHODS[m.name].peer else
                         make_stepper(cfg, self.model, self.optimizer, make_loss(cfg, self.ds.num_classes), self.tau,
                                      plan))
         self.aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         self.probe = MemorisationProbe.draw(self.ds, cfg.train.memorisation_samples, cfg.seed + 2, device)
-        self.n_dist = m.n_micro - 1 if m.name == "gaf" else 0
+        self.n_dist = m.n_micro - 1 if METHODS[m.name].microbatches else 0
         self.distance_keys = [f"d{k}" for k in range(1, self.n_dist + 1)]
         self.metrics = CsvLog(run_dir / "metrics.csv",
                               METRICS_COLUMNS + self.distance_keys + ["time_s"])
@@ -423,7 +424,7 @@ class Trainer:
         xs, ys = draw_batch(self.sampler, self.ds, self.aug_gen, self.device)
         images = ys.numel()
         if cfg.distributed:  # every rank drew the same global step; it takes its rows
-            if cfg.method.name == "baseline":  # (1, B) -> (world, B / world)
+            if not METHODS[cfg.method.name].microbatches:  # (1, B) -> (world, B / world)
                 xs, ys = xs.unflatten(1, (world, -1))[0], ys.unflatten(1, (world, -1))[0]
             xs, ys = local_slice(xs, self.rank, world), local_slice(ys, self.rank, world)
         self.schedule.before_step(it)  # the lr this step uses (and its metrics row shows)

@@ -363,13 +363,13 @@ def test_resolve_refuses_what_check_fast_path_options_refuses():
         resolve(RunConfig.from_dict({"train": {"amp": True}}), "cpu")
 
 
-def test_importing_the_schema_loads_no_torch_and_no_gaf_module_but_the_data_sets_records():
+def test_importing_the_schema_loads_no_torch_and_no_gaf_module_but_the_records():
     code = ("import gaf.config, sys; assert 'torch' not in sys.modules, 'torch'; "
             "print(sorted(m for m in sys.modules if m == 'gaf' or m.startswith('gaf.')))")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["['gaf',", "'gaf.config',", "'gaf.datasets']"]
+    assert out.stdout.split() == ["['gaf',", "'gaf.config',", "'gaf.datasets',", "'gaf.methods']"]
 
 
 def test_the_schemas_choices_are_the_implementations():
@@ -539,3 +539,21 @@ def test_a_run_saved_before_a_setting_existed_ran_at_its_default():
 def test_loss_and_coteaching_settings_are_validated(d, match):
     with pytest.raises(ValueError, match=match):
         schema.validate(RunConfig.from_dict(d))
+
+
+def test_a_methods_record_decides_which_settings_act_on_it():
+    """gaf.methods: microbatches -> the microbatch settings act and the batch size does not; peer ->
+    the second network's settings act; not fast -> the fast path is refused."""
+    from gaf.methods import METHODS
+
+    assert schema.METHODS == tuple(METHODS)
+    for name, m in METHODS.items():
+        idle = {key for key, *_ in schema.without_effect(RunConfig.from_dict({"method": {"name": name}}))}
+        assert ("method.n_micro" not in idle) == m.microbatches and ("method.batch_size" not in idle) != m.microbatches
+        assert ("method.forget_rate" not in idle) == m.peer
+        fast = RunConfig.from_dict({"method": {"name": name}, "train": {"fast": True}})
+        if m.fast:
+            validate(fast)
+        else:
+            with pytest.raises(ValueError, match=f"method={name} runs on the readable path"):
+                validate(fast)

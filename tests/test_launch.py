@@ -15,10 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # For every condition of APPLIES: sections under which it holds, and under which it does not.
 WHERE = {
-    "gaf": ({"method": {"name": "gaf"}}, {"method": {"name": "baseline"}}),
+    "microbatches": ({"method": {"name": "gaf"}}, {"method": {"name": "baseline"}}),
     "adaptive": ({"method": {"adaptive_k": 1.0}}, {}),
     "batch": ({"method": {"name": "baseline"}}, {"method": {"name": "gaf"}}),
-    "coteaching": ({"method": {"name": "coteaching"}, "train": {"fast": False}}, {"method": {"name": "gaf"}}),
+    "peer": ({"method": {"name": "coteaching"}, "train": {"fast": False}}, {"method": {"name": "gaf"}}),
     "label_smoothing": ({"loss": {"name": "label_smoothing"}}, {"loss": {"name": "ce"}}),
     "gce": ({"loss": {"name": "gce"}}, {"loss": {"name": "ce"}}),
     "sce": ({"loss": {"name": "sce"}}, {"loss": {"name": "gce"}}),
