@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import sys
 import tempfile
 from pathlib import Path
 
 from hydra import compose
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ValueType
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, read_write
 
@@ -247,10 +249,30 @@ def run_config(cfg: DictConfig, overrides, choices=None, notes: list | None = No
 
 def sweep_points(grid, overrides: list[str]) -> list[list[str]]:
     """Every point of a multirun, as Hydra's basic sweeper makes them: the preset's ``grid``
-    (hydra.sweeper.params), then the command line's overrides, one override list per point."""
-    params = [f"{k}={v}" for k, v in (grid or {}).items()]
-    parsed = OverridesParser.create().parse_overrides([*params, *overrides])
-    return BasicSweeper.split_arguments(parsed, None)[0]
+    (hydra.sweeper.params), then the command line's overrides, one override list per point. A key
+    given twice keeps its first place and takes its last values (the command line over the preset);
+    the product varies the last key fastest."""
+    loader = GlobalHydra.instance().config_loader() if GlobalHydra.instance().is_initialized() else None
+    lines = [*(f"{k}={v}" for k, v in (grid or {}).items()), *overrides]
+    options = {}  # a key's 'key=value' per point; a dict keeps a reassigned key's place
+    for override in OverridesParser.create(config_loader=loader).parse_overrides(lines):
+        options[override.get_key_element()] = point_values(override)
+    return [list(point) for point in itertools.product(*options.values())]
+
+
+def point_values(override) -> list[str]:
+    """A parsed override's 'key=value' for each point: one for a plain value, each of a list,
+    choice(...), range(...) or glob(...) for a sweep; an interval(...) has no points, and the basic
+    sweeper refuses it too."""
+    key = override.get_key_element()
+    if not override.is_sweep_override():
+        return [f"{key}={override.get_value_element_as_str()}"]
+    if not override.is_discrete_sweep():
+        raise ValueError(f"{override.input_line}: {key} sweeps no list of values; the basic sweeper takes "
+                         "a,b,..., choice(...), range(...) or glob(...), not interval(...)")
+    if override.value_type == ValueType.GLOB_CHOICE_SWEEP and override.config_loader is None:
+        raise ValueError(f"{override.input_line}: glob(...) needs Hydra's configs; list {key}'s options instead")
+    return [f"{key}={value}" for value in override.sweep_string_iterator()]
 
 
 def fixed_overrides(overrides: list[str]) -> list[str]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ["data.noise=0,0.4", "method=averaging,gaf", "seed=0,1", "model=tiny", "data=random", "train.iterations=12",
@@ -123,3 +124,33 @@ def test_sigterm_stops_a_fused_sweep_as_it_stops_one_run(tmp_path):
     summaries = [json.loads((d / "summary.json").read_text()) for d in runs]
     assert len(runs) == 3 and {(s["status"], s["stopped_by"]) for s in summaries} == {("stopped", "SIGTERM")}
     assert all((d / "checkpoint.pt").exists() and not (d / "run.lock").exists() for d in runs)
+
+
+
+@pytest.mark.slow
+def test_the_fused_launchers_jobs_are_numbered_composed_and_listed_as_the_basic_launchers(tmp_path):
+    """Its own job loop (Hydra's public helpers) does what Hydra's basic launcher does per job: the
+    same job (id, num, overrides, folder), the same config, the same listing of the points."""
+    sweep = ["seed=0,1", "method.per_class=2,3", "method=gaf", "model=tiny", "data=random", "data.num_classes=4",
+             "data.random_train=80", "data.random_test=40", "method.n_micro=3", "train.iterations=4",
+             "train.val_every=2", "train.memorisation_samples=20", "device=cpu"]
+    fused = train(sweep, tmp_path, "hydra/launcher=fused", f"hydra.sweep.dir={tmp_path}/fused")
+    basic = train(sweep, tmp_path, f"hydra.sweep.dir={tmp_path}/basic")
+    assert fused.returncode == 0 and basic.returncode == 0, fused.stderr[-2000:] + basic.stderr[-2000:]
+    listing = [[line.split("]", 2)[-1] for line in out.stdout.splitlines() if "Launching" in line or "\t#" in line]
+               for out in (fused, basic)]
+    assert listing[0] == listing[1] and len(listing[0]) == 5
+    runs = sorted(p.name for p in (tmp_path / "basic").iterdir() if p.is_dir())
+    assert len(runs) == 4 and sorted(p.name for p in (tmp_path / "fused").iterdir() if p.is_dir()) == runs
+    for name in runs:
+        got = [job_files(tmp_path / kind, name) for kind in ("fused", "basic")]
+        assert got[0] == got[1], name
+    assert sorted(job_files(tmp_path / "fused", name)[0]["num"] for name in runs) == [0, 1, 2, 3]
+
+
+def job_files(sweep: Path, name: str) -> tuple:
+    """A sweep job's .hydra/ record, its sweep folder left out: (hydra.job, its output folder, its
+    overrides, its config)."""
+    hydra = OmegaConf.load(sweep / name / ".hydra" / "hydra.yaml").hydra
+    return (OmegaConf.to_container(hydra.job), str(Path(hydra.runtime.output_dir).relative_to(sweep)),
+            (sweep / name / ".hydra" / "overrides.yaml").read_text(), (sweep / name / ".hydra" / "config.yaml").read_text())
