@@ -9,16 +9,13 @@ settings that match no scale: scale "custom") only with --ad-hoc. Every run is c
 whatever its status (plots keep the finished ones; a run whose process died says
 "interrupted"). When one sweep point appears more than once (a rerun), the newest finished
 run is kept and the others are listed in provenance.json. Re-running rewrites the same CSVs.
-
-    python scripts/collect.py                         # multirun/ outputs/ -> results/
-    python scripts/collect.py --runs runs/a runs/b --results results
+Its command line: scripts/collect.py. Imports neither matplotlib nor Hydra (a lent GPU collects
+with it: scripts/gpu_evidence.py).
 """
 
-import argparse
 import datetime as dt
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,9 +23,9 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this tree's gaf, whichever tree .venv installed
-from gaf.config import RunConfig, settings, without_effect  # noqa: E402
-from gaf.rundir import run_status  # noqa: E402
+from gaf.config import RunConfig, settings, without_effect
+from gaf.report import REPOSITORY
+from gaf.rundir import run_status
 
 # Columns every runs.csv has, in this order (missing config keys are left empty).
 SWEPT = ["data.name", "data.noise", "model.name", "model.width", "method.name", "method.tau", "method.n_micro",
@@ -362,8 +359,6 @@ def experiment_runs(rows, experiment):
 WHEN_AND_HOW = ("collected_at", "command", "run_roots")
 
 
-REPOSITORY = Path(__file__).resolve().parents[1]
-
 
 def portable_root(root) -> str:
     """A run root as provenance records it: relative to the repository where it lies in it, else as given
@@ -408,30 +403,3 @@ def _write_experiment(out_dir, runs, curves, evals, dropped, command, run_roots)
         (out_dir / name).write_text(text)
     (out_dir / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
 
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", nargs="+", default=None, help="run roots to search (default: multirun outputs)")
-    p.add_argument("--results", default="results", help="where results/<experiment>/ files go")
-    p.add_argument("--max-curve-rows", type=int, default=MAX_CURVE_ROWS, help="per run, in curves.csv")
-    p.add_argument("--command", default=None, help="the command to record as provenance (default: this one)")
-    p.add_argument("--scales", nargs="+", default=None,
-                   help="collect runs of these scales only (e.g. tiny; custom: preset runs whose settings match no "
-                        "scale); default: every scale but custom")
-    p.add_argument("--ad-hoc", action="store_true",
-                   help=f"also collect ad-hoc runs (no preset: experiment={AD_HOC}), left out by default")
-    args = p.parse_args(argv)
-    if args.max_curve_rows < 1:
-        p.error(f"--max-curve-rows must be >= 1, got {args.max_curve_rows}")
-    if missing := [r for r in args.runs or () if not Path(r).is_dir()]:  # the defaults may be absent: no runs yet
-        print(f"error: --runs {' '.join(missing)}: not a folder; give folders that hold run directories",
-              file=sys.stderr)
-        sys.exit(2)
-    command = args.command or " ".join(["python scripts/collect.py", *argv])
-    return collect(args.runs or ["multirun", "outputs"], args.results, args.max_curve_rows, command=command,
-                   ad_hoc=args.ad_hoc, scales=args.scales)
-
-
-if __name__ == "__main__":
-    main()

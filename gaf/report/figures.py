@@ -1,197 +1,28 @@
-"""Result files -> figures 1-9 and the premise figure; then every table (scripts/tables.py).
+"""Result files -> figures 1-9 and the premise, robust and gpu_small figures: ``FIGURES``.
 
-Reads the collected results through scripts/results_data.py (finished runs, at one scale per
-experiment: the largest present unless --scale says otherwise). A figure whose experiment has
-no results yet is skipped with a note. Every figure's title names its scale (when not "paper")
-and any data substitution, taken from runs.csv.
-
-Figures are redrawn only when what they show may have changed: each figN.png/pdf has a
-sidecar figN.inputs.json with the hash of the code that draws it (CODE), of every result file
-the figure read and of what it drew (each line's data and every text; no font or layout
-enters it). When the code and every input are unchanged, the figure is kept as it is: an
-unchanged checkout stays unchanged on any machine, whatever its fonts. --force redraws all.
-
-    python scripts/plot.py                    # results/ -> results/<experiment>/figN.{png,pdf}, results/table1.{md,csv}
-    python scripts/plot.py --results R --scale tiny --only fig6 table1
+Each figure is a function (results folder, scale -> matplotlib Figure, or None where its
+experiment has no finished runs yet). Reads the collected results through gaf.report.data
+(finished runs, at one scale per experiment: the largest present unless a scale is asked for).
+Every figure's title names its scale (when not "paper") and any data substitution, taken from
+runs.csv. gaf.report.regenerate saves them (scripts/plot.py).
 """
 
-import argparse
-import json
-import sys
 import textwrap
-from pathlib import Path
 
-import matplotlib
-import matplotlib.font_manager
-import matplotlib.ticker
 import numpy as np
 import pandas as pd
-from matplotlib.collections import Collection
-from matplotlib.figure import Figure  # figures made without pyplot: no global state, any backend
-from matplotlib.patches import Rectangle
 
-from results_data import (MODEL, NAME, _fmt, _unique, acc_stats, curve, data_asked, data_label, data_used, datasets_of, evals,
-                          file_hash, input_path, load, models_of, noise_pct, optimizer, arm, ran_on, read_paper_fig6,
-                          reads_recorded, role, sha256, spread, title_suffix, variant)
-from tables import GPU_SMALL_ARMS, TABLES, gpu_small_table, premise_table, robust_table
-
-HERE = Path(__file__).resolve().parent
-CODE = [HERE / name for name in ("plot.py", "results_data.py", "tables.py")]  # what a figure is drawn by
-
-COLOR = {"gaf": "#1f4fb4", "baseline": "#d62728"}
-MARKER = {"gaf": "s", "baseline": "^"}
-STYLE = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
-         "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
-         "legend.frameon": False, "lines.linewidth": 1.5, "figure.dpi": 110, "savefig.dpi": 150,
-         "font.family": "DejaVu Sans", "mathtext.fontset": "dejavusans"}
-matplotlib.rcParams.update(STYLE)
+from gaf.report.data import (MODEL, NAME, _fmt, _unique, acc_stats, arm, curve, data_asked, data_label, data_used,
+                             datasets_of, evals, load, models_of, noise_pct, optimizer, ran_on, read_paper_fig6, role,
+                             spread, variant)
+from gaf.report.plot import (COLOR, MARKER, integer_ticks, legend, new_figure, plot_distance, rolling_distance,
+                             seed_mean, shade, titled)
+from gaf.report.tables import GPU_SMALL_ARMS, gpu_small_table, premise_table, robust_table
 
 
-def pin_fonts():
-    """Glyphs come from matplotlib's own font files only. A system may hold other versions of the
-    same fonts (DejaVu under /usr/share/fonts), and which of two equal matches wins depends on the
-    order of a machine's font cache: the drawn bytes would depend on the machine."""
-    own = Path(matplotlib.get_data_path(), "fonts", "ttf").resolve()
-    manager = matplotlib.font_manager.fontManager
-    manager.ttflist = [f for f in manager.ttflist if Path(f.fname).resolve().parent == own]
-    manager._findfont_cached.cache_clear()  # nothing may keep a match found before the pin
+# ---------------------------------------------------------------- the paper's figures
 
 
-pin_fonts()
-
-
-# ---------------------------------------------------------------- drawing and saving
-
-
-def titled(fig, title, r=None):
-    """Suptitle = title + the scale/data suffix; a grey provenance footer. Returns the figure."""
-    width = int(fig.get_figwidth() * 11.5)  # characters per line at 10 pt
-    suffix = title_suffix(r.runs) if r is not None else ""
-    fig.suptitle("\n".join(textwrap.wrap(title, width) + textwrap.wrap(suffix, width)), fontsize=10)
-    if r is not None:
-        p = r.provenance
-        n = len(r.runs)
-        foot = (f"{n} finished run{'s' * (n != 1)} ({r.experiment}, scale {r.scale}); "
-                f"device {', '.join(p.get('devices', []))}; "
-                f"collected {p.get('collected_at', '?')[:10]}; regenerate: make figures")
-        lines = textwrap.wrap(foot, int(fig.get_figwidth() * 17))  # characters per line at 6.5 pt
-        fig.text(0.5, 0.005, "\n".join(lines), ha="center", va="bottom", fontsize=6.5, color="0.45")
-        bottom = (0.12 * len(lines) + 0.04) / fig.get_figheight()
-        fig.get_layout_engine().set(rect=(0, bottom, 1, 1 - bottom))  # (left, bottom, width, height)
-    return fig
-
-
-def freeze_layout(fig):
-    """Constrained layout settles the axes with last-digit float noise from one run to the next;
-    fixing its result, rounded, makes unchanged results give byte-identical files."""
-    fig.draw_without_rendering()
-    for ax in fig.axes:
-        ax.set_position([round(v, 6) for v in ax.get_position().bounds])
-    fig.set_layout_engine("none")
-
-
-def save(fig, path):
-    """path/to/figN -> figN.png and figN.pdf, the same bytes for the same results."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    freeze_layout(fig)
-    fig.savefig(path.with_suffix(".png"))
-    fig.savefig(path.with_suffix(".pdf"), metadata={"CreationDate": None})  # no date: unchanged results, same bytes
-    return [path.with_suffix(".png"), path.with_suffix(".pdf")]
-
-
-def write_sidecar(fig, path, reads, scale):
-    path = sidecar_path(path)
-    path.write_text(json.dumps(sidecar(fig, reads, scale), indent=1) + "\n")
-    return path
-
-
-# ---------------------------------------------------------------- sidecars: redraw only what changed
-
-
-def drawn_content(fig):
-    """What a figure shows, free of fonts and layout: every line's, bar's and marker's data and every
-    text, in drawing order (numbers to 6 significant digits: library versions may move the last bits)."""
-    def numbers(values):
-        return " ".join(f"{v:.6g}" for v in np.ma.filled(np.ma.asarray(values, dtype=float), np.nan).ravel())
-
-    parts = [t.get_text() for t in fig.texts]
-    for ax in fig.axes:
-        parts += [ax.get_title(), ax.get_xlabel(), ax.get_ylabel(), *(t.get_text() for t in ax.texts)]
-        parts += [f"line {ln.get_label()}: {numbers(ln.get_xydata())}" for ln in ax.get_lines()]
-        parts += [f"bar {numbers([p.get_x(), p.get_y(), p.get_width(), p.get_height()])}"
-                  for p in ax.patches if isinstance(p, Rectangle)]
-        parts += [f"markers {numbers(c.get_offsets())}" for c in ax.collections if isinstance(c, Collection)]
-        if ax.get_legend() is not None:
-            parts += [f"legend {t.get_text()}" for t in ax.get_legend().get_texts()]
-    return "\n".join(parts)
-
-
-def sidecar_path(path):
-    return Path(path).with_suffix(".inputs.json")
-
-
-def code_hash() -> str:
-    return sha256(b"".join(p.read_bytes() for p in CODE))
-
-
-def sidecar(fig, reads, scale):
-    """The record that tells whether a figure must be redrawn: the code, the scale asked for, each
-    input's hash, and a hash of what was drawn (the regeneration test compares it on any machine)."""
-    return {"code": code_hash(), "scale": scale, "inputs": dict(sorted(reads.items())),
-            "drawn": sha256(drawn_content(fig).encode())}
-
-
-def is_current(path, results_dir, scale):
-    """Whether the figure at ``path`` was drawn by this code, at this scale, from the inputs as they are now."""
-    try:
-        side = json.loads(sidecar_path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return (all(path.with_suffix(s).is_file() for s in (".png", ".pdf"))
-            and side.get("code") == code_hash() and side.get("scale") == scale
-            and all(file_hash(input_path(k, results_dir)) == h for k, h in side.get("inputs", {}).items()))
-
-
-def draw(name, results_dir, scale):
-    """Draw one figure, recording the files it reads: (Figure or None, {input key: hash})."""
-    with reads_recorded() as reads:
-        return FIGURES[name](results_dir, scale), dict(reads)
-
-
-def legend(ax, **kw):
-    """A legend when something is labelled (a run without rows draws nothing)."""
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(**kw)
-
-
-def new_figure(rows, cols, size, **kw):
-    fig = Figure(figsize=size, layout="constrained")
-    return fig, fig.subplots(rows, cols, squeeze=False, **kw)
-
-
-# ---------------------------------------------------------------- small helpers
-
-
-def rolling_distance(c, frac=0.05):
-    """Rolling mean of the distance over ~frac of the run, in iterations, from the per-window means."""
-    d = c["d_mean_win"] if "d_mean_win" in c else c["d_mean"]
-    stride = float(c["stride"].median()) if "stride" in c and len(c) else 1.0
-    window = max(1, round(frac * c["iter"].max() / stride)) if len(c) else 1
-    return d.rolling(window, min_periods=1).mean()
-
-
-def plot_distance(ax, c, color, label, raw=True):
-    """Raw distance (thin) and its rolling average (thick); a dotted line at 1 = orthogonal."""
-    if c["d_mean"].notna().any():
-        if raw:
-            ax.plot(c["iter"], c["d_mean"], color=color, alpha=0.25, lw=0.7)
-        ax.plot(c["iter"], rolling_distance(c), color=color, label=label)
-    ax.axhline(1.0, color="0.3", ls=":", lw=1)
-    ax.set_ylabel("cosine distance")
-
-
-# ---------------------------------------------------------------- figures
 def fig1(results_dir, scale=None):
     """Baseline train/val accuracy (top) and micro-gradient cosine distance (bottom), one column per dataset."""
     r = load(results_dir, "fig1", scale)
@@ -263,7 +94,7 @@ def fig3(results_dir, scale=None, late=0.25):
     legend(ax[0, 0], loc="lower right")
     ax[0, 1].axvline(1.0, color="0.3", ls=":", lw=1)
     ax[0, 1].set(xlabel="cosine distance", ylabel="iterations", title="histogram, same window")
-    ax[0, 1].yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    integer_ticks(ax[0, 1].yaxis)
     return titled(fig, f"Figure 3 analogue (ViT-L/16 on ImageNet is out of reach): {models_of(runs)} on "
                        f"{datasets_of(runs)}, baseline, cosine distance between micro-gradients late in training", r)
 
@@ -284,9 +115,8 @@ def fig4(results_dir, scale=None):
     runs = runs if len(runs) else r.runs
     sized = sorted((batch_label(row) + (row["run_id"],) for _, row in runs.iterrows()), key=lambda t: (t[0], t[2]))
     fig, ax = new_figure(1, 1, (6.4, 4.2))
-    cmap = matplotlib.colormaps["viridis"]
     for k, (_, label, rid) in enumerate(sized):
-        plot_distance(ax[0, 0], curve(r, rid), cmap(k / max(1, len(sized) - 1) * 0.9), label, raw=False)
+        plot_distance(ax[0, 0], curve(r, rid), shade(k, len(sized)), label, raw=False)
     ax[0, 0].set_xlabel("iteration")
     plain = (runs["method.name"] != "baseline").any()
     legend(ax[0, 0], title="microbatch: m images per class" if plain else "batch size", loc="lower right", ncol=2)
@@ -421,12 +251,7 @@ def fig9(results_dir, scale=None):
                               "Figure 9: validation accuracy vs. n", categorical=True)
 
 
-FIGURES = {"fig1": fig1, "fig2": fig2, "fig3": fig3, "fig4": fig4, "fig5": fig5, "fig6": fig6, "fig7": fig7,
-           "fig8": fig8, "fig9": fig9}
-
-
-
-# ---------------------------------------------------------------- premise
+# ---------------------------------------------------------------- the premise, robust and gpu_small experiments
 
 
 def premise(results_dir, scale=None):
@@ -536,54 +361,5 @@ def gpu_small(results_dir, scale=None):
                        "(mean over seeds, range shaded); beneath: averaging's distance (first seed)", r)
 
 
-def seed_mean(ax, e, column, color, label, **kw):
-    """The mean over seeds of a per-validation column (in %), the seeds' range shaded."""
-    by = e.groupby("iter")[column]
-    mean, low, high = (100 * f() for f in (by.mean, by.min, by.max))
-    ax.plot(mean.index, mean.values, color=color, label=label, **kw)
-    if (high - low).max() > 0:
-        ax.fill_between(mean.index, low.values, high.values, color=color, alpha=0.15, lw=0)
-
-
-# ---------------------------------------------------------------- main
-FIGURES["premise"] = premise
-FIGURES["robust"] = robust
-FIGURES["gpu_small"] = gpu_small
-
-
-def main(argv=None):
-    """Draw every figure and write the tables. Returns {name: Figure or DataFrame} of what was made."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--results", default="results", help="the folder scripts/collect.py wrote")
-    p.add_argument("--scale", default=None, help="plot this scale only (default: the largest one present)")
-    p.add_argument("--only", nargs="+", choices=[*FIGURES, *TABLES], default=None)
-    p.add_argument("--force", action="store_true", help="redraw every figure, even those whose inputs are unchanged")
-    args = p.parse_args(argv)
-    results = Path(args.results)
-    if not results.is_dir():
-        print(f"error: --results {results} is not a folder; give the folder scripts/collect.py wrote", file=sys.stderr)
-        sys.exit(2)
-    made = {}
-    for name in args.only or [*FIGURES, *TABLES]:
-        if name in FIGURES:
-            path = results / name / name
-            if not args.force and is_current(path, results, args.scale):
-                print(f"plot: {name}: this code and its inputs are unchanged; kept {path}.png, .pdf")
-                continue
-            obj, reads = draw(name, results, args.scale)
-            paths = [*save(obj, path), write_sidecar(obj, path, reads, args.scale)] if obj is not None else []
-        else:
-            make, write = TABLES[name]
-            obj = make(results, args.scale)
-            paths = write(obj, results) if obj is not None else []
-        if obj is None:
-            print(f"plot: {name}: no finished runs in {results} yet, skipped")
-            continue
-        made[name] = obj
-        print(f"plot: {name} -> {', '.join(map(str, paths))}")
-    return made
-
-
-if __name__ == "__main__":
-    main()
+FIGURES = {"fig1": fig1, "fig2": fig2, "fig3": fig3, "fig4": fig4, "fig5": fig5, "fig6": fig6, "fig7": fig7,
+           "fig8": fig8, "fig9": fig9, "premise": premise, "robust": robust, "gpu_small": gpu_small}
