@@ -44,7 +44,7 @@ from typing import NamedTuple
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # gaf from a checkout without installing (a lent GPU); the scripts beside this: ours
+sys.path.insert(0, str(ROOT))  # gaf, from a checkout without installing (a lent GPU); bench_*, gpu_check: beside this
 
 import bench_concurrent  # noqa: E402
 import bench_fused  # noqa: E402

@@ -359,7 +359,6 @@ def experiment_runs(rows, experiment):
 WHEN_AND_HOW = ("collected_at", "command", "run_roots")
 
 
-
 def portable_root(root) -> str:
     """A run root as provenance records it: relative to the repository where it lies in it, else as given
     (an absolute path of one machine means nothing on another)."""
