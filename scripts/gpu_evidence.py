@@ -17,7 +17,7 @@ them to configs/experiment/gpu_small.points.json (a lent GPU has no Hydra), as f
  3. sweep      wave after wave; the outputs rewritten after each, so a call cut short returns what it
                finished. Budget left over (>= FUSED_BENCH_S) measures bench_fused.
 
-Outputs, in --results/gpu_small/: runs.csv, curves.csv, evals.csv and provenance.json as collect.py
+Outputs, in --results/gpu_small/: runs.csv, curves.csv, evals.csv and provenance.json as gaf.report.collect
 writes them (this call's runs added to those it continues from; "calls" records every call) and
 preflight.md: five files, within what a device call brings back. The 480-s budget and the file count
 are a lent GPU's defaults, not the design: --budget-s 36000 on a GPU of one's own runs the whole grid.
@@ -44,14 +44,14 @@ from typing import NamedTuple
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]  # a checkout without installing; the scripts beside this
+sys.path.insert(0, str(ROOT))  # gaf, from a checkout without installing (a lent GPU); bench_*, gpu_check: beside this
 
 import bench_concurrent  # noqa: E402
 import bench_fused  # noqa: E402
-import collect  # noqa: E402
 import gpu_check  # noqa: E402
 from gaf.config import CLASSES, RunConfig  # noqa: E402
 from gaf.fused_train import groups, run_group  # noqa: E402
+from gaf.report import collect  # noqa: E402  (neither Hydra nor matplotlib)
 from gaf.sources import DataError, cifar10_jpeg_file  # noqa: E402
 from gaf.train import run  # noqa: E402
 
@@ -305,7 +305,7 @@ def sweep(a, todo: list[Point], speed: Speed, work: Path, record: dict) -> None:
 
 
 def write_outputs(a, work: Path, record: dict) -> None:
-    """collect.py's files with this call's runs added, and provenance.json's "calls" with this call's
+    """gaf.report.collect's files with this call's runs added, and provenance.json's "calls" with this call's
     record (replacing an earlier version of it); a failure is printed, not raised."""
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # its line names the temporary folder

@@ -7,7 +7,7 @@ condition, whether it holds, with the numbers:
   3. at 40% noise its final validation accuracy is at least 5 points below its best;
   4. the paper's optimizer (SGD, Nesterov momentum 0.9, lr 0.01, weight decay 1e-2), GAF n = 2, tau = 0.97.
 
-Every seed is checked. Reads only results/fig6/{runs,evals}.csv (scripts/collect.py).
+Every seed is checked. Reads only results/fig6/{runs,evals}.csv (gaf.report.collect).
 
 Exit status 0 when every condition holds, 1 when one fails or there are no runs to check.
 
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_data import load  # noqa: E402  (the same finished-runs-at-one-scale rule as the figures)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this tree's gaf, whichever tree .venv installed
+from gaf.report.data import load  # noqa: E402  (the same finished-runs-at-one-scale rule as the figures)
 
 CLEAN_BEST, MEMORISED, DROP, NOISE = 0.45, 0.50, 0.05, 0.4
 OPTIMIZER = {"optim.name": "sgd", "optim.nesterov": True, "optim.momentum": 0.9, "optim.lr": 0.01,

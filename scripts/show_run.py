@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]  # this tree's gaf
-import plot  # noqa: E402  (the figures' style, pinned fonts and helpers)
-from collect import flatten, without_effect_keys  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this tree's gaf, whichever tree .venv installed
+from gaf.report import plot  # noqa: E402  (the figures' style, pinned fonts and helpers)
+from gaf.report.collect import flatten, without_effect_keys  # noqa: E402
 from gaf.rundir import RunDirError, differences, read_json, run_status  # noqa: E402
 
 

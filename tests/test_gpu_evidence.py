@@ -15,9 +15,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import gpu_evidence as ge  # noqa: E402
-import tables  # noqa: E402
 from cifar_fixtures import write_jpeg_tar  # noqa: E402
 from gaf.config import RunConfig, validate  # noqa: E402
+from gaf.report import tables  # noqa: E402
 
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 OUTPUTS = {"runs.csv", "curves.csv", "evals.csv", "provenance.json", "preflight.md"}
@@ -262,7 +262,7 @@ def test_the_dry_run_runs_every_stage_with_resnet18_and_a_second_call_continues_
     """`make gpu-evidence ARGS="--device cpu --quick"`: the GPU's code path in a Python that cannot
     import Hydra, on a tiny JPEG copy in the official layout, ResNet18 in the preflight and the runs.
     The first call makes one wave of fused groups; the second continues its folder, one run per
-    process; plot.py draws them."""
+    process; make figures draws them."""
     first = tmp_path / "first"
     lines = dry_run(tmp_path, first, "--runs", "6", "--budget-s", "3000")  # a budget a busy CPU cannot spend
     assert [line.split()[1] for line in lines if line.startswith("PASS ")] == ["sync-free", "fp32-equal", "fused-equal"]
@@ -300,8 +300,9 @@ def test_the_dry_run_runs_every_stage_with_resnet18_and_a_second_call_continues_
     assert first_d["sweep/" + ge.grid(1)[1].folder] == pytest.approx(first_d["sweep/" + ge.grid(1)[2].folder])
     assert "| fp32-equal | PASS |" in (out / "preflight.md").read_text()
 
-    import plot  # the figure and the table of make figures, from the call's files alone
-    made = plot.main(["--results", str(first), "--only", "gpu_small", "gpu_small_table"])
+    from gaf.report.regenerate import regenerate
+
+    made = regenerate(first, only=["gpu_small", "gpu_small_table"])  # make figures' figure and table, from these files
     assert set(made) == {"gpu_small", "gpu_small_table"} and (out / "gpu_small.png").is_file()
     assert "| lr 0.02, weight decay 0.0005, cosine | 40% | GAF | 1 |" in (out / "gpu_small.md").read_text()
 

@@ -25,8 +25,8 @@ def test_the_install_says_nothing_about_deprecations(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["experiments/train.py", "scripts/collect.py", "scripts/show_run.py",
-                                    "scripts/reproduce.py"])
+@pytest.mark.parametrize("script", ["experiments/train.py", "scripts/collect.py", "scripts/plot.py",
+                                    "scripts/show_run.py", "scripts/regime_check.py", "scripts/reproduce.py"])
 def test_a_scripts_gaf_is_the_one_beside_it(tmp_path, script):
     """A second checkout using this one's .venv (whose editable install points here) imports its own gaf."""
     clone = tmp_path / "clone"

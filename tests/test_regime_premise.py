@@ -8,10 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from gaf.report import data, figures, tables
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import plot  # noqa: E402
-import results_data  # noqa: E402
-import tables  # noqa: E402
 import regime_check  # noqa: E402
 
 OPTIM = {"optim.name": "sgd", "optim.nesterov": True, "optim.momentum": 0.9, "optim.lr": 0.01,
@@ -36,7 +35,7 @@ def write(results, experiment, runs, evals, curves=()):
     d.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(runs).assign(experiment=experiment).to_csv(d / "runs.csv", index=False)
     pd.DataFrame(evals).to_csv(d / "evals.csv", index=False)
-    columns = results_data.CURVE_COLUMNS + ["stepped_win"]
+    columns = data.CURVE_COLUMNS + ["stepped_win"]
     pd.DataFrame(list(curves), columns=columns).to_csv(d / "curves.csv", index=False)
 
 
@@ -123,7 +122,7 @@ def test_premise_table_measures_the_phase_after_the_baselines_peak(tmp_path):
     assert df.loc[(16, 1), "GAF - baseline, final"] == pytest.approx(100 * (0.27 - 0.25))  # fig6 seed 0: 0.33 - 0.08
     assert df.loc[(4, 1), "GAF - baseline, best"] == pytest.approx(100 * (0.31 - 0.30))
     assert df.loc[(16, 1), "GAF - averaging, final"] == pytest.approx(2.0)
-    fig = plot.premise(tmp_path, "tiny")
+    fig = figures.premise(tmp_path, "tiny")
     assert fig is not None and len(fig.axes) == 4
     md, csv = tables.write_premise(tables.premise_table(tmp_path, "tiny"), tmp_path)
     assert "| phase from |" in md.read_text().replace("| width | m | phase from |", "| phase from |")

@@ -1,10 +1,12 @@
 """Synthetic run directories -> scripts/collect.py -> scripts/plot.py -> notebooks/figures.ipynb.
 
-No training: tests/synthetic_runs.py writes run directories that follow docs/rundir.md.
+No training: tests/synthetic_runs.py writes run directories that follow docs/rundir.md. The
+command lines are run as scripts; the rest is gaf.report's.
 """
 
 import csv
 import datetime as dt
+import importlib.util
 import io
 import json
 import re
@@ -17,15 +19,23 @@ import numpy as np
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "tests")]
+import synthetic_runs as synth
+from gaf import rundir
+from gaf.report import collect, data, figures, plot, tables
+from gaf.report.regenerate import is_current, regenerate
 
-import collect  # noqa: E402
-import plot  # noqa: E402
-import results_data  # noqa: E402
-import tables  # noqa: E402
-import synthetic_runs as synth  # noqa: E402
-from gaf import rundir  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def command_line(name):
+    """scripts/<name>.py as a module (scripts/ is no package): the command line ``make figures`` runs."""
+    spec = importlib.util.spec_from_file_location(f"{name}_command_line", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+collect_command, plot_command = command_line("collect"), command_line("plot")
 
 RUN_COLUMNS = ["run_id", "experiment", "scale", "data.name", "data.noise", "model.name", "method.name", "method.tau",
                "method.n_micro", "method.per_class", "method.merge", "method.batch_size", "seed", "optim.lr",
@@ -42,8 +52,8 @@ def pipeline(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
     written = synth.write_all(tmp / "multirun", iterations=ITERS, val_every=VAL_EVERY)
     results = tmp / "results"
-    collected = collect.main(["--runs", str(tmp / "multirun"), "--results", str(results)])
-    made = plot.main(["--results", str(results)])
+    collected = collect_command.main(["--runs", str(tmp / "multirun"), "--results", str(results)])
+    made = plot_command.main(["--results", str(results)])
     return dict(tmp=tmp, written=written, results=results, collected=collected, made=made)
 
 
@@ -134,7 +144,7 @@ def test_duplicate_sweep_point_keeps_the_newest_finished_run(tmp_path):
     curves = pd.read_csv(tmp_path / "results" / "fig6" / "curves.csv")
     assert set(curves["run_id"]) == ids  # dropped duplicates leave no curves behind
     # plots use finished runs only: the running run adds no point at 80% noise
-    assert 80 not in set(results_data.noise_pct(results_data.load(tmp_path / "results", "fig6").runs))
+    assert 80 not in set(data.noise_pct(data.load(tmp_path / "results", "fig6").runs))
 
 
 def test_results_are_collected_per_scale_and_custom_runs_only_when_asked(tmp_path):
@@ -161,14 +171,14 @@ def test_results_are_collected_per_scale_and_custom_runs_only_when_asked(tmp_pat
     tiny_only = pd.read_csv(io.BytesIO(committed["curves.csv"]))
     mine = curves[curves["run_id"].isin(tiny_only["run_id"])].reset_index(drop=True)
     pd.testing.assert_frame_equal(mine[tiny_only.columns], tiny_only)
-    assert results_data.load(results, "fig6", "tiny").runs["scale"].eq("tiny").all()
+    assert data.load(results, "fig6", "tiny").runs["scale"].eq("tiny").all()
     ad_hoc = collect.collect([tmp_path / "outputs"], results, ad_hoc=True)["fig6"]
     assert "custom" in set(ad_hoc["scale"]) and {"tiny", "small"} <= set(ad_hoc["scale"])
 
 
 def test_plot_writes_every_figure_and_table(pipeline):
     results, made = pipeline["results"], pipeline["made"]
-    for name in plot.FIGURES:
+    for name in figures.FIGURES:
         for ext in ("png", "pdf"):
             path = results / name / f"{name}.{ext}"
             assert path.is_file() and path.stat().st_size > 0, path  # what each draws: the tests below
@@ -197,7 +207,7 @@ def test_plot_writes_every_figure_and_table(pipeline):
 
 def test_titles_name_the_scale_and_the_data_substitution(pipeline):
     made = pipeline["made"]
-    for name in plot.FIGURES:
+    for name in figures.FIGURES:
         title = " ".join(made[name].get_suptitle().split())  # titles are wrapped to the figure's width
         if name == "fig2":  # the schematic draws no runs
             assert "scale" not in title and "D(g_1, g_2)" in title
@@ -242,7 +252,7 @@ def write_fig4_as_published(root):
 def test_fig4_labels_runs_by_m_in_numeric_order(tmp_path):
     write_fig4_as_published(tmp_path / "multirun")
     collect.collect([tmp_path / "multirun"], tmp_path / "results")
-    fig = plot.fig4(tmp_path / "results")
+    fig = figures.fig4(tmp_path / "results")
     assert fig.axes[0].get_legend_handles_labels()[1] == ["m = 1", "m = 2", "m = 4", "m = 10"]
     assert "plain averaging (tau = 2), by microbatch size m" in " ".join(fig.get_suptitle().split())
 
@@ -256,8 +266,8 @@ def test_error_bars_only_with_two_seeds_or_more(tmp_path):
     synth.write_experiment(tmp_path / "two", "fig6", seeds=(0, 1))
     for name in ("one", "two"):
         collect.collect([tmp_path / name], tmp_path / f"results-{name}")
-    assert errorbar_has_yerr(plot.fig6(tmp_path / "results-one")) == [False, False]
-    assert errorbar_has_yerr(plot.fig6(tmp_path / "results-two")) == [True, True]
+    assert errorbar_has_yerr(figures.fig6(tmp_path / "results-one")) == [False, False]
+    assert errorbar_has_yerr(figures.fig6(tmp_path / "results-two")) == [True, True]
 
 
 def test_paper_vs_repro_differences_only_for_the_papers_data_and_model(tmp_path):
@@ -284,25 +294,25 @@ def test_committed_results_regenerate_portably(tmp_path):
     committed tables and CSVs byte for byte, and each figure's sidecar: the same code, the same inputs
     and the same drawn content (every line's data and every text)."""
     copy = committed_results(tmp_path)
-    plot.main(["--results", str(copy), "--force"])
+    regenerate(copy, force=True)
     portable = [p for p in sorted(copy.rglob("*")) if p.is_file() and p.suffix not in (".png", ".pdf")]
     changed = [p.relative_to(copy).as_posix() for p in portable
                if p.read_bytes() != (ROOT / "results" / p.relative_to(copy)).read_bytes()]
     assert changed == [], f"regeneration changed {changed}: run `make figures` and commit the result"
     assert sorted(p.relative_to(copy).as_posix() for p in copy.rglob("*.inputs.json")) == \
-        sorted(f"{name}/{name}.inputs.json" for name in plot.FIGURES if (ROOT / "results" / name).is_dir())
+        sorted(f"{name}/{name}.inputs.json" for name in figures.FIGURES if (ROOT / "results" / name).is_dir())
 
 
 def test_committed_figures_are_current_so_make_figures_keeps_them(tmp_path):
-    """Every committed figure was drawn by this plot.py from the committed inputs, so `make figures` on
-    an unchanged checkout rewrites nothing (a figure's bytes differ between machines' renderers)."""
+    """Every committed figure was drawn by this gaf.report from the committed inputs, so `make figures`
+    on an unchanged checkout rewrites nothing (a figure's bytes differ between machines' renderers)."""
     copy = committed_results(tmp_path)
-    stale = [name for name in plot.FIGURES
-             if (ROOT / "results" / name).is_dir() and not plot.is_current(copy / name / name, copy, None)]
+    stale = [name for name in figures.FIGURES
+             if (ROOT / "results" / name).is_dir() and not is_current(copy / name / name, copy, None)]
     assert stale == [], f"{stale} are stale: run `make figures` and commit the result"
     (copy / "fig6" / "fig6.png").write_bytes(b"left alone")
-    made = plot.main(["--results", str(copy)])
-    assert not set(made) & set(plot.FIGURES)  # only the tables were written
+    made = regenerate(copy)
+    assert not set(made) & set(figures.FIGURES)  # only the tables were written
     assert (copy / "fig6" / "fig6.png").read_bytes() == b"left alone"
 
 
@@ -311,23 +321,23 @@ def test_changed_inputs_redraw_exactly_the_figures_that_read_them(tmp_path):
     runs = pd.read_csv(copy / "fig6" / "runs.csv")
     runs.loc[0, "best_val_acc"] = 0.99
     runs.to_csv(copy / "fig6" / "runs.csv", index=False)
-    made = plot.main(["--results", str(copy)])
-    figures = sorted(set(made) & set(plot.FIGURES))
-    assert figures == ["fig6", "premise"]  # the premise figure reads figure 6's baselines
-    assert plot.is_current(copy / "fig6" / "fig6", copy, None)
+    made = regenerate(copy)
+    redrawn = sorted(set(made) & set(figures.FIGURES))
+    assert redrawn == ["fig6", "premise"]  # the premise figure reads figure 6's baselines
+    assert is_current(copy / "fig6" / "fig6", copy, None)
     side = json.loads((copy / "fig6" / "fig6.inputs.json").read_text())
-    assert side["inputs"]["fig6/runs.csv"] == results_data.sha256((copy / "fig6" / "runs.csv").read_bytes())
+    assert side["inputs"]["fig6/runs.csv"] == data.sha256((copy / "fig6" / "runs.csv").read_bytes())
     assert side["drawn"] != json.loads((ROOT / "results/fig6/fig6.inputs.json").read_text())["drawn"]
-    assert plot.main(["--results", str(copy), "--scale", "tiny", "--only", "fig1"])  # another scale: redrawn
+    assert regenerate(copy, "tiny", ["fig1"])  # another scale: redrawn
 
 
 def test_two_redraws_on_one_machine_are_byte_identical(tmp_path):
     copies = [committed_results(tmp_path, f"copy{k}") for k in (1, 2)]
     for copy in copies:
-        plot.main(["--results", str(copy), "--force"])
+        regenerate(copy, force=True)
     drawn = sorted(p.relative_to(copies[0]) for p in copies[0].rglob("*")
-                   if p.suffix in (".png", ".pdf") and p.parts[-2] in plot.FIGURES)  # not gpu-small*/'s, measured
-    assert len(drawn) == 2 * len(plot.FIGURES)
+                   if p.suffix in (".png", ".pdf") and p.parts[-2] in figures.FIGURES)  # not gpu-small*/'s, measured
+    assert len(drawn) == 2 * len(figures.FIGURES)
     assert [p.as_posix() for p in drawn if (copies[0] / p).read_bytes() != (copies[1] / p).read_bytes()] == []
 
 
@@ -344,11 +354,11 @@ def test_paper_scale_titles_carry_no_scale_tag(tmp_path):
     synth.write_experiment(tmp_path / "multirun", "fig6", scale="paper", model="resnet18")
     collect.collect([tmp_path / "multirun"], tmp_path / "results")
     runs = pd.read_csv(tmp_path / "results" / "fig6" / "runs.csv")
-    assert "paper scale" not in results_data.title_suffix(runs) and synth.DATA_NOTE in results_data.title_suffix(runs)
+    assert "paper scale" not in data.title_suffix(runs) and synth.DATA_NOTE in data.title_suffix(runs)
     runs["data_note"] = ""
-    assert results_data.title_suffix(runs) == ""
+    assert data.title_suffix(runs) == ""
     runs.loc[0, "scale"] = "small"  # a mix names both scales
-    assert results_data.title_suffix(runs) == "[small/paper scale: ResNet18]"
+    assert data.title_suffix(runs) == "[small/paper scale: ResNet18]"
 
 
 def test_plot_survives_runs_without_rows_or_distances(tmp_path):
@@ -358,13 +368,13 @@ def test_plot_survives_runs_without_rows_or_distances(tmp_path):
         (run_dir / "metrics.csv").unlink() if k % 2 else (run_dir / "metrics.csv").write_text("")
         (run_dir / "eval.csv").unlink() if k % 3 else None
     collect.collect([tmp_path / "multirun"], tmp_path / "results")
-    made = plot.main(["--results", str(tmp_path / "results"), "--only", "fig1", "fig3", "fig5", "fig6"])
+    made = regenerate(tmp_path / "results", only=["fig1", "fig3", "fig5", "fig6"])
     assert sorted(made) == ["fig1", "fig3", "fig5", "fig6"]
 
 
 def test_max_curve_rows_below_one_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        collect.main(["--runs", str(tmp_path), "--max-curve-rows", "0"])
+        collect_command.main(["--runs", str(tmp_path), "--max-curve-rows", "0"])
     assert "--max-curve-rows must be >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="max_curve_rows must be an integer >= 1"):
         collect.collect([tmp_path], tmp_path / "results", max_curve_rows=0)
@@ -372,7 +382,7 @@ def test_max_curve_rows_below_one_is_a_clear_error(tmp_path, capsys):
 
 def test_plot_on_empty_results_does_not_crash(tmp_path, capsys):
     (tmp_path / "results").mkdir()  # empty (a folder that is not there is an error)
-    made = plot.main(["--results", str(tmp_path / "results")])
+    made = regenerate(tmp_path / "results")
     assert list(made) == ["fig2"]  # the schematic needs no runs
     out = capsys.readouterr().out
     assert "fig6: no finished runs" in out and "table1: no finished runs" in out
@@ -382,7 +392,7 @@ def test_plot_on_empty_results_does_not_crash(tmp_path, capsys):
     cfg = synth.run_config("fig6", method="gaf", noise=0.4)
     synth.write_run(tmp_path / "multirun" / "a", cfg, status="running")
     assert len(collect.collect([tmp_path / "multirun"], tmp_path / "results")["fig6"]) == 1
-    assert "fig6" not in plot.main(["--results", str(tmp_path / "results")])
+    assert "fig6" not in regenerate(tmp_path / "results")
 
 
 def test_notebook_executes_headless_on_synthetic_results(pipeline, tmp_path, monkeypatch):
@@ -408,7 +418,7 @@ def test_notebook_executes_headless_on_synthetic_results(pipeline, tmp_path, mon
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) == len(plot.FIGURES)  # every figure drawn
+    assert len(images) == len(figures.FIGURES)  # every figure drawn
     markdown = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
     # the table with its caveat (the synthetic runs substituted CIFAR-10 for CIFAR-100)
     assert any("symmetric 40.2" in m and "[tiny scale" in m for m in markdown)
@@ -434,7 +444,7 @@ def test_ad_hoc_runs_are_collected_only_when_asked(tmp_path):
                     synth.run_config("single", scale="custom", noise=0.4))
     collected = collect.collect([tmp_path / "multirun", tmp_path / "outputs"], tmp_path / "results")
     assert sorted(collected) == ["fig9"] and not (tmp_path / "results" / "single").exists()
-    collected = collect.main(["--runs", str(tmp_path / "multirun"), str(tmp_path / "outputs"),
+    collected = collect_command.main(["--runs", str(tmp_path / "multirun"), str(tmp_path / "outputs"),
                               "--results", str(tmp_path / "results"), "--ad-hoc"])
     assert sorted(collected) == ["fig9", "single"] and list(collected["single"]["scale"]) == ["custom"]
 
@@ -563,7 +573,7 @@ def test_fig6_draws_each_runs_best_validation_accuracy_against_noise(pipeline):
         x, y = series[f"{label} (this reproduction)"]
         np.testing.assert_allclose(x, [p for p, _ in mine])
         np.testing.assert_allclose(y, [b for _, b in mine], rtol=1e-6)
-    paper = pd.read_csv(results_data.PAPER_FIG6, comment="#")
+    paper = pd.read_csv(data.PAPER_FIG6, comment="#")
     assert_curve(line(fig.axes[0], "GAF (paper)"), paper["label_noise_pct"], paper["gaf_val_acc_pct"])
     assert_curve(line(fig.axes[0], "baseline (paper)"), paper["label_noise_pct"], paper["baseline_val_acc_pct"])
 
@@ -668,7 +678,8 @@ def test_provenance_names_run_roots_relative_to_the_repository_or_as_given(tmp_p
     assert committed and not [name for name, roots in committed.items() if any(Path(r).is_absolute() for r in roots)]
 
 
-@pytest.mark.parametrize("script, args", [(collect, ["--runs", "multirun", "nowhere"]), (plot, ["--results", "nowhere"])])
+@pytest.mark.parametrize("script, args", [(collect_command, ["--runs", "multirun", "nowhere"]),
+                                          (plot_command, ["--results", "nowhere"])])
 def test_a_folder_that_is_not_there_is_one_error(tmp_path, monkeypatch, capsys, script, args):
     (tmp_path / "multirun").mkdir()
     monkeypatch.chdir(tmp_path)

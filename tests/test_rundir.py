@@ -129,7 +129,8 @@ READ_WITHOUT_TORCH = """
 import json, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
-import collect, show_run
+import show_run
+from gaf.report import collect
 from gaf.rundir import RunDirLock, read_json, run_status
 run_dir = Path(sys.argv[1])
 assert run_status(run_dir, read_json(run_dir / "summary.json")) == "interrupted"  # running, but no lock held
@@ -140,7 +141,7 @@ assert "torch" not in sys.modules, "torch was imported"
 
 
 def test_run_files_are_read_without_torch(tmp_path):
-    """collect.py and show_run.py read summaries and run status through gaf.rundir, which needs no torch."""
+    """gaf.report.collect and show_run.py read summaries and run status through gaf.rundir, which needs no torch."""
     (tmp_path / "summary.json").write_text(json.dumps({"status": "running", "config": {}}))
     reader = python(READ_WITHOUT_TORCH, tmp_path, ROOT / "scripts")
     out, err = reader.communicate(timeout=120)

@@ -8,12 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from gaf.report import collect
 from gaf.train import Trainer, run
 from run_files import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-import collect  # noqa: E402
 import show_run  # noqa: E402
 
 

@@ -1,7 +1,7 @@
 """Reading the collected results: the one loader the figures, the tables, the notebook and the
 regime check share, the names of what ran, and a record of which files were read.
 
-Reads only what scripts/collect.py wrote (results/<experiment>/{runs,curves,evals}.csv,
+Reads only what gaf.report.collect wrote (results/<experiment>/{runs,curves,evals}.csv,
 provenance.json) and the paper's figure-6 values (scripts/paper_facts/figure6.csv); never run
 directories. ``load`` keeps finished runs at one scale per experiment (the largest present
 unless asked for another).
@@ -15,6 +15,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
+
+from gaf.report import REPOSITORY
 
 SCALES = ["tiny", "small", "gpu", "paper"]  # smallest to largest; unknown scales rank lowest
 
@@ -30,11 +32,11 @@ CURVE_COLUMNS = ["run_id", "iter", "d_mean", "d_mean_win", "stride", "acc", "los
 
 EVAL_COLUMNS = ["run_id", "iter", "train_acc", "val_acc"]
 
-PAPER_FIG6 = Path(__file__).resolve().parent / "paper_facts" / "figure6.csv"
+PAPER_FACTS = REPOSITORY / "scripts" / "paper_facts"
+
+PAPER_FIG6 = PAPER_FACTS / "figure6.csv"
 
 PAPER_FIG6_SETUP = ("cifar100", "resnet18")  # the data set and network of the paper's figure 6
-
-HERE = Path(__file__).resolve().parent
 
 _reads: dict | None = None  # inside reads_recorded(): {input key: sha256 of the file, or None if absent}
 
@@ -42,15 +44,15 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 def input_key(path, results_dir):
-    """A file a figure reads, named portably: scripts/<path> for this folder's files, else relative
-    to the results folder."""
+    """A file a figure reads, named portably: the paper's facts relative to the repository
+    (scripts/paper_facts/<file>), else relative to the results folder."""
     path = Path(path).resolve()
-    if HERE in path.parents:
-        return "scripts/" + path.relative_to(HERE).as_posix()
+    if PAPER_FACTS in path.parents:
+        return path.relative_to(REPOSITORY).as_posix()
     return path.relative_to(Path(results_dir).resolve()).as_posix()
 
 def input_path(key, results_dir):
-    return HERE / key.removeprefix("scripts/") if key.startswith("scripts/") else Path(results_dir) / key
+    return REPOSITORY / key if key.startswith("scripts/") else Path(results_dir) / key
 
 def file_hash(path):
     return sha256(path.read_bytes()) if path.is_file() else None

@@ -1,7 +1,7 @@
 """Result files -> table 1, the paper-vs-reproduction note, the premise and the robust tables (Markdown and CSV).
 
 Each table is a ``make`` function (results folder, scale -> DataFrame or None) and a ``write``
-function (DataFrame, results folder -> the paths written); ``TABLES`` names them for plot.py.
+function (DataFrame, results folder -> the paths written); ``TABLES`` names them for gaf.report.regenerate.
 """
 
 from pathlib import Path
@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from results_data import (PAPER_FIG6_SETUP, _unique, acc_stats, arm, arm_order, curve, data_asked, data_notes, data_used, datasets_of, load,
-                          models_of, noise_pct, optimizer, ran_on, read_paper_fig6, title_suffix, variant)
+from gaf.report.data import (PAPER_FIG6_SETUP, _unique, acc_stats, arm, arm_order, curve, data_asked, data_notes,
+                             data_used, datasets_of, load, models_of, noise_pct, optimizer, ran_on, read_paper_fig6,
+                             title_suffix, variant)
 
 def _compare(runs, source):
     """Rows of (dataset, noise, GAF setting): baseline, GAF and GAF - baseline, best val acc in %: mean, s.d. and
