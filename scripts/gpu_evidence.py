@@ -9,8 +9,8 @@ them to configs/experiment/gpu_small.points.json (a lent GPU has no Hydra), as f
 (gaf.fused_train), and holds only what is about one call with a time budget:
 
  1. preflight  gpu_check's sync-free, fp32-equal and fused-equal checks with the grid's network, classes,
-               m and merge (the suite runs them on a CPU with ResNet18); a failed fused-equal sends the
-               runs one per process.
+               m and merge (the suite runs them on a CPU with ResNet18; fused-equal only where runs are
+               fused); a failed fused-equal sends the runs one per process.
  2. plan       a wave is the longest run of the points still to go, in the preset's order, predicted to
                end within the time left (the first wave: within half of it), one process per fused group,
                all at once; the first rate is timed on the device, and each wave rescales the prediction.
@@ -129,21 +129,22 @@ def jobs(points: list[Point], max_fused: int) -> list[list[Point]]:
 
 
 def preflight(a, out: Path, points: list[Point]) -> dict:
-    """gpu_check's sync-free, fp32-equal and fused-equal checks with the grid's network, classes, m and
-    merge, reported in out/preflight.md; exits where the fast step failed, and where only the fused
-    step did, sets a.max_fused to 1 (one run per process)."""
+    """gpu_check's sync-free, fp32-equal and (where runs are fused) fused-equal checks with the grid's
+    network, classes, m and merge, reported in out/preflight.md; exits where the fast step failed, and
+    where only the fused step did, sets a.max_fused to 1 (one run per process)."""
     gaf = next(p.config for p in points if p.config["method"]["name"] == "gaf")
     args = gpu_check.parse_args(["--device", a.device, *(["--quick"] if a.quick else []), "--jpeg", str(a.data)])
     ctx = gpu_check.context(args)  # decodes the JPEG copy once, into the cache every run then reads
     ctx.model, ctx.classes, ctx.m = gaf["model"]["name"], CLASSES[gaf["data"]["name"]], gaf["method"]["per_class"]
     ctx.merge, ctx.sync_steps = gaf["method"]["merge"], a.call.sync_steps
-    results = gpu_check.run_checks(ctx, ["sync-free", "fp32-equal", "fused-equal"])
+    checks = ["sync-free", "fp32-equal", *(["fused-equal"] if a.max_fused > 1 else [])]  # no group, no question
+    results = gpu_check.run_checks(ctx, checks)
     (out / "preflight.md").write_text(gpu_check.markdown(gpu_check.environment(ctx) | {"command": command_line()},
                                                          results, []))
     if failed := [name for name, r in results.items() if r["status"] != "PASS" and name != "fused-equal"]:
         sys.exit(f"FAIL preflight {failed[0]}: {results[failed[0]]['detail']}; the grid did not run "
                  f"(report: {out / 'preflight.md'})")
-    if results["fused-equal"]["status"] != "PASS":
+    if results.get("fused-equal", {"status": "PASS"})["status"] != "PASS":
         a.max_fused = 1
         print("fused-equal failed: the runs go one per process", flush=True)
     return results

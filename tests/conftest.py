@@ -12,6 +12,9 @@ sys.path.insert(0, str(Path(__file__).parent))  # cifar_fixtures, synthetic_runs
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("MPLBACKEND", "Agg")
 torch.set_num_threads(1)
+# The processes tests start, one thread each too: two xdist workers whose children each spin a
+# thread per core oversubscribe a 2-core machine many times over.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _closed_port() -> int:

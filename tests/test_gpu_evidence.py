@@ -291,7 +291,7 @@ def test_the_dry_run_runs_every_stage_with_resnet18_and_a_second_call_continues_
     assert "fused_bench" not in record  # --no-bench
     assert record["card"] == "cpu" and record["max_fused"] == 1 and record["compile"] == "none"
     assert "wave 1: 3 runs in 3 processes" in next(line for line in lines if line.startswith("wave 1: 3"))
-    assert {r["status"] for r in record["preflight"].values()} == {"PASS"}
+    assert {n: r["status"] for n, r in record["preflight"].items()} == {"sync-free": "PASS", "fp32-equal": "PASS"}
     assert all(w["wall_s"] > 0 for w in record["waves"])
     evals, curves = pd.read_csv(out / "evals.csv"), pd.read_csv(out / "curves.csv")
     assert evals.groupby("run_id").size().eq(2).all()  # 8 iterations, validated every 4
