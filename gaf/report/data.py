@@ -8,6 +8,7 @@ unless asked for another).
 """
 
 import contextlib
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -20,7 +21,7 @@ from gaf.datasets import DATA_SETS, stand_in_prefix
 from gaf.methods import METHODS
 from gaf.report import REPOSITORY
 
-SCALES = ["tiny", "small", "gpu", "paper"]  # smallest to largest; unknown scales rank lowest
+SCALE_FILES = REPOSITORY / "configs" / "scale"  # a scale is its file there
 
 DATA = {d.name: d.title for d in DATA_SETS.values()}  # how figures and tables name a data set
 
@@ -74,7 +75,7 @@ def load(results_dir, experiment, scale=None):
     runs = runs[runs["status"] == "finished"]
     if runs.empty:
         return None
-    scale = scale or max(runs["scale"].unique(), key=lambda s: SCALES.index(s) if s in SCALES else -1)
+    scale = scale or max(runs["scale"].unique(), key=scale_size)
     runs = runs[runs["scale"] == scale].reset_index(drop=True)
     if runs.empty:
         return None
@@ -86,6 +87,17 @@ def load(results_dir, experiment, scale=None):
         frames[name] = f[f["run_id"].isin(ids)]
     prov = json.loads((d / "provenance.json").read_text()) if (d / "provenance.json").is_file() else {}
     return SimpleNamespace(experiment=experiment, scale=scale, runs=runs, provenance=prov, **frames)
+
+@functools.cache
+def scale_size(scale):
+    """How large a scale is, to pick the largest and to sort: (1, the iterations its configs/scale/ file
+    trains, its name); a name of no file (custom) ranks lowest."""
+    import yaml  # only here: collecting results (gaf.report.collect) needs no PyYAML
+
+    path = SCALE_FILES / f"{scale}.yaml"
+    if not isinstance(scale, str) or not path.is_file():
+        return (0, 0, str(scale))
+    return (1, yaml.safe_load(path.read_text())["train"]["iterations"], scale)
 
 def _unique(series):
     return [v for v in dict.fromkeys(series.dropna()) if v != ""]
@@ -139,7 +151,7 @@ def datasets_of(runs):
 def title_suffix(runs):
     """'[tiny scale: tiny CNN; <data note>]' from runs.csv, or '' for paper-scale runs on the paper's data."""
     parts = []
-    scales = sorted(_unique(runs["scale"]), key=lambda s: SCALES.index(s) if s in SCALES else -1)
+    scales = sorted(_unique(runs["scale"]), key=scale_size)
     if scales != ["paper"]:
         parts.append(f"{'/'.join(scales)} scale: {models_of(runs)}")
     parts += data_notes(runs)
