@@ -280,8 +280,7 @@ class RunConfig:
     # gram (shards + Gram all-reduce) | allgather (the authors' script)
     dist_mode: str = setting("gram", "choice", choices=DIST_MODES, applies="distributed")
     experiment: str = setting("single", "text")  # a preset's name; results are grouped by it
-    # what the settings are: the scale chosen (a configs/scale/ file's name: experiments/launch.py refuses any
-    # other), else custom (launch.py's settings_scale decides); a label here, as experiment is
+    # a label: the scale chosen (a configs/scale/ file: launch.py refuses others), else custom (settings_scale)
     scale: str = setting("custom", "text")
 
     @classmethod
