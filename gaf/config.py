@@ -280,8 +280,8 @@ class RunConfig:
     # gram (shards + Gram all-reduce) | allgather (the authors' script)
     dist_mode: str = setting("gram", "choice", choices=DIST_MODES, applies="distributed")
     experiment: str = setting("single", "text")  # a preset's name; results are grouped by it
-    # what the settings are: the scale chosen, else custom (experiments/launch.py's settings_scale decides)
-    scale: str = setting("custom", "choice", choices=("tiny", "small", "gpu", "paper", "custom"))
+    # a label: the scale chosen (a configs/scale/ file: launch.py refuses others), else custom (settings_scale)
+    scale: str = setting("custom", "text")
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":

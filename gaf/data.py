@@ -19,14 +19,16 @@ Data sets (their files are read by ``gaf.formats``, found by ``gaf.sources``):
   ``test/<class>/*.jpg`` (such as the CIFAR-10 JPEG copy), decoded once into a cache.
 - ``random_dataset``: random images with random labels (the paper's figure 5).
 
-``load_dataset`` dispatches between them for the trainer and, when asked to, substitutes
-a data set that is at hand for a missing CIFAR-100, always saying so in ``note``.
+``load_dataset`` loads the data set a run names by the reader its record names
+(``gaf.datasets``) and, when asked to, substitutes one of the record's stand-ins for a
+missing data set, always saying so in ``note``.
 
 Every data problem raises ``DataError`` (a ``ValueError``) that names the bad value.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,25 +37,13 @@ import torch
 
 from gaf import sources
 from gaf.config import DATASETS, FALLBACK_WHEN, FALLBACKS  # the schema's choices: the names load_dataset takes
-from gaf.datasets import DATA_SETS
+from gaf.datasets import CIFAR100_MEAN, CIFAR100_STD  # noqa: F401  re-exported: the paper's normalisation
+from gaf.datasets import DATA_SETS, DataSet, images_of
 from gaf.formats import check_cifar100n_label_file, read_cifar, read_cifar100n_labels, read_image_folder
 from gaf.samplers import check_positive_int
 from gaf.sources import DataError, DataNotFound  # the data errors live with the sources; re-exported here
 
 Tensor = torch.Tensor
-
-# The paper's normalisation for CIFAR-100 and CIFAR-100N (the reference code's constants).
-CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
-CIFAR100_STD = (0.2675, 0.2565, 0.2761)
-# The usual CIFAR-10 statistics (per-channel mean and std over all training pixels).
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-# Uniform uint8 noise: mean 127.5/255, std sqrt((256^2 - 1)/12)/255, exactly.
-RANDOM_MEAN = (0.5, 0.5, 0.5)
-RANDOM_STD = (math.sqrt((256**2 - 1) / 12) / 255,) * 3
-
-CIFAR100N_NOISE_RATE = 0.402  # fraction of CIFAR-100N fine labels that differ from the clean ones
-
 
 # ----------------------------------------------------------------------------------------
 # The data set
@@ -61,7 +51,7 @@ CIFAR100N_NOISE_RATE = 0.402  # fraction of CIFAR-100N fine labels that differ f
 
 @dataclass
 class ImageDataset:
-    name: str  # "cifar100" | "cifar100n" | "cifar10" | "cifar10_jpeg" | "image_folder" | "random"
+    name: str  # the data set's (gaf.datasets), or "image_folder"
     train_x: Tensor  # uint8 (N, 3, H, W)
     train_y: Tensor  # int64 (N,), the labels trained on (noisy where noise applies)
     clean_y: Tensor  # int64 (N,), the true labels (== train_y when clean)
@@ -104,8 +94,12 @@ class ImageDataset:
 # The data sets of files
 
 
-def _dataset(name: str, arrays: dict, mean, std, note: str) -> ImageDataset:
-    """A data set of the tensors a ``gaf.formats`` reader returns (trained on clean labels)."""
+def _dataset(name: str, arrays: dict, note: str) -> ImageDataset:
+    """A data set of the tensors a ``gaf.formats`` reader returns (trained on clean labels), normalised
+    as its record says (else by the mean and std of its training images, which the reader computed)."""
+    record = DATA_SETS.get(name)
+    mean = record.mean if record and record.mean else arrays["mean"]
+    std = record.std if record and record.std else arrays["std"]
     return ImageDataset(name, arrays["train_x"], arrays["train_y"], arrays["train_y"].clone(), arrays["test_x"],
                         arrays["test_y"], len(arrays["classes"]), mean, std, note)
 
@@ -116,7 +110,7 @@ def load_cifar100(root=None, download: bool = False) -> ImageDataset:
     from torchvision.datasets import CIFAR100
 
     arrays, note = read_cifar(CIFAR100, sources.CIFAR100, root, download)
-    return _dataset("cifar100", arrays, CIFAR100_MEAN, CIFAR100_STD, note)
+    return _dataset("cifar100", arrays, note)
 
 
 def load_cifar10(root=None, download: bool = False) -> ImageDataset:
@@ -125,7 +119,7 @@ def load_cifar10(root=None, download: bool = False) -> ImageDataset:
     from torchvision.datasets import CIFAR10
 
     arrays, note = read_cifar(CIFAR10, sources.CIFAR10, root, download)
-    return _dataset("cifar10", arrays, CIFAR10_MEAN, CIFAR10_STD, note)
+    return _dataset("cifar10", arrays, note)
 
 
 def _apply_cifar100n_labels(ds: ImageDataset, label_file, source: str | None = None) -> ImageDataset:
@@ -163,7 +157,7 @@ def load_image_folder(path, cache_dir=None, name: str = "image_folder", source: 
     classes, n_train, n_test = arrays["classes"], len(arrays["train_y"]), len(arrays["test_y"])
     note = (f"{source or path}: {n_train} train / {n_test} test images, {len(classes)} classes "
             f"({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}); mean/std of its training images")
-    return _dataset(name, arrays, tuple(arrays["mean"]), tuple(arrays["std"]), note)
+    return _dataset(name, arrays, note)
 
 
 def load_cifar10_jpeg(root=None, jpeg_path=None, cache_dir=None) -> ImageDataset:
@@ -202,7 +196,7 @@ def random_dataset(n_train: int, n_test: int, num_classes: int, seed: int, image
     x = torch.randint(0, 256, (n_train + n_test, 3, image_size, image_size), generator=g, dtype=torch.uint8)
     y = torch.randint(0, num_classes, (n_train + n_test,), generator=g)
     return ImageDataset("random", x[:n_train], y[:n_train], y[:n_train].clone(), x[n_train:], y[n_train:],
-                        num_classes, RANDOM_MEAN, RANDOM_STD,
+                        num_classes, DATA_SETS["random"].mean, DATA_SETS["random"].std,
                         f"random uint8 images and random labels (seed {seed}); mean/std of uniform noise")
 
 
@@ -275,46 +269,94 @@ def subsample(ds: ImageDataset, train_per_class: int | None = None, test_per_cla
 
 
 # ----------------------------------------------------------------------------------------
-# The dispatcher
+# The readers the records name, and the dispatcher
 
 
-def _substitute(fallback, missing: str, why: str, tried: list[str], *, root, download: bool, jpeg_path,
-                num_classes: int, seed: int, random_size) -> ImageDataset:
-    """The fallback data set standing in for ``missing``. The note's first sentence (figure
-    titles show it) says what stood in and why; the sources tried follow."""
-    if fallback == "random":
-        ds = random_dataset(*random_size, num_classes=num_classes, seed=seed)
-        what = f"random images with random labels ({random_size[0]} train / {random_size[1]} test, {num_classes} classes)"
-    else:
-        ds = load_cifar10_anywhere(root, download, jpeg_path) if fallback == "cifar10" else load_cifar10_jpeg(root, jpeg_path)
-        copy = "the CIFAR-10 JPEG copy (q75" if ds.name == "cifar10_jpeg" else "CIFAR-10 (the original"
-        what = f"{copy}, 10 classes instead of {num_classes})"
-    tried = f" Tried for {missing}: {'; '.join(tried)}." if tried else ""
-    return replace(ds, note=f"{missing} {why}; substituted {what}.{tried} {ds.note}")
+@dataclass(frozen=True)
+class Source:
+    """Where a reader looks for its data set and what it may do to get it: one run's data settings."""
+    root: object = None  # data.root (None: the repository's data/)
+    download: bool = False
+    label_file: object = None  # data.label_file, data.jpeg_path: used when given, or refused
+    jpeg_path: object = None
+    seed: int = 0
+    random_size: tuple[int, int] = (5000, 1000)  # random data: training and test images
+    num_classes: int | None = None  # random data: how many classes (None: 100)
 
 
-def _load_cifar100_family(name: str, root, label_file, download: bool, fallback, fallback_when: str,
-                          substitute: dict) -> tuple[ImageDataset, bool]:
-    """CIFAR-100 or CIFAR-100N, or their fallback; and whether the fallback stood in."""
-    missing = "CIFAR-100" if name == "cifar100" else "CIFAR-100 (the images of CIFAR-100N)"
+def read_cifar100(src: Source) -> ImageDataset:
+    return load_cifar100(src.root, src.download)
 
-    def stand_in(why: str, tried: list[str]) -> ImageDataset:
-        if name == "cifar100n" and label_file is not None:
-            check_cifar100n_label_file(label_file)  # given, so it must be the real file although unused
-        return _substitute(fallback, missing, why, tried, **substitute)
 
-    if fallback is not None and fallback_when == "always":
-        return stand_in("not used (data.fallback_when=always)", []), True
+def read_cifar10(src: Source) -> ImageDataset:
+    return load_cifar10_anywhere(src.root, src.download, src.jpeg_path)
+
+
+def read_cifar10_jpeg(src: Source) -> ImageDataset:
+    return load_cifar10_jpeg(src.root, src.jpeg_path)
+
+
+def read_random(src: Source) -> ImageDataset:
+    return random_dataset(*src.random_size, num_classes=src.num_classes or 100, seed=src.seed)
+
+
+def cifar100n_labels(ds: ImageDataset | None, src: Source) -> ImageDataset | None:
+    """CIFAR-100N's human labels on CIFAR-100's images ``ds``. ds None (a stand-in trains in its
+    place): a given label file is only checked, as it must be the real file although unused."""
+    if ds is None:
+        if src.label_file is not None:
+            check_cifar100n_label_file(src.label_file)
+        return None
+    return _apply_cifar100n_labels(ds, *sources.cifar100n_label_file(src.label_file, src.root, src.download))
+
+
+def _function(ref: str):
+    """The function a record names as "module:function"."""
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _substitute(stand_in: DataSet, missing: DataSet, why: str, tried: list[str], src: Source) -> ImageDataset:
+    """The fallback data set standing in for ``missing``. The note's first sentence (figure titles
+    show it) says what stood in and why; the sources tried follow."""
+    ds = _function(stand_in.reader)(replace(src, num_classes=missing.classes))
+    what = DATA_SETS[ds.name].as_stand_in.format(classes=ds.num_classes, missing_classes=missing.classes,
+                                                 train=len(ds.train_y), test=len(ds.test_y))
+    tried = f" Tried for {_missing_images(missing)}: {'; '.join(tried)}." if tried else ""
+    return replace(ds, note=f"{_missing_images(missing)} {why}; substituted {what}.{tried} {ds.note}")
+
+
+def _missing_images(d: DataSet) -> str:
+    """What is missing when ``d`` is: its images (and whose they are, where another's)."""
+    return f"{images_of(d).title} (the images of {d.title})" if d.images else d.title
+
+
+def _load_or_substitute(d: DataSet, src: Source, fallback, fallback_when: str) -> tuple[ImageDataset, bool]:
+    """The data set ``d`` (its images, then its human labels), or its fallback; and whether the
+    fallback stood in. Only a missing data set is substituted, never a wrong one."""
+    stand_in = DATA_SETS[fallback] if fallback in d.stand_ins else None
+    label = _function(d.human_labels) if d.human_labels else None
+
+    def substitute(why: str, tried: list[str]) -> ImageDataset:
+        if label:
+            label(None, src)
+        return _substitute(stand_in, d, why, tried, src)
+
+    if stand_in and fallback_when == "always":
+        return substitute("not used (data.fallback_when=always)", []), True
     try:
-        ds = load_cifar100(root, download)
+        ds = _function(images_of(d).reader)(src)
     except DataNotFound as e:
-        if fallback is None:
-            raise DataNotFound(e.what, e.tried, f"{e.by_hand} Or run without CIFAR-100: data.fallback=cifar10 "
-                                                f"(CIFAR-10 in its place, said in the results) or data=cifar10_jpeg.") from None
-        return stand_in(f"not found under {sources.shown(sources.resolve_root(root))}", e.tried), True
-    if name == "cifar100n":
-        ds = _apply_cifar100n_labels(ds, *sources.cifar100n_label_file(label_file, root, download))
-    return ds, False
+        if stand_in:
+            return substitute(f"not found under {sources.shown(sources.resolve_root(src.root))}", e.tried), True
+        if fallback is None and d.stand_ins:
+            first, *others = d.stand_ins
+            instead = "".join(f" or data={s}" for s in others[:1])
+            raise DataNotFound(e.what, e.tried, f"{e.by_hand} Or run without {e.what}: data.fallback={first} "
+                                                f"({DATA_SETS[first].title} in its place, said in the results)"
+                                                f"{instead}.") from None
+        raise
+    return (label(ds, src) if label else ds), False
 
 
 def load_dataset(name: str, root=None, *, label_file=None, noise: float = 0.0, seed: int = 0, download: bool = False,
@@ -323,17 +365,16 @@ def load_dataset(name: str, root=None, *, label_file=None, noise: float = 0.0, s
                  num_classes: int | None = None) -> ImageDataset:
     """One data set for a run: load (or substitute), subsample, then add symmetric label noise.
 
-    name: "cifar100" | "cifar100n" | "cifar10" | "cifar10_jpeg" | "random". Each is looked
-      for in the order of ``gaf.sources``: under ``root`` (None: the repository's ``data/``),
-      a download (only with ``download=True``), the offline copies; ``cifar10`` ends with
-      the JPEG copy standing in. ``label_file``/``jpeg_path``: used when given, or refused.
-    fallback: None (missing CIFAR-100 is an error) | "cifar10" (CIFAR-10 from its sources)
-      | "cifar10_jpeg" | "random": stands in for CIFAR-100 (and CIFAR-100N), said in
-      ``note``. A substituted CIFAR-100N gets symmetric noise at CIFAR-100N's rate 0.402;
-      a given ``label_file`` must still be the real CIFAR-100N file.
-    fallback_when: "missing" (only where CIFAR-100 cannot be had) | "always".
-    noise: symmetric noise rate in [0, 1); CIFAR-100N's noise is human, so noise > 0 is refused there.
-    num_classes: the number of classes of "random" (default 100); elsewhere only checked.
+    name: a data set of ``gaf.datasets``, loaded by its record's reader. Each is looked for in
+      the order of ``gaf.sources``: under ``root`` (None: the repository's ``data/``), a download
+      (only with ``download=True``), the offline copies. ``label_file``/``jpeg_path``: used when
+      given, or refused.
+    fallback: None (a missing data set is an error) or one of the record's ``stand_ins``: stands
+      in for it, said in ``note``. A stand-in for human labels gets symmetric noise at their rate;
+      a given ``label_file`` must still be the real file.
+    fallback_when: "missing" (only where the data set cannot be had) | "always".
+    noise: symmetric noise rate in [0, 1); refused with human labels (they are the noise).
+    num_classes: the number of classes of random data (default 100); elsewhere only checked.
     Subsampling is class-balanced on the true labels and happens before the noise.
     """
     if name not in DATASETS:
@@ -343,33 +384,19 @@ def load_dataset(name: str, root=None, *, label_file=None, noise: float = 0.0, s
     if fallback_when not in FALLBACK_WHEN:
         raise DataError(f"data.fallback_when={fallback_when!r} is unknown; choose one of {list(FALLBACK_WHEN)}")
     _check_noise_rate(noise)
-    if DATA_SETS[name].human_labels and noise > 0:
-        raise DataError(f"noise={noise} with {name}: {DATA_SETS[name].title}'s noise is its human labels; use noise=0")
-    substitute = dict(root=root, download=download, jpeg_path=jpeg_path, seed=seed, random_size=random_size)
-    substituted_n = False
-    if name in ("cifar100", "cifar100n"):
-        ds, substituted = _load_cifar100_family(name, root, label_file, download, fallback, fallback_when,
-                                                dict(substitute, num_classes=100))
-        substituted_n = substituted and name == "cifar100n"
-    elif name == "cifar10":
-        try:
-            ds = load_cifar10_anywhere(root, download, jpeg_path)
-        except DataNotFound as e:
-            if fallback != "random":
-                raise
-            ds = _substitute(fallback, "CIFAR-10", "not found", e.tried, **substitute, num_classes=10)
-    elif name == "cifar10_jpeg":
-        ds = load_cifar10_jpeg(root, jpeg_path)
-    else:
-        ds = random_dataset(*random_size, num_classes=num_classes or 100, seed=seed)
+    d = DATA_SETS[name]
+    if d.human_labels and noise > 0:
+        raise DataError(f"noise={noise} with {name}: {d.title}'s noise is its human labels; use noise=0")
+    src = Source(root, download, label_file, jpeg_path, seed, tuple(random_size), num_classes)
+    ds, substituted = _load_or_substitute(d, src, fallback, fallback_when)
     if num_classes is not None and num_classes != ds.num_classes:
         raise DataError(f"num_classes={num_classes} but {ds.name} has {ds.num_classes} classes")
     ds = subsample(ds, train_per_class, test_per_class, seed)
-    if substituted_n:
-        noise = CIFAR100N_NOISE_RATE
+    why = ""
+    if substituted and d.human_labels:  # the stand-in's noise is the human labels' rate
+        noise, why = d.human_noise_rate, f" ({d.title}'s rate, standing in for its human labels)"
     if noise > 0:
         y = symmetric_noise(ds.clean_y, noise, ds.num_classes, seed)
-        why = " (CIFAR-100N's rate, standing in for its human labels)" if substituted_n else ""
         ds = ds.with_labels(y, note=f"{ds.note}; symmetric label noise p={noise}{why}: "
                                     f"{noise_count(noise, len(y))} of {len(y)} training labels flipped (seed {seed})")
     return ds

@@ -81,7 +81,7 @@ def make_sampler(cfg: RunConfig, ds: gdata.ImageDataset):
         raise gdata.DataError(
             f"method.batch_size={m.batch_size} takes {m.batch_size // ds.num_classes} image(s) of each of "
             f"{ds.num_classes} classes per batch, but the smallest class of {ds.name} has {smallest}"
-            f"{' (by its human labels)' if cfg.data.name == 'cifar100n' else ''}; use method.batch_size <= "
+            f"{' (by its human labels)' if DATA_SETS[cfg.data.name].human_labels else ''}; use method.batch_size <= "
             f"{(smallest + 1) * ds.num_classes - 1}, or more images per class (data.train_per_class)")
     return BatchSampler(labels, ds.num_classes, m.batch_size, cfg.seed)
 

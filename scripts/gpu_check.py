@@ -61,6 +61,8 @@ from gaf.samplers import ClassBalancedSampler  # noqa: E402
 
 SGD = bench.SGD
 TARGETS = {"gaf_n2_images_per_s": 60_000, "fast_over_plain_n2": 1.05, "fast_over_plain_n10": 1.2}
+# reproduce.py's export of the gpu_small points, with every scale's loop (scale_loops): read as JSON here
+SCALE_LOOPS = ROOT / "configs" / "experiment" / "gpu_small.points.json"
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -591,13 +593,15 @@ def check_trainer(ctx) -> dict:
 
 
 def small_scale_config(ctx, base: dict) -> dict:
-    """The small scale's loop (2,000 iterations, validation every 250) on the real data if any."""
-    its, every = (40, 20) if ctx.quick else (2000, 250)
+    """The small scale's loop (configs/scale/small.yaml's, as exported beside the gpu_small points: no
+    YAML here) on the real data if any; --quick: 40 iterations."""
+    small = json.loads(SCALE_LOOPS.read_text())["scale_loops"]["small"]
+    loop = {"iterations": 40, "val_every": 20, "memorisation_samples": 100} if ctx.quick else \
+        {k: small[k] for k in ("iterations", "val_every", "memorisation_samples")}
     data = {"name": "cifar10_jpeg", "jpeg_path": ctx.args.jpeg} if ctx.real is not None else base["data"]
     if ctx.quick and ctx.real is not None:
         data |= {"train_per_class": 20, "test_per_class": 10}
-    return merge(base, {"data": data, "train": {"iterations": its, "val_every": every,
-                                                "memorisation_samples": 100 if ctx.quick else 5000}})
+    return merge(base, {"data": data, "train": loop})
 
 
 def merge(a: dict, b: dict) -> dict:

@@ -138,10 +138,13 @@ def check_plan(launches, scale: str, extra: list[str], show: bool) -> tuple[list
 
 
 def export(path: Path, planned: list, command: list[str]) -> None:
-    """The runs as JSON, each its folder's name and its whole RunConfig: scripts/gpu_evidence.py
-    trains experiment=gpu_small's on a lent GPU, which has no Hydra."""
+    """The runs as JSON, each its folder's name and its whole RunConfig, and every scale's loop (its
+    configs/scale/ file's ``train``): scripts/gpu_evidence.py trains experiment=gpu_small's on a lent
+    GPU, and scripts/gpu_check.py times a small-scale loop there, which has no Hydra and no YAML."""
     points = [json.dumps({"folder": folder, "config": rc.to_dict()}) for rc, folder in planned]
-    path.write_text(f'{{"command": {json.dumps(shlex.join(command))},\n "points": [\n  ' + ",\n  ".join(points) + "\n]}\n")
+    loops = {s: OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "scale" / f"{s}.yaml").train) for s in SCALES}
+    path.write_text(f'{{"command": {json.dumps(shlex.join(command))},\n "scale_loops": {json.dumps(loops)},\n'
+                    f' "points": [\n  ' + ",\n  ".join(points) + "\n]}\n")
     print(f"exported {len(points)} runs to {path}")
 
 

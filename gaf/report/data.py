@@ -8,6 +8,7 @@ unless asked for another).
 """
 
 import contextlib
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -16,14 +17,15 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
+from gaf.datasets import DATA_SETS, stand_in_prefix
+from gaf.methods import METHODS
 from gaf.report import REPOSITORY
 
-SCALES = ["tiny", "small", "gpu", "paper"]  # smallest to largest; unknown scales rank lowest
+SCALE_FILES = REPOSITORY / "configs" / "scale"  # a scale is its file there
 
-DATA = {"cifar100": "CIFAR-100", "cifar100n": "CIFAR-100N-Fine", "cifar10": "CIFAR-10",
-        "cifar10_jpeg": "CIFAR-10 (JPEG copy)", "random": "random images and labels"}
+DATA = {d.name: d.title for d in DATA_SETS.values()}  # how figures and tables name a data set
 
-NAME = {"gaf": "GAF", "baseline": "baseline"}
+NAME = {m.name: m.title for m in METHODS.values()}  # ... and a method
 MODEL = {"tiny": "tiny CNN", "cnn4": "4-conv CNN", "resnet_cifar": "small CIFAR ResNet", "resnet18": "ResNet18",
          "resnet18_cifar": "ResNet18 (CIFAR stem)", "resnet34_cifar": "ResNet34 (CIFAR stem)",
          "vit_tiny": "small ViT (vit_tiny)"}
@@ -73,7 +75,7 @@ def load(results_dir, experiment, scale=None):
     runs = runs[runs["status"] == "finished"]
     if runs.empty:
         return None
-    scale = scale or max(runs["scale"].unique(), key=lambda s: SCALES.index(s) if s in SCALES else -1)
+    scale = scale or max(runs["scale"].unique(), key=scale_size)
     runs = runs[runs["scale"] == scale].reset_index(drop=True)
     if runs.empty:
         return None
@@ -85,6 +87,17 @@ def load(results_dir, experiment, scale=None):
         frames[name] = f[f["run_id"].isin(ids)]
     prov = json.loads((d / "provenance.json").read_text()) if (d / "provenance.json").is_file() else {}
     return SimpleNamespace(experiment=experiment, scale=scale, runs=runs, provenance=prov, **frames)
+
+@functools.cache
+def scale_size(scale):
+    """How large a scale is, to pick the largest and to sort: (1, the iterations its configs/scale/ file
+    trains, its name); a name of no file (custom) ranks lowest."""
+    import yaml  # only here: collecting results (gaf.report.collect) needs no PyYAML
+
+    path = SCALE_FILES / f"{scale}.yaml"
+    if not isinstance(scale, str) or not path.is_file():
+        return (0, 0, str(scale))
+    return (1, yaml.safe_load(path.read_text())["train"]["iterations"], scale)
 
 def _unique(series):
     return [v for v in dict.fromkeys(series.dropna()) if v != ""]
@@ -112,8 +125,8 @@ def data_asked(runs):
 def data_used(runs):
     """The data set each run trained on: summary.json's data_used where collected, else read off
     its data note (a substitution says what it substituted), else the data set asked for."""
-    from_note = note_texts(runs).map(lambda n: "cifar10_jpeg" if "substituted the CIFAR-10 JPEG copy" in n
-                          else "random" if "substituted random images" in n else None)
+    from_note = note_texts(runs).map(lambda n: next((d.name for d in DATA_SETS.values()
+                                                     if d.as_stand_in and f"substituted {stand_in_prefix(d)}" in n), None))
     used = runs["data_used"] if "data_used" in runs else pd.Series(np.nan, index=runs.index, dtype=object)
     return used.where(used.notna() & (used != ""), from_note.where(from_note.notna(), data_asked(runs)))
 
@@ -121,8 +134,9 @@ def ran_on(asked, used):
     """What a run trained on, named first, and what it stood in for."""
     if pd.isna(used) or used == asked:
         return data_label(asked)
-    if asked == "cifar100n":  # human labels cannot apply to other images: symmetric noise at their rate
-        return f"{data_label(used)} with symmetric 40.2% noise, standing in for CIFAR-100N-Fine"
+    if human_labelled(asked):  # human labels cannot apply to other images: symmetric noise at their rate
+        return (f"{data_label(used)} with symmetric {DATA_SETS[asked].human_noise_rate:.1%} noise, standing in for "
+                f"{data_label(asked)}")
     return f"{data_label(used)} standing in for {data_label(asked)}"
 
 def ran_labels(runs):
@@ -137,7 +151,7 @@ def datasets_of(runs):
 def title_suffix(runs):
     """'[tiny scale: tiny CNN; <data note>]' from runs.csv, or '' for paper-scale runs on the paper's data."""
     parts = []
-    scales = sorted(_unique(runs["scale"]), key=lambda s: SCALES.index(s) if s in SCALES else -1)
+    scales = sorted(_unique(runs["scale"]), key=scale_size)
     if scales != ["paper"]:
         parts.append(f"{'/'.join(scales)} scale: {models_of(runs)}")
     parts += data_notes(runs)
@@ -223,6 +237,22 @@ def noise_pct(runs):
 
 def data_label(name):
     return DATA.get(name, name)
+
+def human_labelled(name):
+    """Whether the data set ``name`` trains on human labels (its noise is theirs, not symmetric)."""
+    return name in DATA_SETS and bool(DATA_SETS[name].human_labels)
+
+def random_data(name):
+    """Whether the data set ``name`` is random images with random labels."""
+    return name in DATA_SETS and DATA_SETS[name].random
+
+def symmetric_noise_asked(runs):
+    """Which runs asked for real images with symmetric label noise (no human labels, no random data)."""
+    return data_asked(runs).map(lambda d: not (human_labelled(d) or random_data(d)))
+
+def data_order(name):
+    """Where a data set comes in figures: in the records' order, then unknown names alphabetically."""
+    return (list(DATA_SETS).index(name) if name in DATA_SETS else len(DATA_SETS), name)
 
 def read_paper_fig6():
     note_read(PAPER_FIG6, None)

@@ -12,9 +12,9 @@ import textwrap
 import numpy as np
 import pandas as pd
 
-from gaf.report.data import (MODEL, NAME, _fmt, _unique, acc_stats, arm, curve, data_asked, data_label, data_used,
-                             datasets_of, evals, load, models_of, noise_pct, optimizer, ran_on, read_paper_fig6, role,
-                             spread, variant)
+from gaf.report.data import (MODEL, NAME, _fmt, _unique, acc_stats, arm, curve, data_asked, data_label, data_order,
+                             data_used, datasets_of, evals, load, models_of, noise_pct, optimizer, random_data, ran_on,
+                             read_paper_fig6, role, spread, symmetric_noise_asked, variant)
 from gaf.report.plot import (COLOR, MARKER, integer_ticks, legend, new_figure, plot_distance, rolling_distance,
                              seed_mean, shade, titled)
 from gaf.report.tables import GPU_SMALL_ARMS, gpu_small_table, premise_table, robust_table
@@ -29,7 +29,7 @@ def fig1(results_dir, scale=None):
     if r is None:
         return None
     asked = data_asked(r.runs)
-    order = sorted(_unique(asked), key=lambda d: (d != "cifar100", d != "cifar100n", d))
+    order = sorted(_unique(asked), key=data_order)
     fig, ax = new_figure(2, len(order), (4.6 * len(order) + 0.6, 6.2), sharex="col")
     for j, name in enumerate(order):
         runs = r.runs[asked == name]
@@ -148,7 +148,7 @@ def fig5(results_dir, scale=None):
                 f"{int(row['iterations'])} iterations")
     if pd.notna(row.get("data.train_per_class")):
         settings += f", {int(row['data.train_per_class'])} training images per class"
-    elif row.get("data.name") == "random" and pd.notna(row.get("data.random_train")):
+    elif random_data(row.get("data.name")) and pd.notna(row.get("data.random_train")):
         settings += f", {int(row['data.random_train'])} training images"
     ax[0, 0].set_title(settings, fontsize=8)
     return titled(fig, "Figure 5: random images and random labels, baseline vs. GAF", r)
@@ -159,7 +159,7 @@ def fig6(results_dir, scale=None):
     r = load(results_dir, "fig6", scale)
     if r is None:
         return None
-    runs = r.runs[~data_asked(r.runs).isin(["cifar100n", "random"])]
+    runs = r.runs[symmetric_noise_asked(r.runs)]
     runs = runs.assign(noise=noise_pct(runs), label=variant(runs))
     fig, ax = new_figure(1, 1, (6.4, 4.8))
     a = ax[0, 0]

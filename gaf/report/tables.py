@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from gaf.datasets import DATA_SETS
 from gaf.report.data import (PAPER_FIG6_SETUP, _unique, acc_stats, arm, arm_order, curve, data_asked, data_notes,
-                             data_used, datasets_of, load, models_of, noise_pct, optimizer, ran_on, read_paper_fig6,
-                             title_suffix, variant)
+                             data_used, datasets_of, human_labelled, load, models_of, noise_pct, optimizer, random_data,
+                             ran_on, read_paper_fig6, symmetric_noise_asked, title_suffix, variant)
 
 def _compare(runs, source):
     """Rows of (dataset, noise, GAF setting): baseline, GAF and GAF - baseline, best val acc in %: mean, s.d. and
@@ -26,25 +27,28 @@ def _compare(runs, source):
     for (data, p, setting), g in gaf.groupby(["asked", "noise", "setting"]):
         b = base[(base["asked"] == data) & (base["noise"] == p)]
         used = data_used(g).iloc[0]
-        noise = f"{p:g}" if data != "cifar100n" else "real (40.2%)" if used == data else "symmetric 40.2"
+        noise = f"{p:g}"
+        if human_labelled(data):  # the noise of its human labels, or symmetric noise at their rate in their place
+            rate = DATA_SETS[data].human_noise_rate
+            noise = f"real ({rate:.1%})" if used == data else f"symmetric {100 * rate:g}"
         bv, gv = 100 * b["best_val_acc"], 100 * g["best_val_acc"]
         rows.append({"dataset": ran_on(data, used), "label noise (%)": noise, "GAF setting": setting,
                      "baseline (%)": bv.mean() if len(b) else np.nan, "baseline s.d.": bv.std(),
                      "GAF (%)": gv.mean(), "GAF s.d.": gv.std(), "seeds": f"{len(b)} / {len(g)}",
                      "iterations": "/".join(f"{i:g}" for i in _unique(pd.concat([b, g])["iterations"])),
-                     "runs": len(g) + len(b), "source": source, "_order": (data == "cifar100n", p)})
+                     "runs": len(g) + len(b), "source": source, "_order": (human_labelled(data), p)})
     return rows
 
 def table1(results_dir, scale=None):
     """Table 1: noise levels (table1 experiment, else fig6) and CIFAR-100N (table1, else fig8). DataFrame or None."""
     rows, used = [], []
     t = load(results_dir, "table1", scale)
-    for name, keep in (("fig6", lambda d: d != "cifar100n"), ("fig8", lambda d: d == "cifar100n")):
+    for name, keep in (("fig6", lambda d: not human_labelled(d)), ("fig8", human_labelled)):
         src = t if t is not None and data_asked(t.runs).map(keep).any() else load(results_dir, name, scale)
         if src is None:
             continue
         asked = data_asked(src.runs)
-        runs = src.runs[asked.map(keep) & (asked != "random")]
+        runs = src.runs[asked.map(keep) & ~asked.map(random_data)]
         rows += _compare(runs, src.experiment)
         used.append(src)
     if not rows:
@@ -109,7 +113,7 @@ def paper_vs_repro(results_dir, scale=None):
     r = load(results_dir, "fig6", scale) or load(results_dir, "table1", scale)
     if r is None:
         return None
-    runs = r.runs[~data_asked(r.runs).isin(["cifar100n", "random"])]
+    runs = r.runs[symmetric_noise_asked(r.runs)]
     gaf = runs[runs["method.name"] == "gaf"].assign(setting=lambda x: variant(x))
     if gaf["setting"].nunique() > 1:  # several GAF settings: the one covering the most noise levels
         gaf = gaf[gaf["setting"] == gaf.groupby("setting")["data.noise"].nunique().idxmax()]
