@@ -183,7 +183,7 @@ def as_threshold(tau: Tau) -> Threshold:
 THRESHOLDS = {"fixed": FixedTau, "adaptive": AdaptiveTau}
 
 
-def build_threshold(name: str, **arguments) -> Threshold:
+def build_threshold(name: str, arguments: dict) -> Threshold:
     """The scheme ``name`` of THRESHOLDS, made from ``arguments`` (and validated by it)."""
     if name not in THRESHOLDS:
         raise ValueError(f"unknown threshold {name!r}; choose one of {tuple(THRESHOLDS)}")
