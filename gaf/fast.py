@@ -270,6 +270,7 @@ class FastGAFStep(_FastStep):
         tau = self._threshold.current(self.device)
         if isinstance(tau, torch.Tensor):
             self._tau_tensor.copy_(tau)
+            self._tau_float = None  # a float after it is filled in again
         elif tau != self._tau_float:
             self._tau_tensor.fill_(tau)
             self._tau_float = tau
