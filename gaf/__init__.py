@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 # Where each public name lives. They are imported on first use (PEP 562), so that the light
 # modules (gaf.config, gaf.rundir: reading run files) can be imported without torch.
 _EXPORTS = {
-    "AdaptiveTau": "gaf.filter",
+    "AdaptiveTau": "gaf.threshold",
     "FilterResult": "gaf.filter",
     "FusedSteps": "gaf.fused",
     "agreement_weights": "gaf.filter",
@@ -29,8 +29,9 @@ __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from gaf.filter import AdaptiveTau, FilterResult, agreement_weights, cosine_distance, filter_gradients, gram_matrix
+    from gaf.filter import FilterResult, agreement_weights, cosine_distance, filter_gradients, gram_matrix
     from gaf.step import gaf_step
+    from gaf.threshold import AdaptiveTau
 
 
 def __getattr__(name: str):

@@ -113,6 +113,14 @@ def _method(cfg):
 _NO_METHOD = Method("", "", microbatches=False, fast=False)
 
 
+def threshold_of(cfg) -> tuple[str, dict]:
+    """The run's threshold: a scheme of gaf.threshold.THRESHOLDS and the arguments that build it."""
+    m = cfg.method
+    if m.adaptive_k is None:
+        return "fixed", {"tau": m.tau}
+    return "adaptive", {"tau_max": m.tau, "k": m.adaptive_k, "window": m.adaptive_window}
+
+
 def _data_sets(flag: str) -> str:
     """The data sets with this flag of their record, as a message names them: data=a or data=b."""
     return " or ".join(f"data={d.name}" for d in DATA_SETS.values() if getattr(d, flag))
@@ -123,7 +131,7 @@ def _data_sets(flag: str) -> str:
 APPLIES = {
     "microbatches": (lambda c: _method(c).microbatches,
             "method={c.method.name} steps on one batch of method.batch_size images: no microbatches, no filter"),
-    "adaptive": (lambda c: _method(c).microbatches and c.method.adaptive_k is not None,
+    "adaptive": (lambda c: _method(c).microbatches and threshold_of(c)[0] == "adaptive",
                  "the adaptive threshold is off (set method.adaptive_k to turn it on)"),
     "batch": (lambda c: not _method(c).microbatches,
               "method=gaf draws method.n_micro microbatches of method.per_class images per class"),

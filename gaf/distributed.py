@@ -47,9 +47,9 @@ import torch.distributed as dist
 from torch import nn
 
 from gaf.batchnorm import running_stats, sequential_average, sequential_cumulative_average, tracked_batchnorms
-from gaf.filter import (AdaptiveTau, Tau, agreement_weights_unchecked, check_gaf_settings, check_n, gram_matrix,
-                        resolve_tau)
+from gaf.filter import agreement_weights_unchecked, check_merge, check_n, gram_matrix
 from gaf.step import LossFn, StepStats, count_correct, micrograds, param_views, set_grads, trainable_parameters
+from gaf.threshold import Tau, as_threshold
 from gaf.torchrun import TORCHRUN_VARS, init_from_env, is_main, local_slice, shutdown  # noqa: F401 (re-exported)
 
 MODES = ("gram", "allgather")
@@ -187,7 +187,7 @@ def allgather_gradients(local_grads: torch.Tensor, group=None, counter: CommCoun
 
 def distributed_filter(
     local_grads: torch.Tensor,
-    tau: float | torch.Tensor,
+    tau: Tau,
     merge: str = "halving",
     mode: str = "gram",
     group=None,
@@ -202,10 +202,12 @@ def distributed_filter(
     _check_local_grads(local_grads)
     k, n_local = _size(group), local_grads.shape[0]
     check_n(k * n_local, f"{k} rank(s) x {n_local} local")
-    check_gaf_settings(tau, merge)
+    threshold = as_threshold(tau)
+    check_merge(merge)
     _check_mode(mode)
-    threshold = resolve_tau(tau, local_grads.device)
-    weights, accepted, distances, shards = decide_across_ranks(local_grads, threshold, merge, mode, group, counter)
+    tau = threshold.current(local_grads.device)
+    weights, accepted, distances, shards = decide_across_ranks(local_grads, tau, merge, mode, group, counter)
+    threshold.observe(distances)
     aggregate = aggregate_across_ranks(weights, shards, mode, local_grads.shape[1], group, counter)
     return aggregate, weights, accepted, distances
 
@@ -293,10 +295,9 @@ class DistributedGAFStep:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, tau: Tau,
                  merge: str = "halving", mode: str = "gram", group=None):
         _require_process_group(type(self).__name__)
-        check_gaf_settings(tau, merge)
+        self.threshold, self.merge = as_threshold(tau), check_merge(merge)
         _check_mode(mode)
-        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
-        self.tau, self.merge, self.mode, self.group = tau, merge, mode, group
+        self.model, self.optimizer, self.loss_fn, self.mode, self.group = model, optimizer, loss_fn, mode, group
         self.params = trainable_parameters(model)
         self.size = sum(p.numel() for p in self.params)
         self.batchnorms = [m for _, m in tracked_batchnorms(model)]
@@ -332,11 +333,10 @@ class DistributedGAFStep:
     def _filter_and_step(self, grads: torch.Tensor):
         """Decide over all ranks and step where some later micro-gradient agreed: ``(threshold,
         accepted, distances, stepped)``."""
-        threshold = resolve_tau(self.tau, grads.device)
+        threshold = self.threshold.current(grads.device)
         weights, accepted, distances, shards = decide_across_ranks(grads, threshold, self.merge, self.mode,
                                                                    self.group, self.counter)
-        if isinstance(self.tau, AdaptiveTau):
-            self.tau.observe(distances)
+        self.threshold.observe(distances)
         stepped = accepted[1:].any()
         if bool(stepped):  # identical on every rank, so every rank takes the same branch
             set_grads(self.params, aggregate_across_ranks(weights, shards, self.mode, self.size, self.group,

@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from gaf.batchnorm import running_stats, sequential_average, tracked_batchnorms
-from gaf.filter import (AdaptiveTau, Tau, agreement_weights_unchecked, check_gaf_settings, check_n, check_threshold,
-                        gram_matrix, resolve_tau)
+from gaf.filter import agreement_weights_unchecked, check_merge, check_n, gram_matrix
 from gaf.optim import MaskedOptimizer
 from gaf.step import LossFn, StepStats, count_correct, micrograds, param_views, trainable_parameters
+from gaf.threshold import Tau, Threshold, as_threshold
 
 # ----------------------------------------------------------------------------- the step
 
@@ -227,8 +227,8 @@ class FastGAFStep(_FastStep):
     """A GAF stepper: ``step(xs (n, b, ...), ys (n, b)) -> StepStats`` (gaf.step).
 
     Equal to ``gaf_step`` (same micro-gradients, decision, aggregate and optimizer
-    update). ``tau`` may be a float, a 0-d tensor or an ``AdaptiveTau`` (observed every step).
-    The optimizer must be a masked one (``build_optimizer(..., masked=True)``).
+    update). ``tau`` may be a float, a 0-d tensor or a ``gaf.threshold.Threshold`` (observed
+    every step). The optimizer must be a masked one (``build_optimizer(..., masked=True)``).
     ``batched=True`` computes the n micro-gradients in one ``vmap(grad)`` pass
     (``_BatchedMicrograds``): equal to the sequential passes up to summation order.
     """
@@ -236,56 +236,47 @@ class FastGAFStep(_FastStep):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, tau: Tau,
                  merge: str = "halving", *, amp_dtype: torch.dtype | None = None, channels_last: bool = False,
                  compile: bool | str = False, batched: bool = False, graphs=None):
-        check_gaf_settings(tau, merge)
+        self.tau = tau  # the setter validates it
+        self.merge = check_merge(merge)
         if batched and compile is True:
             raise ValueError("batched=True works with compile=False or 'graph' (torch.compile of vmap is not used)")
         super().__init__(model, optimizer, loss_fn, amp_dtype=amp_dtype, channels_last=channels_last,
                          compile=compile, graphs=graphs)
-        # a float (or another device's) tau lives in this tensor, refreshed before every
-        # call: a captured graph reads it, so a new value needs no recapture
+        # a threshold that is not capturable on this device (a float, a tensor elsewhere) is copied
+        # into this tensor before every call: a captured graph reads it, so a new value needs no recapture
         self._tau_tensor = torch.zeros((), dtype=torch.float64, device=self.device)
         self._tau_float: float | None = None
-        self._tau, self.merge = tau, merge  # checked above; a new tau is checked by the setter
         self.batched = _BatchedMicrograds(model, self.params) if batched else None
         self._grads: torch.Tensor | None = None  # (n, P) micro-gradients, allocated on first use
         self._rows: list[list[torch.Tensor]] = []
 
     @property
-    def tau(self) -> Tau:
-        return self._tau
+    def tau(self) -> Threshold:
+        return self._threshold
 
     @tau.setter
     def tau(self, value: Tau) -> None:
-        check_threshold(value)  # now, not at the next step
-        self._tau = value
+        self._threshold = as_threshold(value)  # validated now, not at the next step
 
     def __call__(self, xs: torch.Tensor, ys: torch.Tensor) -> StepStats:
         self._check(xs, ys)
         check_n(xs.shape[0])
         return self._call(xs, ys)
 
-    def _own_tensor_tau(self) -> bool:
-        """True when the decision reads ``self._tau_tensor`` (a float, or a tensor elsewhere)."""
-        tau = self._tau
-        return not (isinstance(tau, AdaptiveTau) or (isinstance(tau, torch.Tensor) and tau.device == self.device))
-
     def _refresh(self) -> None:
         super()._refresh()
-        if not self._own_tensor_tau():
+        if self._threshold.capturable(self.device):
             return
-        if isinstance(self._tau, torch.Tensor):
-            self._tau_tensor.copy_(self._tau.reshape(()))
-        elif self._tau != self._tau_float:
-            self._tau_tensor.fill_(float(self._tau))
-            self._tau_float = self._tau
+        tau = self._threshold.current(self.device)
+        if isinstance(tau, torch.Tensor):
+            self._tau_tensor.copy_(tau)
+            self._tau_float = None  # a float after it is filled in again
+        elif tau != self._tau_float:
+            self._tau_tensor.fill_(tau)
+            self._tau_float = tau
 
     def _deps(self) -> tuple:
-        tau = self._tau
-        if isinstance(tau, AdaptiveTau):
-            which = (id(tau._buffer), id(tau._count))
-        else:  # a graph reads a tensor tau on our device by address; a float through _tau_tensor
-            which = (id(tau),) if not self._own_tensor_tau() else ()
-        return super()._deps() + (type(tau).__name__,) + which
+        return super()._deps() + self._threshold.graph_key()
 
     def _buffers(self, n: int) -> torch.Tensor:
         if self._grads is None or self._grads.shape[0] != n:
@@ -293,11 +284,11 @@ class FastGAFStep(_FastStep):
             self._rows = [param_views(row, self.params) for row in self._grads]
         return self._grads
 
-    def _threshold(self) -> torch.Tensor:
+    def _current_tau(self) -> torch.Tensor:
         """The 0-d tensor this step decides with (read inside a captured graph)."""
-        if self._own_tensor_tau():
-            return self._tau_tensor
-        return resolve_tau(self._tau, self.device)
+        if self._threshold.capturable(self.device):
+            return self._threshold.current(self.device)
+        return self._tau_tensor
 
     def _run(self, xs: torch.Tensor, ys: torch.Tensor) -> StepStats:
         grads = self._buffers(xs.shape[0])
@@ -306,19 +297,18 @@ class FastGAFStep(_FastStep):
         else:  # sequential passes: BatchNorm as in the reference (module docstring)
             micro = micrograds(self.forward, self.loss_fn, self.params, self._rows, zip(xs, ys), self._autocast)
             losses, correct = micro.losses, micro.correct.sum()
-        threshold = self._threshold()
+        tau = self._current_tau()
         with _ieee_matmul(self.device):
-            weights, accepted, distances = agreement_weights_unchecked(gram_matrix(grads), threshold, self.merge)
+            weights, accepted, distances = agreement_weights_unchecked(gram_matrix(grads), tau, self.merge)
             stepped = accepted[1:].any()
             torch.mm(weights.to(grads.dtype)[None], grads, out=self._agg.view(1, -1))
         self._agg.masked_fill_(~stepped, 0.0)  # a skipped step must see finite (zero) grads
         self._set_grads()
         self.optimizer.masked_update(stepped)
         self._clear_grads()
-        if isinstance(self.tau, AdaptiveTau):
-            self.tau.observe(distances)
+        self._threshold.observe(distances)
         return StepStats(losses.mean(), correct, distances.float(), accepted[1:].sum(), stepped,
-                         threshold.detach().to(torch.float32, copy=True), ys.numel())
+                         tau.detach().to(torch.float32, copy=True), ys.numel())
 
 
 class _BatchedMicrograds:

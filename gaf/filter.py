@@ -19,121 +19,19 @@ Conventions (documented behaviour, tested):
   non-finite Gram matrix rejects every later micro-gradient, so the step is skipped
   and the distances involving the bad micro-gradient read NaN.
 
-This module imports only torch.
+The threshold tau is a ``gaf.threshold.Threshold`` (fixed or adaptive); this module decides
+with the value it gives. It imports only torch and gaf.threshold.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 
+from gaf.threshold import D_MAX, D_MIN, Tau, as_threshold, check_tau
+
 MERGES = ("halving", "mean")
-
-# Cosine distance lies in [0, 2]; rounding can push it slightly outside.
-_D_MIN, _D_MAX = 0.0, 2.0
-
-
-class AdaptiveTau:
-    """Adaptive threshold, the paper's future work: tau_t = min(tau_max, mean + k*std).
-
-    The mean and (unbiased) standard deviation are over the last ``window``
-    distances observed. Until two distances have been seen, tau_t = tau_max.
-    The history lives in a ring buffer on the distances' device, so ``current()``
-    and ``observe()`` never synchronise with the host. Use it wherever a float tau
-    is accepted: ``filter_gradients``, ``gaf_step`` and the trainer call
-    ``current()`` before a decision and ``observe()`` with the step's distances.
-    """
-
-    def __init__(self, tau_max: float = 1.0, k: float = 1.0, window: int = 200):
-        check_tau(tau_max)
-        if not (isinstance(window, int) and window >= 2):
-            raise ValueError(f"AdaptiveTau window must be an integer >= 2, got {window!r}")
-        if not math.isfinite(k):
-            raise ValueError(f"AdaptiveTau k must be finite, got {k!r}")
-        self.tau_max, self.k, self.window = float(tau_max), float(k), window
-        self._buffer: torch.Tensor | None = None  # (window,) ring buffer of distances
-        self._count: torch.Tensor | None = None  # 0-d long: distances seen so far
-
-    def _ensure(self, device: torch.device) -> None:
-        if self._buffer is None:
-            self._buffer = torch.zeros(self.window, dtype=torch.float32, device=device)
-            self._count = torch.zeros((), dtype=torch.long, device=device)
-        elif self._buffer.device != device:
-            self._buffer, self._count = self._buffer.to(device), self._count.to(device)
-
-    def current(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """The threshold for the next decision, as a 0-d float32 tensor on ``device`` (None:
-        where the history lives, the CPU before any). A step calls it once, on its gradients' device."""
-        if device is None:
-            device = self._buffer.device if self._buffer is not None else "cpu"
-        self._ensure(torch.device(device))
-        filled = self._count.clamp(max=self.window)
-        valid = (torch.arange(self.window, device=self._buffer.device) < filled).float()
-        denom = filled.clamp(min=1).float()
-        mean = (self._buffer * valid).sum() / denom
-        var = (((self._buffer - mean) * valid) ** 2).sum() / (filled - 1).clamp(min=1).float()
-        adaptive = mean + self.k * var.sqrt()
-        tau_max = torch.full((), self.tau_max, device=self._buffer.device)
-        tau = torch.where(filled >= 2, torch.minimum(tau_max, adaptive), tau_max)
-        return tau.clamp(_D_MIN, _D_MAX)
-
-    def observe(self, distances: torch.Tensor) -> None:
-        """Append a step's distances (any shape) to the history, on the device."""
-        d = distances.detach().reshape(-1).float()
-        self._ensure(d.device)
-        m = d.numel()
-        if m == 0:
-            return
-        if m > self.window:
-            d = d[-self.window :]
-            self._count += m - self.window
-            m = self.window
-        slots = (self._count + torch.arange(m, device=d.device)) % self.window
-        self._buffer.index_copy_(0, slots, d.to(self._buffer.device))
-        self._count += m
-
-    def state_dict(self) -> dict:
-        return {
-            "tau_max": self.tau_max,
-            "k": self.k,
-            "window": self.window,
-            "buffer": None if self._buffer is None else self._buffer.cpu(),
-            "count": None if self._count is None else self._count.cpu(),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.tau_max, self.k, self.window = state["tau_max"], state["k"], state["window"]
-        self._buffer, self._count = state["buffer"], state["count"]
-
-    def __repr__(self) -> str:
-        return f"AdaptiveTau(tau_max={self.tau_max}, k={self.k}, window={self.window})"
-
-
-Tau = Union[float, torch.Tensor, AdaptiveTau]
-
-
-def check_tau(tau: float) -> float:
-    """Validate a numeric threshold; cosine distance lives in [0, 2]."""
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
-        raise ValueError(f"tau must be a number in [0, 2] or an AdaptiveTau, got {tau!r}")
-    if not (0.0 <= tau <= 2.0):
-        raise ValueError(f"tau must lie in [0, 2] (cosine distance range), got {tau}")
-    return float(tau)
-
-
-def check_threshold(tau: Tau) -> None:
-    """Validate a threshold of any kind: a number in [0, 2], a one-value tensor (read at every
-    step, so it may change in place) or an ``AdaptiveTau`` (checked when it was made)."""
-    if isinstance(tau, AdaptiveTau):
-        return
-    if isinstance(tau, torch.Tensor):
-        if tau.numel() != 1:
-            raise ValueError(f"tau tensor must hold one value, got shape {tuple(tau.shape)}")
-        return
-    check_tau(tau)
 
 
 def check_merge(merge: str) -> str:
@@ -149,22 +47,6 @@ def check_n(n: int, counted: str = "") -> None:
                          + (f" ({counted})" if counted else ""))
 
 
-def check_gaf_settings(tau: Tau, merge: str) -> None:
-    """The settings of a GAF step, validated once where a step is set up or entered."""
-    check_threshold(tau)
-    check_merge(merge)
-
-
-def resolve_tau(tau: Tau, device: torch.device | str) -> float | torch.Tensor:
-    """The threshold to decide with now (validated by ``check_threshold`` beforehand): a float,
-    or a 0-d tensor (no sync). Call it once per step: an ``AdaptiveTau`` computes it."""
-    if isinstance(tau, AdaptiveTau):
-        return tau.current(device)
-    if isinstance(tau, torch.Tensor):
-        return tau.reshape(())
-    return float(tau)
-
-
 def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``1 - a.b / (|a| |b|)`` over all elements, as a 0-d tensor in [0, 2].
 
@@ -176,7 +58,7 @@ def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     dot = torch.dot(a, b)
     norms = a.norm() * b.norm()
     sim = torch.where(norms > 0, dot / norms.clamp(min=torch.finfo(norms.dtype).tiny), 0.0)
-    return (1.0 - sim).clamp(_D_MIN, _D_MAX)
+    return (1.0 - sim).clamp(D_MIN, D_MAX)
 
 
 def gram_matrix(grads: torch.Tensor) -> torch.Tensor:
@@ -229,7 +111,7 @@ def agreement_weights_unchecked(
         dot, agg_sq = gw[k], torch.dot(w, gw).clamp(min=0)
         norms = (agg_sq * g[k, k].clamp(min=0)).sqrt()
         sim = torch.where(norms > 0, dot / norms.clamp(min=torch.finfo(g.dtype).tiny), 0.0)
-        d = torch.where(torch.isfinite(norms), (1.0 - sim).clamp(_D_MIN, _D_MAX), torch.nan)
+        d = torch.where(torch.isfinite(norms), (1.0 - sim).clamp(D_MIN, D_MAX), torch.nan)
         ok = (d <= tau) & finite
         if merge == "halving":
             merged = 0.5 * (w + eye[k])
@@ -266,6 +148,7 @@ def check_finite(grads: torch.Tensor) -> None:
 
 def filter_gradients(grads: torch.Tensor, tau: Tau, merge: str = "halving") -> FilterResult:
     """Filter flattened micro-gradients ``grads`` (n, P) by agreement; the readable API.
+    ``tau``: a number, a one-value tensor or a ``gaf.threshold.Threshold`` (it observes the distances).
 
     Raises ValueError on bad shapes, n < 2, tau outside [0, 2], an unknown merge,
     or a non-finite micro-gradient (naming its index).
@@ -274,11 +157,11 @@ def filter_gradients(grads: torch.Tensor, tau: Tau, merge: str = "halving") -> F
         shape = tuple(grads.shape) if isinstance(grads, torch.Tensor) else type(grads).__name__
         raise ValueError(f"grads must be an (n, P) tensor of flattened micro-gradients, got {shape}")
     check_n(grads.shape[0])
-    check_gaf_settings(tau, merge)
+    threshold = as_threshold(tau)
+    check_merge(merge)
     check_finite(grads)
-    weights, accepted, distances = agreement_weights_unchecked(gram_matrix(grads), resolve_tau(tau, grads.device),
+    weights, accepted, distances = agreement_weights_unchecked(gram_matrix(grads), threshold.current(grads.device),
                                                                merge)
-    if isinstance(tau, AdaptiveTau):
-        tau.observe(distances)
+    threshold.observe(distances)
     aggregate = weights.to(grads.dtype) @ grads
     return FilterResult(aggregate, accepted, distances, weights, bool(accepted[1:].any()))

@@ -42,9 +42,10 @@ from torch.func import functional_call, grad, vmap
 
 from gaf.batchnorm import tracked_batchnorms
 from gaf.fast import CudaGraphs, _ieee_matmul
-from gaf.filter import agreement_weights_unchecked, check_merge, check_n, check_tau
+from gaf.filter import agreement_weights_unchecked, check_merge, check_n
 from gaf.optim import _check_number
 from gaf.step import LossFn, StepStats, count_correct
+from gaf.threshold import check_tau
 
 
 def unstack_stats(stats: StepStats) -> list[StepStats]:

@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 
 from gaf.checkpoint import prior_run
-from gaf.config import RunConfig, resolve, settings, validate
+from gaf.config import RunConfig, resolve, settings, threshold_of, validate
 from gaf.fused import FusedSteps, unstack_stats
 from gaf.methods import METHODS
 from gaf.rundir import RunDirLock
@@ -76,7 +76,7 @@ def check_group(cfgs: list[RunConfig]) -> None:
         fast = " or ".join(m.name for m in METHODS.values() if m.fast)
         raise ValueError(f"a fused group runs method={fast} with optim=sgd on one device; got "
                          f"method={cfg.method.name}, optim={cfg.optim.name}, distributed={cfg.distributed}")
-    if any(c.method.adaptive_k is not None for c in cfgs):
+    if any(threshold_of(c)[0] != "fixed" for c in cfgs):
         raise ValueError("a fused group takes a fixed tau per member: method.adaptive_k must be unset")
     t = cfg.train
     if t.fast is False or t.amp or t.channels_last or t.batched or t.compile == "full":

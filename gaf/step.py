@@ -24,8 +24,9 @@ from typing import Callable, ContextManager, Iterable, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from gaf.filter import (AdaptiveTau, NonFiniteGradientError, Tau, agreement_weights_unchecked, check_finite,
-                        check_gaf_settings, check_n, gram_matrix, resolve_tau)
+from gaf.filter import (NonFiniteGradientError, agreement_weights_unchecked, check_finite, check_merge, check_n,
+                        gram_matrix)
+from gaf.threshold import Tau, Threshold, as_threshold
 
 Microbatch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -172,7 +173,8 @@ class _Reference(NamedTuple):
 
 
 def _reference_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
-                    microbatches: Sequence[Microbatch], tau: Tau, merge: str, raise_non_finite: bool) -> _Reference:
+                    microbatches: Sequence[Microbatch], threshold: Threshold, merge: str,
+                    raise_non_finite: bool) -> _Reference:
     """One readable GAF step on validated arguments. A non-finite micro-gradient raises
     ``NonFiniteGradientError`` (``raise_non_finite``) or, as on the fast path, skips the step."""
     params = trainable_parameters(model)
@@ -186,10 +188,9 @@ def _reference_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn:
         except NonFiniteGradientError:
             model.zero_grad(set_to_none=True)
             raise
-    threshold = resolve_tau(tau, grads.device)
-    weights, accepted, distances = agreement_weights_unchecked(gram_matrix(grads), threshold, merge)
-    if isinstance(tau, AdaptiveTau):
-        tau.observe(distances)
+    tau = threshold.current(grads.device)
+    weights, accepted, distances = agreement_weights_unchecked(gram_matrix(grads), tau, merge)
+    threshold.observe(distances)
     stepped = accepted[1:].any()
     if bool(stepped):
         set_grads(params, weights.to(grads.dtype) @ grads)
@@ -198,9 +199,9 @@ def _reference_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn:
     sizes = [len(y) for _, y in microbatches]
     mean_loss = sum(loss * s for loss, s in zip(micro.losses.tolist(), sizes)) / sum(sizes)
     dev = grads.device
-    threshold = torch.as_tensor(threshold, dtype=torch.float32, device=dev).reshape(())
+    tau = torch.as_tensor(tau, dtype=torch.float32, device=dev).reshape(())
     stats = StepStats(torch.tensor(mean_loss, device=dev), micro.correct.sum(), distances.float(), accepted[1:].sum(),
-                      stepped, threshold, sum(sizes))
+                      stepped, tau, sum(sizes))
     return _Reference(stats, mean_loss, weights, micro.classified)
 
 
@@ -221,9 +222,10 @@ def gaf_step(
     over the microbatches, a list of n floats). A non-finite micro-gradient raises
     ``NonFiniteGradientError`` naming it (``.grad`` cleared, nothing stepped).
     """
-    check_gaf_settings(tau, merge)
+    threshold = as_threshold(tau)
+    check_merge(merge)
     _check_microbatches(microbatches)  # all before spending any compute
-    ref = _reference_step(model, optimizer, loss_fn, microbatches, tau, merge, raise_non_finite=True)
+    ref = _reference_step(model, optimizer, loss_fn, microbatches, threshold, merge, raise_non_finite=True)
     s = ref.stats
     return {
         "loss": ref.mean_loss,
@@ -241,13 +243,13 @@ class ReferenceGAFStep:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, tau: Tau,
                  merge: str = "halving"):
-        check_gaf_settings(tau, merge)
-        self.model, self.optimizer, self.loss_fn, self.tau, self.merge = model, optimizer, loss_fn, tau, merge
+        self.threshold, self.merge = as_threshold(tau), check_merge(merge)
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
 
     def __call__(self, xs: torch.Tensor, ys: torch.Tensor) -> StepStats:
         check_n(len(xs))
-        return _reference_step(self.model, self.optimizer, self.loss_fn, list(zip(xs, ys)), self.tau, self.merge,
-                               raise_non_finite=False).stats
+        return _reference_step(self.model, self.optimizer, self.loss_fn, list(zip(xs, ys)), self.threshold,
+                               self.merge, raise_non_finite=False).stats
 
 
 class PlainStep:

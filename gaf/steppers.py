@@ -18,7 +18,6 @@ from gaf.config import OptimConfig, RunConfig, RunPlan
 from gaf.coteaching import CoTeachingStep
 from gaf.distributed import DistributedGAFStep, DistributedMeanStep
 from gaf.fast import FastGAFStep, FastPlainStep
-from gaf.filter import Tau
 from gaf.losses import build_loss
 from gaf.methods import METHODS
 from gaf.models import build_model
@@ -26,6 +25,7 @@ from gaf.optim import build_optimizer as build_named_optimizer
 from gaf.schedule import Schedule
 from gaf.schedule import build_schedule as build_named_schedule
 from gaf.step import LossFn, PlainStep, ReferenceGAFStep, StepStats
+from gaf.threshold import Tau
 
 Stepper = Callable[[torch.Tensor, torch.Tensor], StepStats]
 

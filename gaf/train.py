@@ -33,18 +33,18 @@ import torch
 from gaf import data as gdata
 from gaf.augment import augment, normalize
 from gaf.checkpoint import CheckpointError, prior_run, save_checkpoint
-from gaf.config import RunConfig, RunPlan, class_size_error, resolve, validate
+from gaf.config import RunConfig, RunPlan, class_size_error, resolve, threshold_of, validate
 from gaf.datasets import DATA_SETS
 from gaf.methods import METHODS
 from gaf.distributed import check_replicas
 from gaf.evaluation import MemorisationProbe, accuracy, evaluate, is_finite
-from gaf.filter import AdaptiveTau
 from gaf.models import build_model
 from gaf.samplers import BatchSampler, ClassBalancedSampler
 from gaf.log import CsvLog, WandbLogger
 from gaf.rundir import RunDirError, RunDirLock, environment, write_json, write_summary
 from gaf.step import StepStats
 from gaf.steppers import build_optimizer, build_schedule, make_coteaching, make_loss, make_stepper
+from gaf.threshold import build_threshold
 from gaf.torchrun import init_from_env, local_slice, shutdown
 
 __all__ = ["CheckpointError", "RunConfig", "RunDirError", "run", "validate"]
@@ -284,11 +284,10 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters(), masked=plan.fast)
         self.schedule = build_schedule(cfg, self.optimizer)  # sets the lr: before each step, after each validation
         m = cfg.method
-        self.tau: float | AdaptiveTau = (AdaptiveTau(m.tau, m.adaptive_k, m.adaptive_window)
-                                         if m.adaptive_k is not None else m.tau)
+        self.threshold = build_threshold(*threshold_of(cfg))  # GAF's tau (a baseline's is unused)
         self.stepper = (make_coteaching(cfg, self.model, self.optimizer, self.ds) if METHODS[m.name].peer else
-                        make_stepper(cfg, self.model, self.optimizer, make_loss(cfg, self.ds.num_classes), self.tau,
-                                     plan))
+                        make_stepper(cfg, self.model, self.optimizer, make_loss(cfg, self.ds.num_classes),
+                                     self.threshold, plan))
         self.aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         self.probe = MemorisationProbe.draw(self.ds, cfg.train.memorisation_samples, cfg.seed + 2, device)
         self.n_dist = m.n_micro - 1 if METHODS[m.name].microbatches else 0
@@ -316,8 +315,7 @@ class Trainer:
         self.sampler.load_state_dict(ckpt["sampler"])
         self.aug_gen.set_state(ckpt["aug_rng"])
         torch.set_rng_state(ckpt["torch_rng"])
-        if isinstance(self.tau, AdaptiveTau):
-            self.tau.load_state_dict(ckpt["adaptive_tau"])
+        self.threshold.load_state_dict(ckpt["adaptive_tau"])  # the threshold's state, under its first scheme's name
         if ckpt.get("stepper") is not None:  # a stepper's own state (co-teaching's peer)
             self.stepper.load_state_dict(ckpt["stepper"])
         self.clock.load_state_dict(ckpt["state"])
@@ -524,7 +522,7 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(), "sampler": self.sampler.state_dict(),
             "aug_rng": self.aug_gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "adaptive_tau": self.tau.state_dict() if isinstance(self.tau, AdaptiveTau) else None,
+            "adaptive_tau": self.threshold.state_dict(),  # the threshold's state (gaf.threshold)
             "stepper": self.stepper.state_dict() if hasattr(self.stepper, "state_dict") else None,
             "since_eval": list(self.since_eval),  # the next validation's train means (empty at a validation)
         })
