@@ -190,12 +190,16 @@ def step_memory(trainer: Trainer) -> tuple[int, int] | None:
     return need, int(torch.cuda.mem_get_info(device)[0] * HEADROOM)
 
 
+def step_shape(cfg: RunConfig, classes: int) -> tuple[int, int]:
+    """(n, b) of a run's step: GAF's n microbatches of per_class images of each of ``classes``, or
+    the baseline's one batch."""
+    m = cfg.method
+    return (m.n_micro, m.per_class * classes) if METHODS[m.name].microbatches else (1, m.batch_size)
+
+
 def batch_shape(trainer: Trainer) -> tuple[int, ...]:
-    """(n, b, C, H, W) of a member's step: GAF's n microbatches of per_class images of every class,
-    or the baseline's one batch."""
-    m, ds = trainer.cfg.method, trainer.ds
-    n, b = (m.n_micro, m.per_class * ds.num_classes) if METHODS[m.name].microbatches else (1, m.batch_size)
-    return (n, b, *ds.train_x.shape[1:])
+    """(n, b, C, H, W) of a member's step."""
+    return (*step_shape(trainer.cfg, trainer.ds.num_classes), *trainer.ds.train_x.shape[1:])
 
 
 def group_size(members: int, measured: tuple[int, int] | None) -> int:

@@ -165,6 +165,22 @@ def markdown(rows: list[dict], a) -> str:
     return "\n".join(lines)
 
 
+def gaf_table_within(timeout_s: float, device: str, quick: bool) -> list[str]:
+    """This script's GAF table (K = 1, 3, 9; 1, 3 with ``quick``) from a process of its own given
+    ``timeout_s``, as printed; or the one line saying why there is none (scripts/gpu_evidence.py
+    spends a call's budget left over on it)."""
+    sizes = ["--quick", "--k", "1", "3"] if quick else ["--k", "1", "3", "9", "--steps", "50"]
+    argv = [sys.executable, str(Path(__file__).resolve()), "--device", device, "--kinds", "gaf", *sizes]
+    try:
+        got = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return [f"bench_fused did not end within the {timeout_s:.0f} s left"]
+    if got.returncode != 0:
+        return [f"bench_fused failed (exit {got.returncode}): {got.stderr.strip().splitlines()[-1:]}"]
+    out = got.stdout.splitlines()
+    return out[next(i for i, line in enumerate(out) if line.startswith("K runs of")):]
+
+
 def main(argv=None) -> list[dict]:
     a = parse_args(argv)
     if a.worker:

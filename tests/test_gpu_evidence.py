@@ -15,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import gpu_evidence as ge  # noqa: E402
+import wave_plan as wp  # noqa: E402
 from cifar_fixtures import write_jpeg_tar  # noqa: E402
 from gaf.config import RunConfig, validate  # noqa: E402
 from gaf.report import tables  # noqa: E402
@@ -104,7 +105,7 @@ def test_the_speed_model_predicts_the_recorded_h200_calls_within_15_percent(fold
     predicted 261 s for the first (its k = 9 eval_s counted each validation at 4.5 s)."""
     call = json.loads((ROOT / "results" / folder / "provenance.json").read_text())["gpu-small"]
     assert call["sweep_wall_s"] == measured_s
-    predicted = ge.call_speed(call).seconds(call["images_seen"], 20)
+    predicted = wp.call_speed(call).seconds(call["images_seen"], 20)
     assert abs(predicted / measured_s - 1) <= 0.15, predicted
 
 
@@ -116,7 +117,7 @@ def test_the_grids_second_call_planned_from_the_firsts_recorded_rate_within_15_p
     first, second = calls[0], calls[1]
     wave = second["waves"][0]
     points = [p for p in ge.grid(3) if p.folder in wave["runs"]]
-    predicted = ge.call_speed(first).wave_s(points, max_fused=1)
+    predicted = wp.call_speed(first).wave_s(points, max_fused=1)
     assert predicted == pytest.approx(wave["predicted_s"], abs=0.1)
     assert abs(predicted / wave["wall_s"] - 1) <= 0.15
 
@@ -130,30 +131,30 @@ def test_the_newest_recorded_call_of_the_card_gives_the_speed(tmp_path):
     for name, p in (("a", {"gpu-small": old}), ("b", {"calls": [new, other]})):
         (tmp_path / name).mkdir()
         (tmp_path / name / "provenance.json").write_text(json.dumps(p))
-    assert ge.recorded_speed("X", tmp_path) == ge.Speed(50_000.0, 0.4, 12.0)
-    assert ge.recorded_speed("Z", tmp_path) is None
-    assert ge.call_speed(old) == ge.Speed(200 / 0.01, 0.5, 9.0)
+    assert wp.recorded_speed("X", tmp_path) == wp.Speed(50_000.0, 0.4, 12.0)
+    assert wp.recorded_speed("Z", tmp_path) is None
+    assert wp.call_speed(old) == wp.Speed(200 / 0.01, 0.5, 9.0)
 
 
 def test_a_wave_is_fused_groups_and_its_validations_are_the_largest_groups():
     """The first 12 points: 8 GAF-shaped runs (averaging and GAF), 4 baselines, 20 validations each."""
     points = ge.grid(1)[:12]
-    assert [[p.shape[0] for p in job] for job in ge.jobs(points, 32)] == [["baseline"] * 4, ["gaf"] * 8]
-    assert [len(job) for job in ge.jobs(points, 3)] == [3, 1, 3, 3, 2]
-    assert ge.load(points, 32) == (16_000 * (4 * 128 + 8 * 200), 8 * 20)
-    assert ge.load(points, 1) == (16_000 * (4 * 128 + 8 * 200), 20)  # one run per process: all validate at once
-    speed = ge.Speed(100_000.0, 0.5, 10.0)
+    assert [[p.kind for p in job] for job in wp.jobs(points, 32)] == [["baseline"] * 4, ["gaf"] * 8]
+    assert [len(job) for job in wp.jobs(points, 3)] == [3, 1, 3, 3, 2]
+    assert wp.load(points, 32) == (16_000 * (4 * 128 + 8 * 200), 8 * 20)
+    assert wp.load(points, 1) == (16_000 * (4 * 128 + 8 * 200), 20)  # one run per process: all validate at once
+    speed = wp.Speed(100_000.0, 0.5, 10.0)
     assert speed.wave_s(points, 32) == pytest.approx(10 + 16_000 * 2112 / 100_000 + 160 * 0.5)
 
 
 def test_a_wave_remeasures_the_speed_and_the_next_is_the_longest_run_of_points_that_fits():
-    speed, points = ge.Speed(100_000.0, 0.5, 10.0), ge.grid(1)
-    wave = ge.next_wave(points, speed, 32, left_s=400)
+    speed, points = wp.Speed(100_000.0, 0.5, 10.0), ge.grid(1)
+    wave = wp.next_wave(points, speed, 32, left_s=400)
     assert speed.wave_s(wave, 32) <= 400 < speed.wave_s(points[: len(wave) + 1], 32)
-    slower = speed.remeasured(*ge.load(wave, 32), wall_s=2 * speed.wave_s(wave, 32))
+    slower = speed.remeasured(*wp.load(wave, 32), wall_s=2 * speed.wave_s(wave, 32))
     assert slower.wave_s(wave, 32) == pytest.approx(2 * speed.wave_s(wave, 32))  # the same wave: what it took
-    assert len(ge.next_wave(points, slower, 32, left_s=400)) < len(wave)
-    assert ge.next_wave(points, speed, 32, left_s=1) == points[:1]  # at least one
+    assert len(wp.next_wave(points, slower, 32, left_s=400)) < len(wave)
+    assert wp.next_wave(points, speed, 32, left_s=1) == points[:1]  # at least one
 
 
 def test_where_timing_a_fused_group_fails_the_runs_go_one_per_process(monkeypatch, capsys):
@@ -161,8 +162,8 @@ def test_where_timing_a_fused_group_fails_the_runs_go_one_per_process(monkeypatc
         raise RuntimeError("planted")
 
     timed = []
-    monkeypatch.setattr(ge.bench_fused, "fused", broken)
-    monkeypatch.setattr(ge.bench_fused, "separate", lambda bench, kind, k: timed.append(kind) or 1000.0)
+    monkeypatch.setattr(wp.bench_fused, "fused", broken)
+    monkeypatch.setattr(wp.bench_fused, "separate", lambda bench, kind, k: timed.append(kind) or 1000.0)
     a, record = SimpleNamespace(device="cpu", max_fused=32, call=ge.GPU), {"card": "cpu", "max_fused": 32}
     speed = ge.first_speed(a, ge.grid(1), record)
     assert a.max_fused == record["max_fused"] == 1 and speed.rate == pytest.approx(1000.0)
@@ -173,7 +174,7 @@ def test_where_timing_a_fused_group_fails_the_runs_go_one_per_process(monkeypatc
 def fake_sweep(monkeypatch, tmp_path, budget_s: float, slower: float, fail=(), runs=None) -> tuple[list, dict, str]:
     """gpu_evidence.sweep with launch (each wave taking ``slower`` times its prediction from a
     Speed of 100,000 images/s, of make-believe time) and write_outputs recorded instead of run."""
-    clock, speed = [1000.0], ge.Speed(100_000.0, 0.5, 10.0)
+    clock, speed = [1000.0], wp.Speed(100_000.0, 0.5, 10.0)
     monkeypatch.setattr(ge.time, "perf_counter", lambda: clock[0])
     a = SimpleNamespace(t0=clock[0], budget_s=budget_s, runs=runs, deadline=clock[0] + budget_s + ge.GRACE_S,
                         jpeg=None, device="cuda", results=tmp_path, max_fused=32)
@@ -211,7 +212,7 @@ def test_the_first_wave_runs_whatever_its_prediction_a_failed_wave_costs_not_the
     assert len(launched) == 1 and len(launched[0]) == 1
     launched, record, written = fake_sweep(monkeypatch, tmp_path, budget_s=100_000, slower=1.0, fail=(1,))
     assert sum(map(len, launched)) == 30 and written[0] == 0 and written[-1] == 30 - len(launched[0])
-    assert "FAIL wave 1: a run failed (exit 1): planted\nthe rest go one per process" in capsys.readouterr().out
+    assert "FAIL wave 1: a run failed (exit 1): planted\na wave of fused groups failed: the runs go one per process" in capsys.readouterr().out
     assert record["max_fused"] == 1  # a fused group that failed would fail again
     launched, _, _ = fake_sweep(monkeypatch, tmp_path, budget_s=100_000, slower=1.0, runs=4)
     assert sum(map(len, launched)) == 4

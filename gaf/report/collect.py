@@ -366,6 +366,15 @@ def portable_root(root) -> str:
     return path.relative_to(REPOSITORY).as_posix() if REPOSITORY in path.parents else str(root)
 
 
+def record_call(out_dir: Path, call: dict, run_roots: list[str]) -> None:
+    """provenance.json's "calls" with ``call`` added, or replacing the entry of its date: what each call of
+    a grid continued call after call ran (scripts/gpu_evidence.py); ``run_roots`` as it names them."""
+    path = Path(out_dir) / "provenance.json"
+    provenance = _read_json(path) if path.is_file() else {}
+    calls = [c for c in provenance.get("calls", []) if c.get("date") != call["date"]] + [call]
+    path.write_text(json.dumps({**provenance, "calls": calls, "run_roots": run_roots}, indent=2, default=str) + "\n")
+
+
 def _write_experiment(out_dir, runs, curves, evals, dropped, command, run_roots):
     out_dir.mkdir(parents=True, exist_ok=True)
     ids = list(runs["run_id"])
