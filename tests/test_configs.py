@@ -451,7 +451,7 @@ def test_a_presets_per_scale_adjustments_are_its_at_scale_block_only(preset):
         launch.scale_options())
 
 
-@pytest.mark.parametrize("scale", ["tiny", "small", "paper", "gpu"])
+@pytest.mark.parametrize("scale", sorted(p.stem for p in (CONFIGS / "scale").glob("*.yaml")))
 def test_the_scale_group_sets_what_its_file_says(scale):
     given = [f"scale={scale}", *(["experiment=gpu_small"] if scale == "gpu" else [])]
     rc = to_run_config(composed(given, hydra=True), given)

@@ -24,10 +24,3 @@ def test_every_file_the_docs_and_code_cite_is_in_the_repository():
     cited = {m for t in texts for m in re.findall(r"\b(?:docs|notes)/[\w-]+\.md\b", t.read_text())}
     assert cited and all((ROOT / c).is_file() for c in cited), sorted(c for c in cited if not (ROOT / c).is_file())
     assert not [t for t in texts if re.search(r"(?<![\w/])PAPER\.md", t.read_text())]  # cite docs/paper.md
-
-
-def test_the_readme_describes_every_scale_and_says_where_runs_and_settings_are_declared():
-    scales = sorted(p.stem for p in (ROOT / "configs/scale").glob("*.yaml"))
-    table = README[README.index("| scale | what it runs |"):]
-    assert scales and all(f"\n| `{scale}` |" in table[:table.index("\n\n")] for scale in scales)
-    assert all(f"`{key}`" in README for key in ("at_scale", "launches", "RunConfig")) and "--cfg job" in README

@@ -98,11 +98,17 @@ def test_a_job_count_below_one_is_refused_naming_it(tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # refused before anything is made
 
 
-@pytest.mark.parametrize("scale, runs", [("tiny", 48), ("small", 150), ("paper", 150), ("gpu", 90)])
-def test_every_presets_declared_launches_compose_and_validate(scale, runs):
-    """What reproduce.py runs is what the presets declare (their `launches`), every point valid; the
-    gpu scale is made for experiment=gpu_small alone (configs/scale/gpu.yaml: scale_for)."""
+RUNS_AT_SCALE = {"tiny": 48, "small": 150, "paper": 150, "gpu": 90}
+
+
+@pytest.mark.parametrize("scale", sorted(p.stem for p in (ROOT / "configs/scale").glob("*.yaml")))
+def test_every_presets_declared_launches_compose_and_validate(scale):
+    """Every scale file is a scale reproduce.py runs, and what it runs is what the presets declare
+    (their `launches`), every point valid; the gpu scale is made for experiment=gpu_small alone
+    (configs/scale/gpu.yaml: scale_for)."""
     reproduce = load_reproduce()
+    assert scale in reproduce.SCALES and scale in RUNS_AT_SCALE, f"a new scale: say how many runs {scale} makes"
+    runs = RUNS_AT_SCALE[scale]
     launches = reproduce.plan(scale, None)
     presets = {path.stem for path in (ROOT / "configs/experiment").glob("*.yaml")} - {"smoke", "gpu_small"}
     expected = {"gpu_small"} if scale == "gpu" else presets - ({"table1"} if scale == "tiny" else set())
@@ -112,6 +118,18 @@ def test_every_presets_declared_launches_compose_and_validate(scale, runs):
     configs = [rc for rc, _ in planned]
     assert errors == [] and len(configs) == runs
     assert {c.scale for c in configs} == {scale} and all(c.experiment in presets for c in configs)
+
+
+def test_the_committed_tiny_results_are_the_runs_reproduce_makes_at_tiny():
+    """results/'s tiny rows: per preset, as many finished runs as `make reproduce SCALE=tiny` plans."""
+    reproduce = load_reproduce()
+    _, planned = reproduce.check_plan(reproduce.plan("tiny", None), "tiny", [], show=False)
+    runs = pd.concat([pd.read_csv(p) for p in sorted((ROOT / "results").glob("*/runs.csv"))])
+    tiny = runs[runs["scale"] == "tiny"]
+    if tiny.empty:
+        pytest.skip("no committed tiny results in this checkout")
+    assert set(tiny["status"]) == {"finished"}
+    assert tiny["experiment"].value_counts().to_dict() == pd.Series([rc.experiment for rc, _ in planned]).value_counts().to_dict()
 
 
 @pytest.mark.parametrize("entry, message", [
