@@ -655,10 +655,10 @@ def test_rows_collected_before_are_rewritten_as_collected_now(tmp_path):
 
 def test_provenance_names_run_roots_relative_to_the_repository_or_as_given(tmp_path, monkeypatch):
     synth.write_experiment(tmp_path / "multirun", "fig6")
-    monkeypatch.setattr(collect, "REPOSITORY", tmp_path)  # the runs lie in the repository
+    monkeypatch.setattr(collect, "REPO", tmp_path)  # the runs lie in the repository
     collect.collect([tmp_path / "multirun"], tmp_path / "results")
     assert json.loads((tmp_path / "results/fig6/provenance.json").read_text())["run_roots"] == ["multirun"]
-    monkeypatch.setattr(collect, "REPOSITORY", ROOT)
+    monkeypatch.setattr(collect, "REPO", ROOT)
     monkeypatch.chdir(tmp_path)
     collect.collect(["multirun"], "again")  # elsewhere: as the command gave them
     assert json.loads((tmp_path / "again/fig6/provenance.json").read_text())["run_roots"] == ["multirun"]

@@ -10,7 +10,3 @@ scripts/plot.py are their command lines (``make figures``).
 Importing this package imports nothing: collect needs neither matplotlib nor Hydra (a lent GPU
 without them collects its runs).
 """
-
-from pathlib import Path
-
-REPOSITORY = Path(__file__).resolve().parents[2]  # the checkout: run roots and the paper's facts are named from it

@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 
 from gaf.config import RunConfig, settings, without_effect
-from gaf.report import REPOSITORY
 from gaf.rundir import run_status
+from gaf.sources import REPO
 
 # Columns every runs.csv has, in this order (missing config keys are left empty).
 SWEPT = ["data.name", "data.noise", "model.name", "model.width", "method.name", "method.tau", "method.n_micro",
@@ -363,7 +363,7 @@ def portable_root(root) -> str:
     """A run root as provenance records it: relative to the repository where it lies in it, else as given
     (an absolute path of one machine means nothing on another)."""
     path = Path(root).resolve()
-    return path.relative_to(REPOSITORY).as_posix() if REPOSITORY in path.parents else str(root)
+    return path.relative_to(REPO).as_posix() if REPO in path.parents else str(root)
 
 
 def record_call(out_dir: Path, call: dict, run_roots: list[str]) -> None:

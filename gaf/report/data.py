@@ -2,7 +2,7 @@
 regime check share, the names of what ran, and a record of which files were read.
 
 Reads only what gaf.report.collect wrote (results/<experiment>/{runs,curves,evals}.csv,
-provenance.json) and the paper's figure-6 values (scripts/paper_facts/figure6.csv); never run
+provenance.json) and the paper's figure-6 values (gaf/report/paper_facts/figure6.csv); never run
 directories. ``load`` keeps finished runs at one scale per experiment (the largest present
 unless asked for another).
 """
@@ -19,9 +19,9 @@ import pandas as pd
 
 from gaf.datasets import DATA_SETS, stand_in_prefix
 from gaf.methods import METHODS
-from gaf.report import REPOSITORY
+from gaf.sources import REPO
 
-SCALE_FILES = REPOSITORY / "configs" / "scale"  # a scale is its file there
+SCALE_FILES = REPO / "configs" / "scale"  # a scale is its file there
 
 DATA = {d.name: d.title for d in DATA_SETS.values()}  # how figures and tables name a data set
 
@@ -34,7 +34,7 @@ CURVE_COLUMNS = ["run_id", "iter", "d_mean", "d_mean_win", "stride", "acc", "los
 
 EVAL_COLUMNS = ["run_id", "iter", "train_acc", "val_acc"]
 
-PAPER_FACTS = REPOSITORY / "scripts" / "paper_facts"
+PAPER_FACTS = Path(__file__).resolve().parent / "paper_facts"  # installed with the package
 
 PAPER_FIG6 = PAPER_FACTS / "figure6.csv"
 
@@ -46,15 +46,15 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 def input_key(path, results_dir):
-    """A file a figure reads, named portably: the paper's facts relative to the repository
-    (scripts/paper_facts/<file>), else relative to the results folder."""
+    """A file a figure reads, named portably: the paper's facts as paper_facts/<file>, else relative
+    to the results folder."""
     path = Path(path).resolve()
     if PAPER_FACTS in path.parents:
-        return path.relative_to(REPOSITORY).as_posix()
+        return path.relative_to(PAPER_FACTS.parent).as_posix()
     return path.relative_to(Path(results_dir).resolve()).as_posix()
 
 def input_path(key, results_dir):
-    return REPOSITORY / key if key.startswith("scripts/") else Path(results_dir) / key
+    return PAPER_FACTS.parent / key if key.startswith("paper_facts/") else Path(results_dir) / key
 
 def file_hash(path):
     return sha256(path.read_bytes()) if path.is_file() else None

@@ -143,7 +143,7 @@ def write_paper_vs_repro(df, results_dir):
     setting = ", ".join(df.attrs["setting"]) or "none"
     text = ["# Figure 6: the paper's values beside this reproduction", "",
             "Best validation accuracy (%) vs. symmetric label noise. Paper: ResNet18 on CIFAR-100, read off the "
-            "published figure 6 by eye (+-1 point; `scripts/paper_facts/figure6.csv`, Chaubard et al. 2024, "
+            "published figure 6 by eye (+-1 point; `gaf/report/paper_facts/figure6.csv`, Chaubard et al. 2024, "
             "arXiv:2412.18052). "
             f"Reproduction: experiment `{r.experiment}`, best validation accuracy over each run, mean over seeds; "
             f"GAF setting: {setting}. '—' = this noise level was not in the sweep.", "",
