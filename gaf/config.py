@@ -7,7 +7,8 @@ composes; ``validate`` rejects bad settings up front with one message each; ``re
 decides once, on the run's device, what the trainer derives from them (``RunPlan``).
 
 The schema imports no torch and no gaf module but the records of the data sets and methods
-(gaf.datasets, gaf.methods: pure Python): reading run files needs neither. The other choices are literals here, and the modules
+(gaf.datasets, gaf.methods) and the settings' rules (gaf.rules), all pure Python: reading run
+files needs neither torch nor Hydra. The other choices are literals here, and the modules
 implementing them are held to them (tests/test_configs.py checks the models, merges, optimizers
 and distributed modes against their registries).
 """
@@ -18,12 +19,11 @@ import dataclasses
 import importlib.util
 import json
 import math
-import os
-import re
 from dataclasses import dataclass, field
 
 from gaf.datasets import DATA_SETS, named
 from gaf.methods import METHODS as METHOD_RECORDS, Method
+from gaf.rules import setting  # a schema field and its Rule: what the setting may hold
 
 # The data sets (gaf.datasets' records), what may stand in for them (None: nothing), their sizes.
 DATASETS = tuple(DATA_SETS)
@@ -42,66 +42,6 @@ SCHEDULES = ("plateau", "cosine")  # gaf.schedule.SCHEDULES
 DIST_MODES = ("gram", "allgather")  # gaf.distributed.MODES
 # train.compile -> FastGAFStep's compile argument.
 COMPILE_MODES = {"none": False, "graph": "graph", "full": True}
-
-
-@dataclass(frozen=True)
-class Rule:
-    """What one setting may hold. ``kind``: int | float | bool | choice | path | text | pair
-    | device; ``low``/``high`` bound numbers (``open_low``/``open_high`` exclude the bound);
-    ``optional``: None (null) is allowed too; ``applies``: the condition (a key of ``APPLIES``)
-    under which the setting has any effect: set where it has none, it is an error."""
-
-    kind: str
-    low: float | None = None
-    high: float | None = None
-    open_low: bool = False
-    open_high: bool = False
-    choices: tuple = ()
-    optional: bool = False
-    applies: str | None = None  # a key of APPLIES: when the setting has an effect (None: always)
-
-    def allowed(self) -> str:
-        """The allowed values in words, for error messages."""
-        if self.kind == "choice":
-            text = "one of " + ", ".join(str(c) for c in self.choices)
-        elif self.kind in ("int", "float", "pair"):
-            text = {"int": "an integer", "float": "a number", "pair": "a pair of numbers, each"}[self.kind]
-            if self.low is not None and self.high is not None:
-                text += f" in {'(' if self.open_low else '['}{self.low}, {self.high}{')' if self.open_high else ']'}"
-            elif self.low is not None:
-                text += f" {'>' if self.open_low else '>='} {self.low}"
-        else:
-            text = {"bool": "true or false", "path": "a file or folder path", "text": "a non-empty string",
-                    "device": "auto, cpu, cuda or cuda:N"}[self.kind]
-        return text + (" (or null)" if self.optional else "")
-
-    def accepts(self, value) -> bool:
-        if value is None:
-            return self.optional
-        if self.kind == "choice":
-            return value in self.choices
-        if self.kind == "bool":
-            return isinstance(value, bool)
-        if self.kind in ("path", "text"):
-            return isinstance(value, (str, os.PathLike)) and str(value) != ""
-        if self.kind == "device":
-            return isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is not None
-        if self.kind == "pair":
-            return (isinstance(value, (tuple, list)) and len(value) == 2
-                    and all(dataclasses.replace(self, kind="float").accepts(v) for v in value))
-        return self._in_range(value)
-
-    def _in_range(self, value) -> bool:
-        types = (int,) if self.kind == "int" else (int, float)
-        if isinstance(value, bool) or not isinstance(value, types) or not math.isfinite(value):
-            return False
-        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
-            return False
-        return self.high is None or (value < self.high if self.open_high else value <= self.high)
-
-    def check(self, key: str, value) -> None:
-        if not self.accepts(value):
-            raise ValueError(f"{key} must be {self.allowed()}, got {value!r}")
 
 
 def _method(cfg):
@@ -158,11 +98,6 @@ APPLIES = {
                 "only optim.schedule=plateau reduces the lr on validation loss"),
     "distributed": (lambda c: c.distributed, "distributed=false runs in one process"),
 }
-
-
-def setting(default, kind: str, **rule):
-    """A schema field whose metadata carries its ``Rule`` (``validate`` walks them all)."""
-    return field(default=default, metadata={"rule": Rule(kind, **rule)})
 
 
 @dataclass

@@ -35,9 +35,10 @@ from gaf.checkpoint import prior_run
 from gaf.config import RunConfig, resolve, settings, threshold_of, validate
 from gaf.fused import FusedSteps, unstack_stats
 from gaf.methods import METHODS
+from gaf.process import progress_bar, resolve_device, sigterm_stops
 from gaf.rundir import RunDirLock
 from gaf.step import StepStats
-from gaf.train import Trainer, _progress, nothing_to_do, resolve_device, sigterm_stops
+from gaf.train import Trainer, nothing_to_do
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +284,7 @@ def train_together(trainers: list[Trainer]) -> list[dict]:
     starts = [t.state["iter"] for t in trainers]
     ended = {k: ("finished", s) for k, (t, s) in enumerate(zip(trainers, starts)) if s >= t.cfg.train.iterations}
     cfg = trainers[0].cfg
-    progress = _progress(cfg, min(starts), True)
+    progress = progress_bar(cfg, min(starts), True)
     progress.set_description(f"{cfg.experiment}: {len(trainers)} fused")
     step = 0
     while len(ended) < len(trainers):

@@ -10,7 +10,8 @@ validation: train/val loss and accuracy, and the memorisation probe), ``summary.
 Re-using a run directory resumes from its checkpoint; a finished run is a no-op.
 The step itself is a *stepper* (``gaf.steppers.make_stepper``): ``stepper(xs, ys)`` takes
 n microbatches as one (n, b, C, H, W) tensor and returns ``gaf.step.StepStats`` (device
-tensors), so the readable, fast and distributed paths plug in alike.
+tensors), so the readable, fast and distributed paths plug in alike. The process the run
+trains in (rank, device, SIGTERM, progress bar) is ``gaf.process``'s; its clocks, ``gaf.clock``'s.
 """
 
 from __future__ import annotations
@@ -19,20 +20,16 @@ import contextlib
 import logging
 import math
 import os
-import signal
-import sys
-import threading
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from gaf import data as gdata
 from gaf.augment import augment, normalize
 from gaf.checkpoint import CheckpointError, prior_run, save_checkpoint
+from gaf.clock import RunClock
 from gaf.config import RunConfig, RunPlan, class_size_error, resolve, threshold_of, validate
 from gaf.datasets import DATA_SETS
 from gaf.methods import METHODS
@@ -41,11 +38,12 @@ from gaf.evaluation import MemorisationProbe, accuracy, evaluate, is_finite
 from gaf.models import build_model
 from gaf.samplers import BatchSampler, ClassBalancedSampler
 from gaf.log import CsvLog, WandbLogger
+from gaf.process import check_shares, progress_bar, sigterm_stops, this_process
 from gaf.rundir import RunDirError, RunDirLock, environment, write_json, write_summary
 from gaf.step import StepStats
 from gaf.steppers import build_optimizer, build_schedule, make_coteaching, make_loss, make_stepper
 from gaf.threshold import build_threshold
-from gaf.torchrun import init_from_env, local_slice, shutdown
+from gaf.torchrun import local_slice
 
 __all__ = ["CheckpointError", "RunConfig", "RunDirError", "run", "validate"]
 
@@ -103,18 +101,6 @@ def draw_batch(sampler, ds: gdata.ImageDataset, generator: torch.Generator, devi
 # ----------------------------------------------------------------------------- the run
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} asked for, but CUDA is not available here; use device=cpu or auto")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    return dev
-
-
 def run(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     """Train one run into ``run_dir``; resume if it holds a checkpoint; no-op if finished.
 
@@ -123,9 +109,9 @@ def run(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     """
     validate(cfg)
     run_dir = Path(run_dir)
-    with _this_process(cfg) as (rank, world, device):
+    with this_process(cfg) as (rank, world, device):
         plan = resolve(cfg, device.type)
-        _check_shares(cfg, world)
+        check_shares(cfg, world)
         run_dir.mkdir(parents=True, exist_ok=True)
         with RunDirLock(run_dir) if rank == 0 else contextlib.nullcontext():  # rank 0 writes the files
             summary, ckpt = prior_run(run_dir, cfg.to_dict())
@@ -163,90 +149,6 @@ def stop_reached(cfg: RunConfig, summary: dict | None, ckpt: dict | None) -> int
     done = max(ckpt["state"]["iter"] if ckpt is not None else 0,
                summary.get("iterations", 0) if summary is not None and summary.get("status") == "stopped" else 0)
     return done if done >= stop else None
-
-
-@contextlib.contextmanager
-def sigterm_stops(*trainers: "Trainer"):
-    """SIGTERM (a scheduler's preemption, ``kill``) ends the run (every run of a fused group) after the
-    step under way as a validation would: checkpointed there, summary ``stopped``, lock released. One
-    process in the main thread only (under torchrun the ranks would stop at different steps)."""
-    if any(t.cfg.distributed for t in trainers) or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(*_):
-        for t in trainers:
-            t.terminated = True
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def _this_process(cfg: RunConfig) -> Iterator[tuple[int, int, torch.device]]:
-    """(rank, world size, device) of this process: the only one, or (``cfg.distributed``) its
-    rank of torchrun's process group, which is shut down when the run ends."""
-    if not cfg.distributed:
-        yield 0, 1, resolve_device(cfg.device)
-        return
-    rank, world, _, device = init_from_env()
-    try:
-        yield rank, world, device
-    finally:
-        shutdown()
-
-
-def _check_shares(cfg: RunConfig, world: int) -> None:
-    """Every rank takes an equal share of each step: GAF's microbatches, or the baseline's batch."""
-    split, what = ((cfg.method.n_micro, "method.n_micro") if METHODS[cfg.method.name].microbatches
-                   else (cfg.method.batch_size, "method.batch_size"))
-    if split % world:
-        raise ValueError(f"{what}={split} must be a multiple of the number of ranks ({world}): "
-                         "every rank takes an equal share of each step")
-
-
-class RunClock:
-    """A run's two times, carried across relaunches in the checkpoint's ``state``
-    (``elapsed``, ``train_time``).
-
-    Wall time: since the run first started, everything included (set-up aside). Training
-    time: the steps alone, counted at each flush, where the host has waited for the steps'
-    results (on CUDA a step returns before the GPU ran it); validation is not counted.
-    """
-
-    def __init__(self):
-        self.wall_before = 0.0  # wall time of earlier launches (and of this one, once stopped)
-        self.training = 0.0
-        self._started = self._counted_to = time.perf_counter()
-
-    def start(self) -> None:
-        """The loop begins."""
-        self._started = self._counted_to = time.perf_counter()
-
-    def wall(self) -> float:
-        return self.wall_before + time.perf_counter() - self._started
-
-    def count_training(self) -> None:
-        """The steps since the last count are done: their time is training time."""
-        now = time.perf_counter()
-        self.training += now - self._counted_to
-        self._counted_to = now
-
-    def skip(self) -> None:
-        """The time since the last count was not training (validation, checkpointing)."""
-        self._counted_to = time.perf_counter()
-
-    def stop(self) -> None:
-        self.wall_before = self.wall()
-
-    def state_dict(self) -> dict:
-        return {"elapsed": self.wall_before, "train_time": self.training}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.wall_before, self.training = state["elapsed"], state["train_time"]
 
 
 @dataclass
@@ -365,7 +267,7 @@ class Trainer:
         """(status, last iteration run): finished, diverged or stopped."""
         cfg, start = self.cfg, self.state["iter"]
         self.clock.start()
-        progress = _progress(cfg, start, self.is_main)
+        progress = progress_bar(cfg, start, self.is_main)
         self.model.train()
         it = start
         try:
@@ -527,12 +429,3 @@ class Trainer:
             "since_eval": list(self.since_eval),  # the next validation's train means (empty at a validation)
         })
 
-
-def _progress(cfg: RunConfig, start: int, is_main: bool):
-    from tqdm.auto import tqdm
-
-    show = cfg.train.progress
-    if show is None:
-        show = sys.stderr.isatty() and not os.environ.get("CI")
-    return tqdm(total=cfg.train.iterations, initial=start, disable=not (show and is_main), desc=cfg.experiment,
-                dynamic_ncols=True)

@@ -363,13 +363,13 @@ def test_resolve_refuses_what_check_fast_path_options_refuses():
         resolve(RunConfig.from_dict({"train": {"amp": True}}), "cpu")
 
 
-def test_importing_the_schema_loads_no_torch_and_no_gaf_module_but_the_records():
+def test_importing_the_schema_loads_no_torch_and_no_gaf_module_but_the_records_and_rules():
     code = ("import gaf.config, sys; assert 'torch' not in sys.modules, 'torch'; "
             "print(sorted(m for m in sys.modules if m == 'gaf' or m.startswith('gaf.')))")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["['gaf',", "'gaf.config',", "'gaf.datasets',", "'gaf.methods']"]
+    assert out.stdout.split() == ["['gaf',", "'gaf.config',", "'gaf.datasets',", "'gaf.methods',", "'gaf.rules']"]
 
 
 def test_the_schemas_choices_are_the_implementations():
