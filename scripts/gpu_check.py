@@ -230,9 +230,10 @@ FUSED_BOUND = 1e-9  # fused-equal, in float64: fp64 rounding amplified by BatchN
 
 def tau_schedule(ctx) -> list[float]:
     """Tau per step: every step taken (2) through the graph's warm-up and capture, then steps
-    taken, refused (0) and decided at the sweep's tau."""
+    taken, refused (0) and decided at the sweep's tau (--quick: each once, a refusal before and
+    after a step taken)."""
     warm = [2.0] * (FastGAFStep.warmup + 1)
-    return warm + [0.0, 2.0, ctx.tau, 0.0, 2.0, ctx.tau, 0.0, 2.0]
+    return warm + ([0.0, 2.0, ctx.tau, 0.0] if ctx.quick else [0.0, 2.0, ctx.tau, 0.0, 2.0, ctx.tau, 0.0, 2.0])
 
 
 def snapshot(model: nn.Module, opt) -> dict:
