@@ -1,6 +1,7 @@
 """Every config composes into a valid RunConfig; multirun writes one directory per point."""
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -27,8 +28,17 @@ GROUPS = {g: sorted(p.stem for p in (CONFIGS / g).glob("*.yaml")) for g in ("dat
 
 
 def composed(overrides, hydra=False):
+    return _composed(tuple(overrides), hydra)
+
+
+@functools.cache
+def _composed(overrides: tuple, hydra: bool):
+    """Each command line composed once per module (several tests compose the same ones), read-only:
+    no test can change what another reads."""
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose("config", overrides=overrides, return_hydra_config=hydra)
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=hydra)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
 
 
 def to_run_config(cfg, overrides=()) -> RunConfig:
