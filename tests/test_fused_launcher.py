@@ -60,7 +60,7 @@ def test_the_fused_launchers_dry_run_lists_its_groups_and_bad_groups_are_refused
     points = [[f"data.noise={noise}", f"method={method}", "model=tiny", "data=random", "device=cpu"]
               for noise in ("0", "0.4") for method in ("gaf", "baseline")]
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        assert launch.fused_groups(points, 1) == [[0], [1], [2], [3]]
+        assert launch.fused_groups(points, 1) == [[0], [2], [1], [3]]  # GAF's split, then the baseline's
         assert launch.fused_groups(points, 32) == [[0, 2], [1, 3]]
     bad = train(["seed=0,1", "method=coteaching", "model=tiny", "data=random", "device=cpu"], tmp_path,
                 "hydra/launcher=fused", f"hydra.sweep.dir={tmp_path}/bad")
