@@ -10,11 +10,17 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
-SWEEP = ["data.noise=0,0.4", "method=averaging,gaf", "seed=0,1", "model=tiny", "data=random", "train.iterations=12",
-         "train.val_every=4", "device=cpu", "train.memorisation_samples=20"]
+sys.path.insert(0, str(ROOT / "experiments"))
+import launch  # noqa: E402
+# Eight points, two fused groups of four (hydra.launcher.max_fused=4), each member its own noise, tau and
+# seed; a small random data set (4 classes of 20 images) and a few iterations: seconds per run.
+SWEEP = ["data.noise=0,0.4", "method=averaging,gaf", "seed=0,1", "model=tiny", "data=random", "data.num_classes=4",
+         "data.random_train=80", "data.random_test=40", "train.iterations=4", "train.val_every=2", "device=cpu",
+         "train.memorisation_samples=20"]
 
 
 def train(args, tmp_path, *more) -> subprocess.CompletedProcess:
@@ -24,11 +30,13 @@ def train(args, tmp_path, *more) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_the_fused_launcher_writes_the_runs_the_basic_one_does(tmp_path):
-    fused = train(SWEEP, tmp_path, "hydra/launcher=fused", f"hydra.sweep.dir={tmp_path}/fused")
+    fused = train(SWEEP, tmp_path, "hydra/launcher=fused", "hydra.launcher.max_fused=4",
+                  f"hydra.sweep.dir={tmp_path}/fused")
     basic = train(SWEEP, tmp_path, f"hydra.sweep.dir={tmp_path}/basic")
     assert fused.returncode == 0 and basic.returncode == 0, fused.stderr[-2000:] + basic.stderr[-2000:]
     runs = sorted(p.name for p in (tmp_path / "basic").iterdir() if p.is_dir())
     assert len(runs) == 8 and sorted(p.name for p in (tmp_path / "fused").iterdir() if p.is_dir()) == runs
+    assert fused.stdout.count("fused group of 4: ") == 2, fused.stdout[-2000:]
     for name in runs:
         f, b = tmp_path / "fused" / name, tmp_path / "basic" / name
         assert {p.name for p in f.iterdir()} == {p.name for p in b.iterdir()}  # an ordinary run's files
@@ -39,18 +47,21 @@ def test_the_fused_launcher_writes_the_runs_the_basic_one_does(tmp_path):
         fe, be = pd.read_csv(f / "eval.csv"), pd.read_csv(b / "eval.csv")
         assert fe["val_acc"].to_numpy() == pytest.approx(be["val_acc"].to_numpy(), abs=1e-4)
         logs = (f / "train.log").read_text(), (b / "train.log").read_text()
-        assert all("iteration 12/12: val acc" in text for text in logs)  # its own log, as under the basic one
+        assert all("iteration 4/4: val acc" in text for text in logs)  # its own log, as under the basic one
         assert not any(other in logs[0] for other in runs if other != name)
 
 
 def test_the_fused_launchers_dry_run_lists_its_groups_and_bad_groups_are_refused_in_one_line(tmp_path):
     got = train(["data.noise=0,0.4", "method=gaf,baseline", "model=tiny", "data=random", "device=cpu"], tmp_path,
-                "hydra/launcher=fused", "hydra.launcher.max_fused=1", "dry_run=true")
-    assert got.returncode == 0, got.stderr[-2000:]
-    assert "fused: 4 groups (at most 1 runs each)" in got.stdout
-    got = train(["data.noise=0,0.4", "method=gaf,baseline", "model=tiny", "data=random", "device=cpu"], tmp_path,
                 "hydra/launcher=fused", "dry_run=true")
+    assert got.returncode == 0, got.stderr[-2000:]
     assert "fused: 2 groups (at most 32 runs each)" in got.stdout  # GAF's microbatches and the baseline's batches
+    # hydra.launcher.max_fused splits them: the same function the dry run above listed its groups with
+    points = [[f"data.noise={noise}", f"method={method}", "model=tiny", "data=random", "device=cpu"]
+              for noise in ("0", "0.4") for method in ("gaf", "baseline")]
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        assert launch.fused_groups(points, 1) == [[0], [2], [1], [3]]  # GAF's split, then the baseline's
+        assert launch.fused_groups(points, 32) == [[0, 2], [1, 3]]
     bad = train(["seed=0,1", "method=coteaching", "model=tiny", "data=random", "device=cpu"], tmp_path,
                 "hydra/launcher=fused", f"hydra.sweep.dir={tmp_path}/bad")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [

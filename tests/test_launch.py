@@ -8,10 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
 
 from gaf.config import APPLIES, RunConfig, inapplicable, settings, validate, without_inapplicable
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+import launch  # noqa: E402
 
 # For every condition of APPLIES: sections under which it holds, and under which it does not.
 WHERE = {
@@ -119,11 +122,30 @@ def refused(out) -> str:
     return errors[0]
 
 
+def checked(args, capsys) -> subprocess.CompletedProcess:
+    """What experiments/train.py does with a single run's command line before anything is made, in
+    this process: the unknown-key check before Hydra, then the check Hydra runs before the run starts
+    (configs/config.yaml's callback, launch.LaunchChecks), on the config the arguments compose. Its
+    exit code and output, as train_cli's."""
+    if error := launch.unknown_key(args):
+        print(f"error: {error}", file=sys.stderr)
+        code = 2
+    else:
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            cfg = compose("config", overrides=list(args), return_hydra_config=True)
+        try:
+            launch.LaunchChecks().on_run_start(cfg)
+            code = None  # checked and accepted: Hydra would go on and train
+        except SystemExit as stop:
+            code = stop.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
 TINY = ["data=random", "model=tiny", "device=cpu", "data.random_train=100", "data.random_test=20",
         "data.num_classes=5", "train.iterations=2", "train.val_every=2", "train.memorisation_samples=10"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["method=baseline", "method.tau=0.97"], "error: method.tau=0.97 has no effect here: method=baseline"),
     (["method=baseline", "method.adaptive_k=1.0"], "error: method.adaptive_k=1.0 has no effect here"),
@@ -142,47 +164,51 @@ TINY = ["data=random", "model=tiny", "device=cpu", "data.random_train=100", "dat
     (["experiment=fig6", "scale=tiny"], "error: experiment=fig6 is a sweep over data.noise, method, seed: run it "
                                         "with -m"),
 ])
-def test_a_bad_launch_is_one_error_before_anything_is_made(tmp_path, args, message):
-    out = train_cli([*TINY, *args, f"hydra.run.dir={tmp_path}/run"], tmp_path)
+def test_a_bad_launch_is_one_error_before_anything_is_made(tmp_path, capsys, args, message):
+    out = checked([*TINY, *args, f"hydra.run.dir={tmp_path}/run"], capsys)
     assert refused(out).startswith(message)
-    assert not (tmp_path / "run").exists() and not (tmp_path / "outputs").exists()
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
-def test_a_run_directory_that_cannot_be_made_is_named(tmp_path):
+def test_the_command_line_refuses_a_bad_launch_in_one_line_before_anything_is_made(tmp_path):
+    """Exit code 2, one error line and no traceback, nothing made, where experiments/train.py refuses
+    before Hydra starts (the other refusals take the same paths in-process: above; Hydra's own check
+    on the command line: tests/test_configs.py::test_cli_reports_a_bad_override_in_one_line)."""
+    out = train_cli([*TINY, "methd.tau=1", f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    assert refused(out).startswith("error: unknown config key methd.tau; allowed under the top level: arm, data, ")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "outputs").exists()
+
+
+def test_a_run_directory_that_cannot_be_made_is_named(tmp_path, capsys):
     """Under a file: what root meets where others meet a read-only folder (below)."""
     (tmp_path / "a file").write_text("")
-    out = train_cli([*TINY, f"hydra.run.dir='{tmp_path}/a file/run'"], tmp_path)
+    out = checked([*TINY, f"hydra.run.dir='{tmp_path}/a file/run'"], capsys)
     assert refused(out) == (f"error: cannot write the run directory {tmp_path}/a file/run: {tmp_path}/a file is not "
                             "a folder; choose another with hydra.run.dir=...")
 
 
-@pytest.mark.slow
-def test_a_read_only_run_directory_is_named(tmp_path):
+def test_a_read_only_run_directory_is_named(tmp_path, capsys):
     if os.geteuid() == 0:
         pytest.skip("root writes to read-only folders")
     (tmp_path / "ro").mkdir()
     (tmp_path / "ro").chmod(0o500)
     try:
-        out = train_cli([*TINY, f"hydra.run.dir={tmp_path}/ro/run"], tmp_path)
+        out = checked([*TINY, f"hydra.run.dir={tmp_path}/ro/run"], capsys)
     finally:
         (tmp_path / "ro").chmod(0o700)
     assert refused(out).startswith(f"error: cannot write the run directory {tmp_path}/ro/run: ")
 
 
-@pytest.mark.slow
-def test_a_run_directory_where_no_folder_can_be_made_is_one_error(tmp_path):
+def test_a_run_directory_where_no_folder_can_be_made_is_one_error(capsys):
     """/proc: writable by its permission bits for root, yet no folder can be made there."""
     if not Path("/proc/self").is_dir():
         pytest.skip("no /proc here")
-    out = train_cli([*TINY, "hydra.run.dir=/proc/x"], tmp_path)
+    out = checked([*TINY, "hydra.run.dir=/proc/x"], capsys)
     assert refused(out).startswith("error: cannot write the run directory /proc/x: ")
 
 
 def test_an_unwritable_folder_is_named_whoever_runs_the_check(tmp_path, monkeypatch):
-    sys.path.insert(0, str(ROOT / "experiments"))
-    import launch
-
     (tmp_path / "a file").write_text("")
     assert launch.unwritable(str(tmp_path / "a file" / "run")) == f"{tmp_path / 'a file'} is not a folder"
     assert launch.unwritable(str(tmp_path / "new" / "run")) is None
@@ -200,7 +226,7 @@ def test_a_sweep_with_an_invalid_point_launches_none_of_them(tmp_path):
 
 
 @pytest.mark.slow
-def test_dry_run_lists_a_sweeps_points_and_launches_nothing(tmp_path):
+def test_dry_run_lists_a_sweeps_points_and_launches_nothing(tmp_path, capsys):
     out = train_cli(["-m", "experiment=fig6", "scale=tiny", "dry_run=true", f"hydra.sweep.dir={tmp_path}/sweep"],
                     tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -208,9 +234,10 @@ def test_dry_run_lists_a_sweeps_points_and_launches_nothing(tmp_path):
     assert len(listed) == 8 and "data.noise=0.4 method=gaf seed=1 experiment=fig6 scale=tiny" in listed
     assert f"dry run: 8 runs under {tmp_path}/sweep" in out.stdout and not (tmp_path / "sweep").exists()
     # one point of the sweep, every swept key set: a single run is fine
-    one = train_cli(["experiment=fig6", "scale=tiny", "data.noise=0.4", "method=gaf", "seed=1", "dry_run=true",
-                     f"hydra.run.dir={tmp_path}/one"], tmp_path)
+    one = checked(["experiment=fig6", "scale=tiny", "data.noise=0.4", "method=gaf", "seed=1", "dry_run=true",
+                   f"hydra.run.dir={tmp_path}/one"], capsys)
     assert one.returncode == 0 and f"dry run: 1 run -> {tmp_path}/one" in one.stdout, one.stderr[-2000:]
+    assert not (tmp_path / "one").exists()
 
 
 @pytest.mark.slow
@@ -239,7 +266,7 @@ def test_reproduce_dry_run_lists_every_launch_and_checks_every_point(capsys):
     assert "dry run: 48 runs in 15 launches at --scale tiny, every one valid" in out
     assert "premise method=baseline model.width=4: 1 run" in out
     assert "robust : 16 runs (multirun)" in out and "arm=coteaching data.noise=0.4 seed=1 experiment=robust" in out
-    assert reproduce.main(["--scale", "tiny", "--dry-run", "method.n_micro=1000"]) == 2
+    assert reproduce.main(["--scale", "tiny", "--only", "fig9", "--dry-run", "method.n_micro=1000"]) == 2
     err = capsys.readouterr().err
     assert "would not run; nothing was launched" in err and "method.n_micro=1000" in err
 
@@ -249,9 +276,9 @@ def files_of(folder: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_a_refused_launch_leaves_the_folder_byte_for_byte(tmp_path):
+def test_a_refused_launch_leaves_the_folder_byte_for_byte(tmp_path, capsys):
     """Into a finished run of another config, into someone else's files, and as a sweep point: refused
-    before Hydra writes .hydra/ or train.log there."""
+    before Hydra writes .hydra/ or train.log there (someone else's files: by the same check, in-process)."""
     run = tmp_path / "run"
     assert train_cli([*TINY, f"hydra.run.dir={run}"], tmp_path).returncode == 0
     before = files_of(run)
@@ -261,7 +288,7 @@ def test_a_refused_launch_leaves_the_folder_byte_for_byte(tmp_path):
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     (theirs / "metrics.csv").write_text("mine\n")
-    assert refused(train_cli([*TINY, f"hydra.run.dir={theirs}"], tmp_path)).startswith(
+    assert refused(checked([*TINY, f"hydra.run.dir={theirs}"], capsys)).startswith(
         f"error: run directory {theirs} holds metrics.csv but no run summary")
     assert files_of(theirs) == {Path("metrics.csv"): b"mine\n"} and [p.name for p in theirs.iterdir()] == ["metrics.csv"]
     sweep = tmp_path / "sweep"
@@ -275,7 +302,7 @@ def test_a_refused_launch_leaves_the_folder_byte_for_byte(tmp_path):
 
 
 @pytest.mark.slow
-def test_every_run_and_every_ad_hoc_sweep_gets_its_own_leaf(tmp_path):
+def test_every_run_and_every_ad_hoc_sweep_gets_its_own_leaf(tmp_path, capsys):
     """Two ad-hoc sweeps never share a multirun.yaml, a sweep's runs land in its own folder, and a run
     whose overrides name no setting gets a folder of its own, never its siblings' parent."""
     out = train_cli(["-m", *TINY, "seed=0,1"], tmp_path)
@@ -286,5 +313,5 @@ def test_every_run_and_every_ad_hoc_sweep_gets_its_own_leaf(tmp_path):
     other = train_cli(["-m", *TINY, "seed=1,2", "dry_run=true"], tmp_path)
     assert other.returncode == 0 and f"runs under multirun/single/custom/{sweep.name.replace('0,1', '1,2')}" in \
         other.stdout, other.stderr[-2000:]
-    alone = train_cli(["device=cpu", "dry_run=true"], tmp_path)
+    alone = checked(["device=cpu", "dry_run=true"], capsys)  # the folder Hydra's config names
     assert alone.returncode == 0 and "dry run: 1 run -> outputs/single/custom/defaults" in alone.stdout, alone.stderr

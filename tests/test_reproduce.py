@@ -1,11 +1,12 @@
 """A short SCALE=tiny slice of `make reproduce`: a preset's sweep and its baseline, collected and plotted.
 
 It brings its own data, so it runs the same on a clone without ../shared: a CIFAR-10 JPEG
-copy in the official layout (10 classes, the tiny scale's 500 + 100 images per class)
-as the offline copy ($GAF_OFFLINE_DATA), an empty data.root, and downloads that fail (no
-network: conftest points them at a closed loopback port). The tiny scale must find its
-data in that order and say where it came from."""
+copy in the official layout (10 classes, 20 + 10 images per class, the runs shortened to
+take that many) as the offline copy ($GAF_OFFLINE_DATA), an empty data.root, and downloads
+that fail (no network: conftest points them at a closed loopback port). The tiny scale must
+find its data in that order and say where it came from."""
 
+import functools
 import json
 import os
 import subprocess
@@ -23,11 +24,12 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 @pytest.mark.slow
 def test_tiny_slice_of_reproduce_end_to_end(tmp_path):
     offline = tmp_path / "offline"
-    write_jpeg_tar(offline / "cifar10-jpeg" / "cifar10-jpeg-q75.tar.gz", CLASSES, n_train=500, n_test=100)
+    write_jpeg_tar(offline / "cifar10-jpeg" / "cifar10-jpeg-q75.tar.gz", CLASSES, n_train=20, n_test=10)
     (tmp_path / "data").mkdir()
     env = {**os.environ, "CI": "true", "MPLBACKEND": "Agg", "GAF_OFFLINE_DATA": str(offline)}
     cmd = [sys.executable, str(ROOT / "scripts/reproduce.py"), "--scale", "tiny", "--only", "fig9",
            "--out", str(tmp_path), "train.iterations=4", "train.val_every=2", "train.progress=false",
+           "data.train_per_class=20", "data.test_per_class=10", "train.memorisation_samples=20",
            f"data.root={tmp_path / 'data'}"]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -44,8 +46,10 @@ def test_tiny_slice_of_reproduce_end_to_end(tmp_path):
         assert (tmp_path / f"results/fig9/fig9.{suffix}").stat().st_size > 0
     provenance = json.loads((tmp_path / "results/fig9/provenance.json").read_text())
     assert "reproduce.py --scale tiny" in provenance["command"]
-    # Re-launching skips every finished run.
-    again = subprocess.run(cmd + ["--no-plot"], cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
+    # Re-launching skips every finished run (one run at a time: the trainer skips it, whichever launcher;
+    # the first launch went through reproduce.py's default, joblib with a run per core).
+    again = subprocess.run(cmd + ["--no-plot", "--jobs", "1"], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=900, env=env)
     assert again.returncode == 0 and again.stdout.count("nothing to do") == 3, again.stdout[-3000:]
 
 
@@ -53,8 +57,8 @@ def test_tiny_slice_of_reproduce_end_to_end(tmp_path):
 def test_reproduce_without_any_data_source_stops_at_once_with_one_error(tmp_path):
     env = {**os.environ, "CI": "true", "GAF_OFFLINE_DATA": str(tmp_path / "empty")}
     (tmp_path / "data").mkdir()
-    cmd = [sys.executable, str(ROOT / "scripts/reproduce.py"), "--scale", "tiny", "--out", str(tmp_path),
-           f"data.root={tmp_path / 'data'}"]
+    cmd = [sys.executable, str(ROOT / "scripts/reproduce.py"), "--scale", "tiny", "--only", "fig9", "--out",
+           str(tmp_path), f"data.root={tmp_path / 'data'}"]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
@@ -101,6 +105,16 @@ def test_a_job_count_below_one_is_refused_naming_it(tmp_path, capsys):
 RUNS_AT_SCALE = {"tiny": 48, "small": 150, "paper": 150, "gpu": 90}
 
 
+@functools.cache
+def planned_at(scale: str) -> tuple[list, list[str], list]:
+    """reproduce.py's launches at a scale and its check of every point: (launches, errors, [(RunConfig,
+    folder)]), composed once per test module (every point is a Hydra composition)."""
+    reproduce = load_reproduce()
+    launches = reproduce.plan(scale, None)
+    errors, planned = reproduce.check_plan(launches, scale, [], show=False)
+    return launches, errors, planned
+
+
 @pytest.mark.parametrize("scale", sorted(p.stem for p in (ROOT / "configs/scale").glob("*.yaml")))
 def test_every_presets_declared_launches_compose_and_validate(scale):
     """Every scale file is a scale reproduce.py runs, and what it runs is what the presets declare
@@ -109,12 +123,11 @@ def test_every_presets_declared_launches_compose_and_validate(scale):
     reproduce = load_reproduce()
     assert scale in reproduce.SCALES and scale in RUNS_AT_SCALE, f"a new scale: say how many runs {scale} makes"
     runs = RUNS_AT_SCALE[scale]
-    launches = reproduce.plan(scale, None)
+    launches, errors, planned = planned_at(scale)
     presets = {path.stem for path in (ROOT / "configs/experiment").glob("*.yaml")} - {"smoke", "gpu_small"}
     expected = {"gpu_small"} if scale == "gpu" else presets - ({"table1"} if scale == "tiny" else set())
     assert {preset for preset, _, _ in launches} == expected
     presets |= {"gpu_small"}
-    errors, planned = reproduce.check_plan(launches, scale, [], show=False)
     configs = [rc for rc, _ in planned]
     assert errors == [] and len(configs) == runs
     assert {c.scale for c in configs} == {scale} and all(c.experiment in presets for c in configs)
@@ -122,8 +135,7 @@ def test_every_presets_declared_launches_compose_and_validate(scale):
 
 def test_the_committed_tiny_results_are_the_runs_reproduce_makes_at_tiny():
     """results/'s tiny rows: per preset, as many finished runs as `make reproduce SCALE=tiny` plans."""
-    reproduce = load_reproduce()
-    _, planned = reproduce.check_plan(reproduce.plan("tiny", None), "tiny", [], show=False)
+    _, _, planned = planned_at("tiny")
     runs = pd.concat([pd.read_csv(p) for p in sorted((ROOT / "results").glob("*/runs.csv"))])
     tiny = runs[runs["scale"] == "tiny"]
     if tiny.empty:
