@@ -11,11 +11,9 @@ It imports neither Hydra nor YAML (a lent GPU has neither).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import NamedTuple
-
 import torch
 
 import bench_fused
@@ -26,21 +24,25 @@ from gaf.methods import METHODS
 EVAL_S, START_S = 1.0, 30.0  # a run's validation, and a wave's start and end, on a card never recorded
 
 
-class Point(NamedTuple):
-    """One run of a sweep: its folder's name (Hydra's, for the same point) and its settings."""
+@dataclass(frozen=True)
+class Point:
+    """One run of a sweep: its folder's name (Hydra's, for the same point) and its settings, read
+    once into the RunConfig and step shape that planning asks of it many times."""
 
     folder: str
     config: dict
+    run: RunConfig = field(init=False, repr=False, compare=False)
+    step: tuple[int, int] = field(init=False, repr=False, compare=False)  # (n, b) of its step
+
+    def __post_init__(self):
+        run = RunConfig.from_dict(self.config)
+        object.__setattr__(self, "run", run)
+        object.__setattr__(self, "step", step_shape(run, CLASSES[self.config["data"]["name"]]))
 
     @property
     def kind(self) -> str:
         """bench_fused's name for its step's shape: "gaf" (n microbatches) or "baseline" (one batch)."""
         return "gaf" if METHODS[self.config["method"]["name"]].microbatches else "baseline"
-
-    @property
-    def step(self) -> tuple[int, int]:
-        """(n, b) of its step."""
-        return step_shape(RunConfig.from_dict(self.config), CLASSES[self.config["data"]["name"]])
 
     @property
     def images(self) -> int:
@@ -55,7 +57,7 @@ class Point(NamedTuple):
 
 def jobs(points: list[Point], max_fused: int) -> list[list[Point]]:
     """These points as the processes that train them: fused groups of at most ``max_fused``."""
-    return [[points[i] for i in g] for g in groups([RunConfig.from_dict(p.config) for p in points], max_fused)]
+    return [[points[i] for i in g] for g in groups([p.run for p in points], max_fused)]
 
 
 @dataclass(frozen=True)
@@ -86,9 +88,12 @@ def load(wave: list[Point], max_fused: int) -> tuple[int, int]:
 
 
 def next_wave(todo: list[Point], speed: Speed, max_fused: int, left_s: float) -> list[Point]:
-    """The longest run of ``todo``'s first points predicted to end within ``left_s`` (at least one)."""
-    fitting = [i for i in range(1, len(todo) + 1) if speed.wave_s(todo[:i], max_fused) <= left_s]
-    return todo[: max(fitting, default=1)]
+    """The longest run of ``todo``'s first points predicted to end within ``left_s`` (at least one).
+    A longer prefix never takes less (groups only grow), so the search stops at the first that fails."""
+    size = 1
+    while size < len(todo) and speed.wave_s(todo[: size + 1], max_fused) <= left_s:
+        size += 1
+    return todo[:size]
 
 
 def timed_rate(todo: list[Point], device: str, max_fused: int, steps: int) -> tuple[float, int]:
