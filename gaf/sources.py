@@ -88,14 +88,14 @@ def offline_dir() -> Path:
 
 
 def shown(path) -> str:
-    """A path as results should record it: relative to the repository where it lies in or
-    beside it (so results do not depend on where the clone is), else absolute."""
+    """A path as results should record it: relative to the repository where it lies in it or in
+    the default offline mirror beside it (so results do not depend on where the clone is), else
+    absolute (a folder that merely shares the clone's parent, such as a temporary one, is not ours)."""
     path = Path(path).expanduser().absolute()
-    for base, prefix in ((REPO, ""), (REPO.parent, "../")):
-        try:
-            return prefix + path.relative_to(base).as_posix()
-        except ValueError:
-            continue
+    if path.is_relative_to(REPO):
+        return path.relative_to(REPO).as_posix()
+    if path.is_relative_to(DEFAULT_OFFLINE_DIR):
+        return "../" + path.relative_to(REPO.parent).as_posix()
     return str(path)
 
 

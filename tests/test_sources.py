@@ -266,6 +266,8 @@ def test_default_root_is_the_repositorys_data_folder_whatever_the_cwd(tmp_path, 
     assert sources.resolve_root(None) == sources.default_root()
     assert sources.shown(sources.default_root() / "x") == "data/x"
     assert sources.shown(sources.REPO.parent / "shared" / "data") == "../shared/data"
+    beside = sources.REPO.parent / "another" / "x"  # e.g. pytest's tmp_path where the clone is in /tmp
+    assert sources.shown(beside) == str(beside)
 
 
 @pytest.mark.skipif(not REAL_JPEG.is_file(), reason=f"no offline CIFAR-10 JPEG copy at {REAL_JPEG}")
