@@ -123,6 +123,7 @@ def fetch(remote: Remote, folder, timeout: float | None = None) -> Path:
     urls = remote.sources()
     print(f"downloading {remote.what}: {remote.filename} ({human_size(remote.size)}) from {urls[0]} into {folder}",
           file=sys.stderr, flush=True)
+    made = not folder.exists()  # removed again if nothing comes of it: a refused run leaves no folder
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -142,4 +143,6 @@ def fetch(remote: Remote, folder, timeout: float | None = None) -> Path:
             print(f"  failed: {e}", file=sys.stderr, flush=True)
         finally:
             tmp.unlink(missing_ok=True)
+    if made and not any(folder.iterdir()):
+        folder.rmdir()
     raise DownloadError("; ".join(failures))

@@ -161,6 +161,7 @@ def test_unreachable_and_hanging_servers_fail_fast(tmp_path, server, monkeypatch
     with pytest.raises(DataNotFound, match="unreachable"):
         load_dataset("cifar10", tmp_path / "data", download=True)
     assert time.perf_counter() - started < 5
+    assert not (tmp_path / "data").exists()  # the folder made for the download goes with it
     blob, _ = _cifar10_archive(tmp_path)
     _serve_cifar10(monkeypatch, server, blob)
     server.behaviour["cifar-10-python.tar.gz"] = "hang"
