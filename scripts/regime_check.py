@@ -34,7 +34,7 @@ def last_eval(evals, run_id):
     return evals[evals["run_id"] == run_id].sort_values("iter").iloc[-1]
 
 
-def shown(value) -> str:
+def as_written(value) -> str:
     """A setting as its config writes it: 2, not the 2.0 of a CSV column that has empty cells."""
     return f"{value:g}" if isinstance(value, float) else str(value)
 
@@ -60,9 +60,9 @@ def conditions(r):
     for name, want, rows in (("optimizer", OPTIMIZER, runs), ("GAF", GAF, runs[runs["method.name"] == "gaf"])):
         seen = {k: sorted(rows[k].dropna().unique().tolist()) if k in rows else [] for k in want}
         ok = bool(len(rows)) and all(v == [want[k]] for k, v in seen.items())
-        out.append((ok, f"{name}: " + ", ".join(f"{k.split('.')[1]}={'/'.join(map(shown, v)) or '?'}"
+        out.append((ok, f"{name}: " + ", ".join(f"{k.split('.')[1]}={'/'.join(map(as_written, v)) or '?'}"
                                                 for k, v in seen.items())
-                    + f" (needs {', '.join(f'{k.split(chr(46))[1]}={v}' for k, v in want.items())})"))
+                    + f" (needs {', '.join(f'{k.split(chr(46))[1]}={as_written(v)}' for k, v in want.items())})"))
     return out
 
 

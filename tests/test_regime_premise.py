@@ -20,7 +20,8 @@ OPTIM = {"optim.name": "sgd", "optim.nesterov": True, "optim.momentum": 0.9, "op
 def run_row(run_id, method, noise, seed=0, best=0.5, final=0.5, width=16, tau=0.97, m=1, iterations=300, **extra):
     return {"run_id": run_id, "experiment": "x", "scale": "tiny", "data.name": "cifar100", "data.noise": noise,
             "model.name": "cnn4", "model.width": width, "method.name": method,
-            "method.tau": tau if method == "gaf" else np.nan, "method.n_micro": 2 if method == "gaf" else np.nan, "method.per_class": m,
+            "method.tau": tau if method == "gaf" else np.nan, "method.n_micro": 2 if method == "gaf" else np.nan,
+            "method.per_class": m,
             "seed": seed, "status": "finished", "best_val_acc": best, "final_val_acc": final,
             "iterations": iterations, "data_note": "", **OPTIM, **extra}
 
